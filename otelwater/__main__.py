@@ -1,0 +1,3 @@
+from otelwater.cli import main
+
+main()

@@ -1,0 +1,71 @@
+"""Errors that reach the user as one line and an exit code.
+
+    OtelwaterError                 exit 1   base: message names the problem and the fix
+    ├── UsageError                 exit 2   bad flags or values (click's convention)
+    ├── EnvironmentProblem         exit 3   the host cannot run the probes
+    │   ├── NotRoot                         no root / CAP_BPF+CAP_PERFMON
+    │   ├── NoBTF                           /sys/kernel/btf/vmlinux missing or unreadable
+    │   ├── NoBCC                           python3-bpfcc missing
+    │   └── ProbeLoadError                  the kernel refused a program or an attach
+    ├── TargetError                exit 4   what the user pointed at is not usable
+    │   ├── NoSuchProcess                   --pid / --go-pid names no live process
+    │   └── BinaryError                     not an ELF, not x86-64, not Go, no net.(*conn).Read
+    └── RecordingError             exit 5   a malformed recording / input file
+
+Every command catches OtelwaterError in cli.py, prints ``otelwater: <message>`` to stderr and
+exits with the class's code: no traceback for anything the user can fix.
+"""
+
+from __future__ import annotations
+
+
+class OtelwaterError(Exception):
+    exit_code = 1
+
+    def __init__(self, message: str, fix: str | None = None):
+        self.message = message
+        self.fix = fix
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        return f"{self.message}; {self.fix}" if self.fix else self.message
+
+
+class UsageError(OtelwaterError):
+    exit_code = 2
+
+
+class EnvironmentProblem(OtelwaterError):
+    exit_code = 3
+
+
+class NotRoot(EnvironmentProblem):
+    pass
+
+
+class NoBTF(EnvironmentProblem):
+    pass
+
+
+class NoBCC(EnvironmentProblem):
+    pass
+
+
+class ProbeLoadError(EnvironmentProblem):
+    pass
+
+
+class TargetError(OtelwaterError):
+    exit_code = 4
+
+
+class NoSuchProcess(TargetError):
+    pass
+
+
+class BinaryError(TargetError):
+    pass
+
+
+class RecordingError(OtelwaterError):
+    exit_code = 5
