@@ -31,7 +31,7 @@ fi
 
 # Kernel headers for BCC. Offsets are never taken from them (see MACHINE.md).
 KREL="$(uname -r)"
-if [ ! -e "/lib/modules/$KREL/build/include/linux/kconfig.h" ]; then
+if [ ! -e "/lib/modules/$KREL/build/include/generated" ] || [ ! -e "/lib/modules/$KREL/source/include/linux/kconfig.h" ]; then
     hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)"
     common="${hdr%-amd64}-common"
     if [ -z "$hdr" ] || [ ! -d "$common" ]; then

@@ -1,0 +1,350 @@
+/* water.c: the kernel water-level probe.
+ *
+ * Kernels: any with BTF and these tracepoints (sock:sk_data_ready and sock:sock_recv_length
+ * appeared in 6.x; raw skb:kfree_skb with rx_sk in 6.9+); built and tested on 6.18 x86_64.
+ * Attaches to tracepoints only (no kprobes, no fentry: MACHINE.md):
+ *   sock:sk_data_ready          rain: an arrival made the socket readable
+ *   sock:sock_recv_length       drain: a recvmsg/read returned
+ *   raw skb:kfree_skb           overflow: a dropped skb with its receiving socket and reason
+ *   raw sock:sock_rcvqueue_full overflow on the generic queueing path
+ *   sock:inet_sock_set_state    state changes: TCP_CLOSE ends a socket (water left at close)
+ *   tcp:tcp_destroy_sock        the socket is destroyed (catches closes we missed)
+ *
+ * Every struct offset is an OFF_* macro the loader (otelwater/probes/kernel.py) took from the
+ * running kernel's BTF; headers only make BCC compile. Per event: one in-place lookup of the
+ * socket's state, two probe reads (a span of struct sock, then tcp_sock's sequence numbers),
+ * and a ring-buffer record only when something worth saying happened: the volume rose above
+ * high water, a new peak (+1/8), the water fell back below low water, a drop (at most one
+ * record per OTW_OVERFLOW_GAP_NS per socket), a close, or any event with OTW_FOLLOW.
+ * Filtering: the first event on a socket decides whether it is watched (ports, then pids or
+ * their socket inodes, then cgroup); the verdict is cached in the same map entry, so a
+ * filtered-out socket costs one lookup afterwards.
+ */
+#include "water.h"
+#include "sockkey.h"
+
+#ifndef OTW_MAX_SOCKETS
+#define OTW_MAX_SOCKETS 65536
+#endif
+#ifndef OTW_RINGBUF_PAGES
+#define OTW_RINGBUF_PAGES 64
+#endif
+#ifndef OTW_OVERFLOW_GAP_NS
+#define OTW_OVERFLOW_GAP_NS 100000000ULL
+#endif
+
+#define OTW_IPPROTO_TCP 6
+#define OTW_TCP_CLOSE 7
+#define OTW_TCP_LISTEN 10
+
+BPF_TABLE("lru_hash", u64, struct water_state, socks, OTW_MAX_SOCKETS);
+BPF_ARRAY(cfg, struct water_cfg, 1);
+BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
+
+#if OTW_FILTER_PORTS
+BPF_ARRAY(watch_ports, u8, 65536);
+#endif
+#if OTW_FILTER_PIDS
+BPF_HASH(watch_pids, u32, u8, 4096);
+BPF_HASH(watch_inodes, u64, u8, 65536);
+#endif
+#if OTW_FILTER_CGROUPS
+BPF_HASH(watch_cgroups, u64, u8, 256);
+#endif
+
+static __always_inline u64 otw_sock_ino(const void *sk)
+{
+    const char *sock = 0;
+    u64 ino = 0;
+    bpf_probe_read_kernel(&sock, sizeof(sock), (const char *)sk + OFF_SK_SOCKET);
+    if (sock)
+        bpf_probe_read_kernel(&ino, sizeof(ino), sock + OFF_SOCKALLOC_INODE + OFF_INODE_INO);
+    return ino;
+}
+
+/* Is this socket one the user asked to watch? process_ctx: we run in the context of a
+ * process using the socket (a read, a close), so the current pid/cgroup say who owns it. */
+static __always_inline int otw_decide(const struct water_state *st, int process_ctx)
+{
+#if OTW_FILTER_PORTS
+    u32 lp = st->lport, rp = st->rport;
+    u8 *hit = watch_ports.lookup(&lp);
+    if (!hit || !*hit) {
+        hit = watch_ports.lookup(&rp);
+        if (!hit || !*hit)
+            return 0;
+    }
+#endif
+#if OTW_FILTER_PIDS
+    {
+        int ok = 0;
+        if (process_ctx) {
+            u32 tgid = bpf_get_current_pid_tgid() >> 32;
+            if (watch_pids.lookup(&tgid))
+                ok = 1;
+        }
+        if (!ok && st->ino) {
+            u64 ino = st->ino;
+            if (watch_inodes.lookup(&ino))
+                ok = 1;
+        }
+        if (!ok)
+            return 0;
+    }
+#endif
+#if OTW_FILTER_CGROUPS
+    if (!process_ctx)
+        return 0;
+    {
+        u64 cg = bpf_get_current_cgroup_id();
+        if (!watch_cgroups.lookup(&cg))
+            return 0;
+    }
+#endif
+    return 1;
+}
+
+static __always_inline void otw_refresh(const void *sk, struct water_state *st)
+{
+    u8 span[OTW_SPAN_LEN];
+    bpf_probe_read_kernel(span, sizeof(span), (const char *)sk + OTW_SPAN_START);
+    st->level = *(u32 *)&span[OFF_SK_RCVQ_QLEN - OTW_SPAN_START];
+    st->volume = *(u32 *)&span[OFF_SK_RMEM_ALLOC - OTW_SPAN_START];
+    st->backlog = *(u32 *)&span[OFF_SK_BACKLOG_LEN - OTW_SPAN_START];
+    st->capacity = *(u32 *)&span[OFF_SK_RCVBUF - OTW_SPAN_START];
+    st->drops = *(u32 *)&span[OFF_SK_DROPS - OTW_SPAN_START];
+    u32 seq[2] = {};
+    bpf_probe_read_kernel(&seq[0], 4, (const char *)sk + OFF_TCP_RCV_NXT);
+    bpf_probe_read_kernel(&seq[1], 4, (const char *)sk + OFF_TCP_COPIED_SEQ);
+    st->rcv_nxt = seq[0];
+    st->copied_seq = seq[1];
+}
+
+/* The socket's state entry, created on first sight. NULL when the socket is not watched. */
+static __always_inline struct water_state *otw_state(const void *sk, int process_ctx)
+{
+    u64 key = (u64)sk;
+    struct water_state *st = socks.lookup(&key);
+    if (st) {
+        if (st->watched)
+            return st;
+#if OTW_FILTER_PIDS || OTW_FILTER_CGROUPS
+        /* filtered out earlier: decide again only if the filter sets changed since,
+         * or a process using the socket shows itself */
+        u32 zero = 0;
+        struct water_cfg *c = cfg.lookup(&zero);
+        if (!c || (c->generation == st->generation && !process_ctx))
+            return 0;
+        st->generation = c->generation;
+        if (!st->ino)
+            st->ino = otw_sock_ino(sk);
+        if (!otw_decide(st, process_ctx))
+            return 0;
+        st->watched = 1;
+        return st;
+#else
+        return 0;
+#endif
+    }
+    u8 state = 0;
+    bpf_probe_read_kernel(&state, 1, (const char *)sk + OFF_SKC_STATE);
+    if (state == OTW_TCP_LISTEN)
+        return 0;
+    struct water_state fresh = {};
+    struct otw_tuple t = {};
+    if (otw_sock_tuple(sk, &t) < 0)
+        return 0;
+    __builtin_memcpy(fresh.laddr, t.laddr, 16);
+    __builtin_memcpy(fresh.raddr, t.raddr, 16);
+    fresh.lport = t.lport;
+    fresh.rport = t.rport;
+    fresh.netns = t.netns;
+    fresh.ino = otw_sock_ino(sk);
+    fresh.tcp_state = state;
+    u32 zero = 0;
+    struct water_cfg *c = cfg.lookup(&zero);
+    if (c)
+        fresh.generation = c->generation;
+    fresh.watched = otw_decide(&fresh, process_ctx);
+    if (fresh.watched)
+        fresh.sock_key = otw_sock_key(&t);
+    socks.update(&key, &fresh);
+    if (!fresh.watched)
+        return 0;
+    return socks.lookup(&key);
+}
+
+static __always_inline void otw_emit(struct water_state *st, u8 trigger, u64 now)
+{
+    struct water_event *e = events.ringbuf_reserve(sizeof(struct water_event));
+    if (!e) {
+        u32 zero = 0;
+        u64 *n = lost.lookup(&zero);
+        if (n)
+            *n += 1;
+        return;
+    }
+    __builtin_memcpy(&e->s, st, sizeof(*st));
+    e->ts_ns = now;
+    e->tid = (u32)bpf_get_current_pid_tgid();
+    e->trigger = trigger;
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    st->last_emit_ns = now;
+}
+
+/* After an arrival or a read: update the level marks, emit when they say so. */
+static __always_inline void otw_after_flow(struct water_state *st, u8 trigger, u64 now)
+{
+    int emit = 0;
+#if OTW_FOLLOW
+    emit = 1;
+#endif
+    u32 zero = 0;
+    struct water_cfg *c = cfg.lookup(&zero);
+    u32 high = c ? c->high_water : 65536, low = c ? c->low_water : 32768;
+    if (!st->above) {
+        if (st->volume >= high) {
+            st->above = 1;
+            st->peak_volume = st->volume;
+            emit = 1;
+        }
+    } else if (st->volume < low) {
+        st->above = 0;
+        emit = 1;
+    } else if (st->volume > st->peak_volume + (st->peak_volume >> 3)) {
+        st->peak_volume = st->volume;
+        emit = 1;
+    }
+    st->changes += 1;
+    st->last_ts_ns = now;
+    st->last_trigger = trigger;
+    if (emit)
+        otw_emit(st, trigger, now);
+}
+
+TRACEPOINT_PROBE(sock, sk_data_ready)
+{
+    if (args->protocol != OTW_IPPROTO_TCP)
+        return 0;
+    const void *sk = args->skaddr;
+    struct water_state *st = otw_state(sk, 0);
+    if (!st)
+        return 0;
+    otw_refresh(sk, st);
+    otw_after_flow(st, OTW_TRIGGER_ARRIVAL, bpf_ktime_get_ns());
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    if (args->protocol != OTW_IPPROTO_TCP)
+        return 0;
+    const void *sk = args->sk;
+    struct water_state *st = otw_state(sk, 1);
+    if (!st)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (st->pid != tgid) {
+        st->pid = tgid;
+        bpf_get_current_comm(st->comm, sizeof(st->comm));
+    }
+    if (!st->ino)
+        st->ino = otw_sock_ino(sk);
+    otw_refresh(sk, st);
+    otw_after_flow(st, OTW_TRIGGER_READ, bpf_ktime_get_ns());
+    return 0;
+}
+
+static __always_inline void otw_overflow(const void *sk, u32 reason)
+{
+    struct water_state *st = otw_state(sk, 0);
+    if (!st)
+        return;
+    u64 now = bpf_ktime_get_ns();
+    otw_refresh(sk, st);
+    st->drop_events += 1;
+    st->drop_reason = reason;
+    st->changes += 1;
+    st->last_ts_ns = now;
+    st->last_trigger = OTW_TRIGGER_OVERFLOW;
+    if (st->drop_events == 1 || now - st->last_emit_ns >= OTW_OVERFLOW_GAP_NS
+#if OTW_FOLLOW
+        || 1
+#endif
+    )
+        otw_emit(st, OTW_TRIGGER_OVERFLOW, now);
+}
+
+#if OTW_HAVE_KFREE_SKB_RX_SK
+RAW_TRACEPOINT_PROBE(kfree_skb)
+{
+    /* TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason,
+     *          struct sock *rx_sk) */
+    const void *sk = (const void *)ctx->args[3];
+    if (!sk)
+        return 0;
+    u64 key = (u64)sk;
+    /* drops are only attributed to sockets already in the table: a TCP socket under
+     * pressure has had arrivals first, and this keeps the host's other drops cheap */
+    if (!socks.lookup(&key))
+        return 0;
+    otw_overflow(sk, (u32)ctx->args[2]);
+    return 0;
+}
+#endif
+
+RAW_TRACEPOINT_PROBE(sock_rcvqueue_full)
+{
+    /* TP_PROTO(struct sock *sk, struct sk_buff *skb) */
+    const void *sk = (const void *)ctx->args[0];
+    u64 key = (u64)sk;
+    if (!socks.lookup(&key))
+        return 0;
+    otw_overflow(sk, 0);
+    return 0;
+}
+
+static __always_inline void otw_close(const void *sk, int process_ctx)
+{
+    u64 key = (u64)sk;
+    int known = socks.lookup(&key) != 0;
+    struct water_state *st = otw_state(sk, process_ctx);
+    if (st) {
+        u64 now = bpf_ktime_get_ns();
+        otw_refresh(sk, st);
+        st->tcp_state = OTW_TCP_CLOSE;
+        st->changes += 1;
+        st->last_ts_ns = now;
+        st->last_trigger = OTW_TRIGGER_CLOSE;
+        /* a socket first seen at its close is reported only if water was left in it */
+        if (known || st->rcv_nxt != st->copied_seq)
+            otw_emit(st, OTW_TRIGGER_CLOSE, now);
+    }
+    socks.delete(&key);
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != OTW_IPPROTO_TCP)
+        return 0;
+    const void *sk = args->skaddr;
+    if (args->newstate == OTW_TCP_CLOSE) {
+        otw_close(sk, 1);
+        return 0;
+    }
+    u64 key = (u64)sk;
+    struct water_state *st = socks.lookup(&key);
+    if (st)
+        st->tcp_state = args->newstate;
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
+{
+    const void *sk = args->skaddr;
+    u64 key = (u64)sk;
+    if (socks.lookup(&key))
+        otw_close(sk, 0);
+    return 0;
+}

@@ -1,0 +1,64 @@
+/* water.h: the layouts the water-level probe shares with Python. Defined once: BCC compiles
+ * this file into bpf/water.c, and otelwater/events/layout.py builds its ctypes types from this
+ * same text. Fixed-width fields, largest first, explicit padding, no packing.
+ * tests/unit/test_layout.py pins sizes and offsets.
+ */
+#ifndef OTELWATER_WATER_H
+#define OTELWATER_WATER_H
+
+/* why a snapshot was taken */
+#define OTW_TRIGGER_ARRIVAL 1  /* rain: sock:sk_data_ready */
+#define OTW_TRIGGER_READ 2     /* drain: sock:sock_recv_length */
+#define OTW_TRIGGER_OVERFLOW 3 /* drop: skb:kfree_skb with rx_sk, sock:sock_rcvqueue_full */
+#define OTW_TRIGGER_CLOSE 4    /* water left at close: TCP_CLOSE / tcp:tcp_destroy_sock */
+#define OTW_TRIGGER_PERIODIC 5 /* the user-space sweep of the socket table */
+
+/* per-socket state: one entry per watched socket in the `socks` map, updated in place on every
+ * arrival, read, drop and state change; the sweep in Python reads it */
+struct water_state {
+    u64 sock_key;      /* bpf/sockkey.h */
+    u64 ino;           /* socket inode (socket:[ino] in /proc/PID/fd), 0 if orphaned */
+    u64 last_ts_ns;    /* CLOCK_MONOTONIC of the last event */
+    u64 last_emit_ns;  /* last ring-buffer event for this socket */
+    u64 changes;       /* events seen on this socket; the sweep reports sockets whose count moved */
+    u8 laddr[16];      /* IPv6 form, IPv4 as ::ffff:a.b.c.d */
+    u8 raddr[16];
+    u32 pid;           /* tgid of the last process that read the socket, 0 before its first read */
+    u32 netns;         /* network namespace inode */
+    u32 level;         /* water level: sk_receive_queue.qlen (skbs) */
+    u32 volume;        /* water volume: sk_rmem_alloc (bytes charged, ss -tm "r") */
+    u32 capacity;      /* sk_rcvbuf (ss -tm "rb") */
+    u32 backlog;       /* sk_backlog.len: bytes waiting for the socket lock */
+    u32 drops;         /* sk_drops, the kernel's own counter */
+    u32 rcv_nxt;       /* tcp_sock.rcv_nxt: sequence of the next byte to arrive */
+    u32 copied_seq;    /* tcp_sock.copied_seq: next byte to be read; rcv_nxt - copied_seq = unread */
+    u32 peak_volume;   /* highest volume since the water last fell below low water */
+    u32 drop_events;   /* overflow events otelwater saw on this socket */
+    u32 drop_reason;   /* enum skb_drop_reason value of the last drop (BTF gives the names) */
+    u32 generation;    /* filter generation under which `watched` was decided */
+    u16 lport;
+    u16 rport;
+    u8 watched;        /* 1 watched, 0 filtered out (negative cache) */
+    u8 above;          /* 1 while the volume is above high water */
+    u8 tcp_state;      /* TCP state at the last state change we saw (0 unknown) */
+    u8 last_trigger;
+    char comm[16];     /* of the last reader */
+};
+
+/* one snapshot on the ring buffer */
+struct water_event {
+    struct water_state s;
+    u64 ts_ns;         /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+    u32 tid;           /* thread in whose context the event ran (the sender's, for loopback rain) */
+    u8 trigger;        /* OTW_TRIGGER_* */
+    u8 _pad[3];
+};
+
+/* run-time knobs the loader writes into the `cfg` array (slot 0) */
+struct water_cfg {
+    u64 generation;    /* bumped when the pid/inode filter sets change */
+    u32 high_water;    /* volume (bytes) above which a rise is reported */
+    u32 low_water;     /* volume below which the socket counts as drained again */
+};
+
+#endif

@@ -1,0 +1,3 @@
+module otelwater/examples
+
+go 1.19

@@ -1,0 +1,128 @@
+// Command loadgen drives slowreader: N connections doing ping-pong (write size bytes, read
+// size bytes back) or a one-way stream, then prints a JSON summary on stdout.
+//
+//	loadgen -addr 127.0.0.1:9000 -conns 8 -size 64 -mode pingpong -count 1000
+//	loadgen -addr 127.0.0.1:9000 -conns 1 -size 65536 -mode stream -duration 5s -pause 1ms
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sort"
+	"sync"
+	"time"
+)
+
+var (
+	addr     = flag.String("addr", "", "server address host:port (required)")
+	conns    = flag.Int("conns", 1, "concurrent connections")
+	size     = flag.Int("size", 64, "message bytes")
+	mode     = flag.String("mode", "pingpong", "pingpong (write, read the echo) or stream (write only)")
+	count    = flag.Int("count", 100, "messages per connection (ignored with -duration)")
+	duration = flag.Duration("duration", 0, "send for this long instead of -count messages")
+	pause    = flag.Duration("pause", 0, "sender pause between messages")
+)
+
+type result struct {
+	messages, sent, received int64
+	rtts                     []time.Duration
+	err                      error
+}
+
+func runConn(res *result) {
+	c, err := net.Dial("tcp", *addr)
+	if err != nil {
+		res.err = err
+		return
+	}
+	defer c.Close()
+	msg := make([]byte, *size)
+	for i := range msg {
+		msg[i] = byte('a' + i%26)
+	}
+	back := make([]byte, *size)
+	var drained sync.WaitGroup
+	if *mode == "stream" { // discard whatever an echo server sends back
+		drained.Add(1)
+		go func() {
+			defer drained.Done()
+			n, _ := io.Copy(io.Discard, c)
+			res.received = n
+		}()
+	}
+	deadline := time.Now().Add(*duration)
+	for i := 0; ; i++ {
+		if *duration > 0 && !time.Now().Before(deadline) || *duration == 0 && i >= *count {
+			break
+		}
+		t0 := time.Now()
+		if _, res.err = c.Write(msg); res.err != nil {
+			return
+		}
+		res.sent += int64(len(msg))
+		if *mode == "pingpong" {
+			if _, res.err = io.ReadFull(c, back); res.err != nil {
+				return
+			}
+			res.received += int64(len(back))
+			res.rtts = append(res.rtts, time.Since(t0))
+		}
+		res.messages++
+		if *pause > 0 {
+			time.Sleep(*pause)
+		}
+	}
+	if *mode == "stream" {
+		c.(*net.TCPConn).CloseWrite()
+		drained.Wait()
+	}
+}
+
+func pct(d []time.Duration, p float64) float64 {
+	if len(d) == 0 {
+		return 0
+	}
+	return float64(d[int(p*float64(len(d)-1))].Nanoseconds()) / 1e3
+}
+
+func main() {
+	flag.Parse()
+	if *addr == "" || (*mode != "pingpong" && *mode != "stream") || *size <= 0 || *conns <= 0 {
+		fmt.Fprintln(os.Stderr, "loadgen: need -addr, -mode pingpong|stream, -size > 0, -conns > 0")
+		os.Exit(2)
+	}
+	results := make([]result, *conns)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range results {
+		wg.Add(1)
+		go func(r *result) { defer wg.Done(); runConn(r) }(&results[i])
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	var msgs, sent, recv int64
+	var rtts []time.Duration
+	var errs []string
+	for _, r := range results {
+		msgs, sent, recv = msgs+r.messages, sent+r.sent, recv+r.received
+		rtts = append(rtts, r.rtts...)
+		if r.err != nil {
+			errs = append(errs, r.err.Error())
+		}
+	}
+	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
+	json.NewEncoder(os.Stdout).Encode(map[string]any{
+		"addr": *addr, "mode": *mode, "conns": *conns, "size": *size,
+		"messages": msgs, "bytes_sent": sent, "bytes_received": recv,
+		"elapsed_s": elapsed.Seconds(), "msgs_per_s": float64(msgs) / elapsed.Seconds(),
+		"rtt_us": map[string]float64{"p50": pct(rtts, 0.5), "p99": pct(rtts, 0.99), "max": pct(rtts, 1)},
+		"errors": errs,
+	})
+	if len(errs) > 0 {
+		os.Exit(1)
+	}
+}

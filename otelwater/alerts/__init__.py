@@ -1,0 +1,1 @@
+"""Alert rules over water snapshots (and, later, read latencies): pure, no I/O."""

@@ -1,0 +1,1 @@
+"""Event model: what the probes report, as frozen dataclasses in integer nanoseconds."""

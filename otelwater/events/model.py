@@ -1,0 +1,102 @@
+"""The records every stage passes along: kernel water snapshots and Go read records.
+
+All times are integer nanoseconds of CLOCK_MONOTONIC (what bpf_ktime_get_ns returns); they are
+turned into wall-clock time once, at export. Both records carry `sock_key` (otelwater.sockkey),
+the value on which the correlator joins them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from otelwater.sockkey import format_key
+
+TRIGGERS = {1: "arrival", 2: "read", 3: "overflow", 4: "close", 5: "periodic"}
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WaterSnapshot:
+    """One look at a socket's receive queue ("water"), from the kernel probe."""
+
+    ts_ns: int
+    sock_key: int
+    pid: int              # last process that read the socket (0: none seen yet)
+    comm: str
+    tid: int              # thread in whose context the kernel event ran
+    netns: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    level: int            # skbs queued (sk_receive_queue.qlen)
+    volume: int           # bytes charged (sk_rmem_alloc), ss -tm "r"
+    unread_bytes: int     # payload not yet read (rcv_nxt - copied_seq), SIOCINQ / Recv-Q
+    capacity: int         # sk_rcvbuf, ss -tm "rb"
+    backlog: int          # sk_backlog.len
+    drops: int            # sk_drops, the kernel's own counter
+    drop_events: int      # overflow events otelwater saw on this socket
+    drop_reason: str      # last drop's reason name ("" when none)
+    bytes_arrived: int    # tcp rcv_nxt (mod 2**32)
+    bytes_read: int       # tcp copied_seq (mod 2**32)
+    trigger: str          # arrival, read, overflow, close, periodic
+    tcp_state: str
+    ino: int              # socket inode
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.volume / self.capacity if self.capacity else 0.0
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["type"] = "snapshot"
+        d["sock_key"] = format_key(self.sock_key)
+        d["fill_ratio"] = round(self.fill_ratio, 4)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRecord:
+    """One Go read (a blocked one in full; others are only counted), from either sampler."""
+
+    ts_start_ns: int
+    ts_end_ns: int
+    pid: int
+    tid: int
+    goid: int | None      # None when the process is not Go or the offset is unknown
+    fd: int
+    sock_key: int         # 0 when the fd was not a TCP socket
+    requested: int
+    returned: int         # bytes, or a negative errno
+    stack: tuple[str, ...]  # function names, innermost first
+    source: str           # "tracepoint" or "uprobe"
+    comm: str = ""
+
+    @property
+    def duration_ns(self) -> int:
+        return self.ts_end_ns - self.ts_start_ns
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["type"] = "read"
+        d["sock_key"] = format_key(self.sock_key)
+        d["stack"] = list(self.stack)
+        d["duration_ns"] = self.duration_ns
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class LostEvents:
+    """Ring-buffer records the kernel could not deliver (buffer full): counted, never silent."""
+
+    ts_ns: int
+    probe: str            # "water", "reads"
+    lost_total: int
+
+    def to_json(self) -> dict:
+        return {"type": "lost", "ts_ns": self.ts_ns, "probe": self.probe,
+                "lost_total": self.lost_total}

