@@ -131,7 +131,7 @@ try:
     from otelwater.cli_locate import locate
 except ImportError:  # pragma: no cover - during development only
     locate = None
-if locate is not None:
+if isinstance(locate, click.Command):
     main.add_command(locate)
 
 if __name__ == "__main__":

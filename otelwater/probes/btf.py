@@ -481,7 +481,6 @@ class Btf:
             if not m:
                 raise BtfLookupError(f"bad member path component {comp!r} in {path!r}")
             mname, idx = m.group(1), m.group(2)
-            where = self.type_str(cur) + (f" (via {struct_name}.{'.'.join(done)})" if done else "")
             if bsize:
                 raise BtfLookupError(f"{'.'.join(done)} is a bitfield: it has no member {mname!r}")
             r = self.resolve(cur)
@@ -490,7 +489,9 @@ class Btf:
                                      f" not a struct or union: no member {mname!r}")
             hit = self._find_member(r, mname)
             if hit is None:
-                raise BtfLookupError(f"{where} has no member {mname!r} in {self.source}")
+                via = f" (at {struct_name}.{'.'.join(done)})" if done else ""
+                raise BtfLookupError(
+                    f"{self.type_str(r)}{via} has no member {mname!r} in {self.source}")
             mtype, off, bsize = hit
             bit += off
             for i in _INDEX.findall(idx):
@@ -562,7 +563,10 @@ class Btf:
         return self.type_size(self.type_id(type_name))
 
     def enum_values(self, enum_name: str) -> dict[str, int]:
-        """Enumerator name -> value for a named enum (ENUM or ENUM64), in declaration order."""
+        """Enumerator name -> value for a named enum (ENUM or ENUM64, or a typedef of one), in
+        declaration order. Signedness follows the BTF spec: kind_flag set means signed, clear
+        means unsigned (so a kind_flag=0 enumerator -1, as clang 14 emits, reads 0xffffffff;
+        bpftool reads it the same way)."""
         if enum_name.startswith("enum ") or self.has_type("enum " + enum_name):
             name = enum_name if enum_name.startswith("enum ") else "enum " + enum_name
             return self._enum_members(self.find_types(name)[0])
