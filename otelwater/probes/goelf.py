@@ -235,7 +235,10 @@ def locate(path: str) -> GoBinaryInfo:
             f"{path} was built by {version}; otelwater needs Go 1.17 or newer (register ABI)",
             "rebuild the program with Go 1.17+",
         )
-    syms = {name: (addr, size) for addr, size, name in g.symbols()}
+    syms: dict[str, tuple[int, int]] = {}
+    for addr, size, name in g.symbols():  # a name twice: ABI wrapper + body; keep the body
+        if name not in syms or size > syms[name][1]:
+            syms[name] = (addr, size)
     functions = {}
     for name in FUNCTIONS:
         if name not in syms:

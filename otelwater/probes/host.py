@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from otelwater.errors import EnvironmentProblem, NoBCC, NoBTF, NotRoot
 
-BTF_PATH = "/sys/kernel/btf/vmlinux"
+
+
+def btf_path() -> str:
+    """The kernel BTF to read: OTELWATER_BTF overrides it (a kernel whose BTF lives elsewhere)."""
+    return os.environ.get("OTELWATER_BTF", "/sys/kernel/btf/vmlinux")
+
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 CAP_PERFMON, CAP_BPF, CAP_SYS_ADMIN = 38, 39, 21
 WATER_TRACEPOINTS = ("sock/sk_data_ready", "sock/sock_recv_length", "sock/inet_sock_set_state",
@@ -94,8 +99,9 @@ def checks() -> list[Check]:
     priv = privileged()
     out.append(Check("privileges", priv, f"euid {os.geteuid()}, CapEff {_cap_eff():#x}",
                      "run as root, or grant CAP_BPF and CAP_PERFMON (sudo otelwater ...)"))
-    btf = os.access(BTF_PATH, os.R_OK)
-    out.append(Check("kernel BTF", btf, BTF_PATH if btf else f"{BTF_PATH} missing or unreadable",
+    path = btf_path()
+    btf = os.access(path, os.R_OK)
+    out.append(Check("kernel BTF", btf, path if btf else f"{path} missing or unreadable",
                      "use a kernel built with CONFIG_DEBUG_INFO_BTF=y"))
     tfs = tracefs()
     out.append(Check("tracefs", bool(tfs), tfs or "not mounted",
@@ -137,8 +143,8 @@ def require_can_trace() -> None:
     if not privileged():
         raise NotRoot("loading eBPF programs needs root or CAP_BPF+CAP_PERFMON",
                       "run with sudo")
-    if not os.access(BTF_PATH, os.R_OK):
-        raise NoBTF(f"kernel BTF ({BTF_PATH}) is missing",
+    if not os.access(btf_path(), os.R_OK):
+        raise NoBTF(f"kernel BTF ({btf_path()}) is missing",
                     "use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
     if not tracefs():
         raise EnvironmentProblem("tracefs is not mounted and could not be mounted",

@@ -116,7 +116,7 @@ class WaterProbe:
         self._generation = 0
         host.require_can_trace()
         from otelwater.probes.btf import Btf, drop_reasons, kernel_offsets
-        btf = Btf.load()
+        btf = Btf.load(host.btf_path())
         self.offsets = kernel_offsets(btf)
         self.drop_names = drop_reasons(btf)
         self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk())
