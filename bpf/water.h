@@ -43,6 +43,7 @@ struct water_state {
     u8 tcp_state;      /* TCP state at the last state change we saw (0 unknown) */
     u8 last_trigger;
     char comm[16];     /* of the last reader */
+    u8 _pad[4];
 };
 
 /* one snapshot on the ring buffer */

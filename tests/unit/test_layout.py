@@ -1,0 +1,54 @@
+"""The kernel→user layouts come from bpf/*.h; pin them so drift fails loudly (the integration
+tests check BCC compiles the same header into the same sizes)."""
+
+import ctypes
+
+import pytest
+
+from otelwater.events.layout import Header, header
+
+
+def offsets(struct):
+    return {name: getattr(struct, name).offset for name, _ in struct._fields_}
+
+
+def test_water_state_layout_is_pinned():
+    s = header("water.h").structs["water_state"]
+    assert ctypes.sizeof(s) == 152
+    assert offsets(s) == {
+        "sock_key": 0, "ino": 8, "last_ts_ns": 16, "last_emit_ns": 24, "changes": 32,
+        "laddr": 40, "raddr": 56, "pid": 72, "netns": 76, "level": 80, "volume": 84,
+        "capacity": 88, "backlog": 92, "drops": 96, "rcv_nxt": 100, "copied_seq": 104,
+        "peak_volume": 108, "drop_events": 112, "drop_reason": 116, "generation": 120,
+        "lport": 124, "rport": 126, "watched": 128, "above": 129, "tcp_state": 130,
+        "last_trigger": 131, "comm": 132, "_pad": 148}
+
+
+def test_water_event_layout_is_pinned():
+    e = header("water.h").structs["water_event"]
+    assert ctypes.sizeof(e) == 168
+    assert offsets(e) == {"s": 0, "ts_ns": 152, "tid": 160, "trigger": 164, "_pad": 165}
+
+
+def test_every_struct_is_padded_explicitly():
+    # no implicit padding: the sum of the fields is the size, so C and Python cannot disagree
+    for name in ("water.h", "goread.h"):
+        try:
+            h = header(name)
+        except FileNotFoundError:
+            continue
+        for sname, s in h.structs.items():
+            total = sum(ctypes.sizeof(t) for _, t in s._fields_)
+            assert total == ctypes.sizeof(s), f"{name}: struct {sname} has implicit padding"
+
+
+def test_triggers_defined_once():
+    assert header("water.h").defines_with_prefix("OTW_TRIGGER_") == {
+        "ARRIVAL": 1, "READ": 2, "OVERFLOW": 3, "CLOSE": 4, "PERIODIC": 5}
+
+
+def test_parser_rejects_what_it_does_not_understand():
+    with pytest.raises(ValueError, match="cannot parse"):
+        Header("struct x { union { u32 a; } u; };")
+    h = Header("#define N 4\nstruct a { u32 v[N]; u8 c; u8 _p[3]; };\nstruct b { struct a x; };")
+    assert ctypes.sizeof(h.structs["b"]) == 20
