@@ -63,15 +63,15 @@ class WaterBoard:
 
 
 def render(board: WaterBoard, rows: int = 15, title: str = "") -> Group:
-    t = Table(box=None, pad_edge=False, header_style="bold", expand=False)
-    for name, just in (("PID", "right"), ("COMM", "left"), ("LOCAL", "left"),
+    t = Table(box=None, pad_edge=False, header_style="bold", expand=False, padding=(0, 1, 0, 0))
+    for name, just in (("PID", "right"), ("COMM", "left"), ("PORT", "right"),
                        ("REMOTE", "left"), ("LVL", "right"), ("VOL", "right"),
                        ("UNRD", "right"), ("CAP", "right"), ("FILL", "right"),
                        ("DROP", "right"), ("!", "left")):
         t.add_column(name, justify=just, no_wrap=True)
     for s in board.top(rows):
         marks = "".join(ALERT_MARKS[a] for a in sorted(board.alerts.active(s.sock_key)))
-        t.add_row(str(s.pid or "-"), (s.comm or "?")[:9], endpoint(s.laddr, s.lport)[:21],
+        t.add_row(str(s.pid or "-"), (s.comm or "?")[:8], str(s.lport),
                   endpoint(s.raddr, s.rport)[:21], str(s.level), human_bytes(s.volume),
                   human_bytes(s.unread_bytes), human_bytes(s.capacity),
                   f"{s.fill_ratio * 100:.0f}%", str(s.drops),

@@ -34,13 +34,40 @@ def bpf_ready():
         assert shutil.which(tool), f"{tool} missing: run scripts/setup.sh"
 
 
-def otelwater_progs() -> list[str]:
-    """Names of loaded BPF programs that belong to otelwater (BCC names them after the C
-    function, truncated by the kernel to 15 characters)."""
-    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True,
-                         check=True).stdout
+def prog_ids_of(pid: int | str = "self") -> set[int]:
+    """IDs of the BPF programs a process holds open (what BCC keeps attached)."""
+    ids = set()
+    base = f"/proc/{pid}/fd"
+    for fd in os.listdir(base):
+        try:
+            if os.readlink(f"{base}/{fd}") != "anon_inode:bpf-prog":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
+def live_prog_ids() -> set[int]:
+    """IDs of every BPF program loaded on the host."""
     import json
 
-    names = [p.get("name", "") for p in json.loads(out)]
-    ours = ("tracepoint__", "raw_tracepoint__", "kfree_skb", "otw_")
-    return [n for n in names if n.startswith(ours)]
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"] for p in json.loads(out)}
+
+
+def gone(ids: set[int], timeout_s: float = 3.0) -> bool:
+    """True once none of these programs is loaded (the kernel frees them after an RCU grace
+    period, so a just-closed program can linger for a moment)."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while ids & live_prog_ids():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True

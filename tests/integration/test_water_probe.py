@@ -11,6 +11,7 @@ import pytest
 from otelwater.hostsockets import fd_sock_keys
 from otelwater.probes.kernel import WaterOptions, WaterProbe
 
+from .conftest import gone, prog_ids_of
 from .loopback import Pair, siocinq, ss
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
@@ -184,3 +185,13 @@ def test_tiny_ring_buffer_counts_lost_records():
     assert lost > 0
     assert len(got) > 0
     assert len(got) + lost >= 4000  # one arrival and one read per message
+
+
+def test_close_detaches_every_program():
+    before = prog_ids_of()
+    probe = WaterProbe()
+    ours = prog_ids_of() - before
+    assert len(ours) >= 6
+    probe.close()
+    assert prog_ids_of() == before
+    assert gone(ours)

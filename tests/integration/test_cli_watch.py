@@ -1,0 +1,123 @@
+"""`otelwater watch` and `doctor` end to end as a user runs them: real probes, real sockets,
+error paths, and no program left attached after any exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import OTELWATER, ROOT, gone, prog_ids_of
+from .loopback import Pair, ss
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def start_watch(*args) -> subprocess.Popen:
+    p = subprocess.Popen(OTELWATER + ["watch", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    line = p.stderr.readline()  # the start line comes once every probe is attached
+    assert line.startswith("Tracing TCP receive queues"), line + p.stderr.read()
+    return p
+
+
+def test_doctor_passes_here():
+    r = subprocess.run(OTELWATER + ["doctor"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "otelwater can run here" in r.stdout
+
+
+def test_json_lines_carry_the_documented_keys_and_match_ss():
+    pair = Pair()
+    proc = start_watch("-P", str(pair.port), "--json", "-i", "0.2", "-d", "3")
+    pair.connect()
+    pair.fill(150_000, chunk=5000)
+    inq = pair.wait_still()
+    truth = ss(pair.port, pair.client_port)
+    out, err = proc.communicate(timeout=20)
+    pair.close()
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    snaps = [r for r in records if r["type"] == "snapshot" and r["lport"] == pair.port]
+    assert snaps
+    required = {"ts_ns", "sock_key", "pid", "comm", "laddr", "lport", "raddr", "rport", "level",
+                "volume", "unread_bytes", "capacity", "backlog", "drops", "trigger"}
+    assert required <= set(snaps[-1])
+    last = snaps[-1]
+    assert (last["unread_bytes"], last["volume"], last["capacity"]) == (inq, truth.r, truth.rb)
+    assert last["pid"] == os.getpid() and last["comm"]
+    assert {s["trigger"] for s in snaps} >= {"arrival", "periodic"}
+    assert "0 lost records" in err
+
+
+def test_lost_records_are_reported_in_json():
+    pair = Pair()
+    proc = start_watch("-P", str(pair.port), "--json", "--follow", "--ringbuf-pages", "1",
+                       "-i", "0.3", "-d", "2.5")
+    pair.connect()
+    for _ in range(3000):
+        pair.client.sendall(b"q" * 64)
+        pair.server.recv(64)
+    out, err = proc.communicate(timeout=20)
+    pair.close()
+    lost = [json.loads(x) for x in out.splitlines() if '"type":"lost"' in x]
+    assert lost and lost[-1]["lost_total"] > 0 and lost[-1]["probe"] == "water"
+    assert f"{lost[-1]['lost_total']} lost records" in err
+
+
+def test_live_view_renders_a_table_when_piped():
+    pair = Pair()
+    proc = start_watch("-P", str(pair.port), "-i", "0.3", "-d", "2")
+    pair.connect()
+    pair.fill(100_000)
+    out, err = proc.communicate(timeout=20)
+    pair.close()
+    assert proc.returncode == 0, err
+    assert "REMOTE" in out and "FILL" in out and str(pair.port) in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_detach_every_probe(sig):
+    proc = start_watch("--json")
+    ours = prog_ids_of(proc.pid)
+    assert len(ours) >= 6, "watch attached nothing"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert gone(ours)
+
+
+def test_without_root_one_line_and_exit_3():
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) missing"
+    r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                        *OTELWATER, "watch", "-d", "1"], capture_output=True, text=True,
+                       env=ENV, cwd="/")
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "otelwater: loading eBPF programs needs root or CAP_BPF+CAP_PERFMON; run with sudo"]
+
+
+def test_without_btf_one_line_and_exit_3():
+    r = subprocess.run(OTELWATER + ["watch", "-d", "1"], capture_output=True, text=True,
+                       env=dict(ENV, OTELWATER_BTF="/nonexistent/vmlinux"))
+    assert r.returncode == 3
+    assert len(r.stderr.strip().splitlines()) == 1 and "BTF" in r.stderr
+
+
+def test_unused_port_and_missing_pid():
+    r = subprocess.run(OTELWATER + ["watch", "-P", "1", "-d", "1"], capture_output=True,
+                       text=True, env=ENV)
+    assert r.returncode == 2 and "no TCP socket uses port 1" in r.stderr
+    r = subprocess.run(OTELWATER + ["watch", "-p", "4194000", "-d", "1"], capture_output=True,
+                       text=True, env=ENV)
+    assert r.returncode == 4 and r.stderr.startswith("otelwater: no process with pid 4194000")
