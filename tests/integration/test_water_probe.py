@@ -195,3 +195,24 @@ def test_close_detaches_every_program():
     probe.close()
     assert prog_ids_of() == before
     assert gone(ours)
+
+
+def test_water_level_rule_fires_for_trickled_messages():
+    """DESIGN.md asks when `level > 100` can fire, given TCP coalescing: small messages spaced
+    a couple of milliseconds apart stay one skb each (see README, alert rules)."""
+    from otelwater.alerts.rules import AlertRules
+
+    pair = Pair(rcvbuf=4 * 1024 * 1024)
+    rules = AlertRules()
+    with WaterProbe(WaterOptions(ports=frozenset({pair.port}))) as probe:
+        pair.connect()
+        pair.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(400):
+            pair.client.send(b"m" * 10)
+            time.sleep(0.002)
+        pair.wait_still()
+        snap = [s for s in probe.sweep(all_sockets=True) if s.lport == pair.port][-1]
+    pair.close()
+    assert snap.level > 100
+    fired = rules.update(snap.sock_key, snap.level, snap.volume, snap.capacity)
+    assert ("water_level", "fired") in [(r, w) for r, w, _ in fired]
