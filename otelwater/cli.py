@@ -18,11 +18,16 @@ Examples:
   otelwater watch -p 1234 --json       # one process, JSON Lines on stdout
   otelwater watch -p 1234 --follow     # a record for every arrival and read
   otelwater watch --go-binary ./server # + Go reads of every process of that binary
+  otelwater watch -p 1234 --go-pid 1234 --probes uprobe --blocked-ms 5
 
 \b
 Columns: LVL water level (skbs queued), VOL volume (sk_rmem_alloc, ss -tm "r"),
 UNRD unread payload bytes (SIOCINQ, ss Recv-Q), CAP capacity (sk_rcvbuf, "rb"),
 FILL volume/capacity, DROP the socket's drop counter (sk_drops), ! alerts firing.
+Readers (with --go-binary/--go-pid): GOID goroutine, READS reads seen, BLK blocked ones,
+LAST/MAX blocked read latency, CALLER the function that called net.(*conn).Read.
+With --json, Go reads are objects of type "read" (ts_start_ns, ts_end_ns, pid, tid, goid,
+fd, sock_key, requested, returned, stack, source).
 """
 
 
@@ -102,10 +107,23 @@ def _check_pids(pids):
               help="Ring buffer size in 4 KiB pages (a power of two).")
 @click.option("--rows", type=click.IntRange(min=1), default=15, show_default=True,
               help="Sockets shown in the live view.")
+@click.option("--go-binary", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Also trace the Go reads of every process running this executable (now or "
+              "later) and show the readers beside their sockets.")
+@click.option("--go-pid", "go_pids", type=int, multiple=True, metavar="PID",
+              help="Also trace the Go reads of this process (repeatable).")
+@click.option("--probes", type=click.Choice(["tracepoint", "uprobe"]), default="tracepoint",
+              show_default=True,
+              help="How Go reads are traced: read-syscall tracepoints (cheap: ~1-2 us a "
+              "parking read) or uprobes on net.(*conn).Read (exact Go-level latency of every "
+              "Read, ~13 us a hit each way here).")
+@click.option("--blocked-ms", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="A Go read lasting this long is a blocked read, recorded in full; shorter "
+              "ones are counted.")
 @click.option("--wait", is_flag=True,
               help="Accept --port values no socket uses yet (a service about to start).")
 def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water, ringbuf_pages,
-          rows, wait):
+          rows, go_binary, go_pids, probes, blocked_ms, wait):
     """Watch TCP receive queues: the sockets holding the most water, live.
 
     Traces arrivals (rain), reads (drain), drops (overflow) and closes with eBPF tracepoints.
@@ -114,6 +132,7 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
     from otelwater.hostsockets import ports_in_use
 
     _check_pids(pids)
+    _check_pids(go_pids)
     if ports and not wait:
         used = ports_in_use()
         idle = [p for p in ports if p not in used]
@@ -124,7 +143,8 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
 
     run_watch(pids=pids, ports=ports, cgroups=cgroups, duration=duration, interval=interval,
               as_json=as_json, follow=follow, high_water=high_water,
-              ringbuf_pages=ringbuf_pages, rows=rows)
+              ringbuf_pages=ringbuf_pages, rows=rows, go_binary=go_binary,
+              go_pids=go_pids, probes=probes, blocked_ns=int(blocked_ms * 1e6))
 
 
 from otelwater.cli_locate import locate_command  # noqa: E402

@@ -3,9 +3,10 @@ JSON Lines."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
-from otelwater.events.model import LostEvents, WaterSnapshot
+from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
 from otelwater.export.jsonl import JsonLinesSink
 from otelwater.export.live import LiveView, WaterBoard
 from otelwater.pipeline import Stopper, WatchLoop
@@ -23,14 +24,28 @@ def describe(pids, ports, cgroups) -> str:
     return " and ".join(parts) if parts else "all TCP sockets"
 
 
+def open_readers(go_binary, go_pids, probes, blocked_ns):
+    if not go_binary and not go_pids:
+        return contextlib.nullcontext(None)
+    from otelwater.probes.goread import GoReadOptions, GoReadSampler
+
+    return GoReadSampler(GoReadOptions(binary=go_binary, pids=frozenset(go_pids),
+                                       mechanism=probes, threshold_ns=blocked_ns))
+
+
 def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high_water,
-              ringbuf_pages, rows) -> None:
+              ringbuf_pages, rows, go_binary=None, go_pids=(), probes="tracepoint",
+              blocked_ns=1_000_000) -> None:
     opts = WaterOptions(ports=frozenset(ports), pids=frozenset(pids),
                         cgroups=frozenset(cgroups), follow=follow, high_water=high_water,
                         ringbuf_pages=ringbuf_pages)
     what = describe(pids, ports, cgroups)
     board = WaterBoard()
-    with Stopper() as stopper, WaterProbe(opts) as water:
+    with Stopper() as stopper, WaterProbe(opts) as water, \
+            open_readers(go_binary, go_pids, probes, blocked_ns) as readers:
+        if readers is not None:
+            target = go_binary or "pid " + ",".join(map(str, go_pids))
+            what += f"; Go reads of {target} by {probes}"
         print(f"Tracing TCP receive queues ({what}) with eBPF tracepoints"
               + (f" for {duration:g}s" if duration else "") + ". Ctrl-C to stop.",
               file=sys.stderr, flush=True)
@@ -39,8 +54,11 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
             for r in records:
                 if isinstance(r, WaterSnapshot):
                     board.add(r)
+                elif isinstance(r, ReadRecord):
+                    board.add_read(r)
                 elif isinstance(r, LostEvents):
-                    board.lost = r.lost_total
+                    board.lost_by_probe[r.probe] = r.lost_total
+                    board.lost = sum(board.lost_by_probe.values())
 
         if as_json:
             sink = JsonLinesSink()
@@ -49,11 +67,19 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                 count(records)
                 sink.write(records)
 
-            loop = WatchLoop(water, on_records, interval_s=interval, duration_s=duration)
+            loop = WatchLoop(water, on_records, interval_s=interval, duration_s=duration,
+                             readers=readers)
             loop.run(stopper)
         else:
             with LiveView(f"otelwater watch: {what}", rows=rows) as view:
                 loop = WatchLoop(water, count, lambda: view.show(board), interval_s=interval,
-                                 duration_s=duration)
+                                 duration_s=duration, readers=readers)
                 loop.run(stopper)
-    print(f"otelwater: {board.records} snapshots, {board.lost} lost records", file=sys.stderr)
+        if readers is not None:
+            st = readers.stats()
+            reads = (f", {st.reads} Go reads ({st.blocked} blocked, mean "
+                     f"{st.mean_latency_ns / 1e3:.0f} us)")
+        else:
+            reads = ""
+    print(f"otelwater: {board.records} snapshots{reads}, {board.lost} lost records",
+          file=sys.stderr)

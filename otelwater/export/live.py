@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from otelwater.alerts.rules import AlertRules
-from otelwater.events.model import WaterSnapshot
+from otelwater.events.model import ReadRecord, WaterSnapshot
 
 ALERT_MARKS = {"water_level": "L", "fill_ratio": "F", "surge": "S"}
 
@@ -28,8 +28,47 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
+def ms(ns: int) -> str:
+    return f"{ns / 1e6:.1f}ms" if ns < 10e9 else f"{ns / 1e9:.0f}s"
+
+
 def endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+PLUMBING = ("runtime", "syscall.", "internal/poll.", "net.", "runtime/internal/", "internal/")
+
+
+def caller(stack: tuple[str, ...]) -> str:
+    """The first frame above the read machinery: who called net.(*conn).Read."""
+    for name in stack:
+        if name and not name.startswith(PLUMBING):
+            return name
+    return stack[-1] if stack else "?"
+
+
+@dataclass
+class ReaderSummary:
+    """One goroutine reading one socket: its blocked reads so far."""
+
+    pid: int
+    goid: int | None
+    fd: int
+    sock_key: int
+    blocked: int = 0
+    last_ns: int = 0
+    max_ns: int = 0
+    caller: str = ""
+    last_end_ns: int = 0
+
+    def add(self, rec: ReadRecord) -> None:
+        self.blocked += 1
+        self.fd, self.sock_key = rec.fd, rec.sock_key
+        self.last_ns = rec.duration_ns
+        self.max_ns = max(self.max_ns, rec.duration_ns)
+        self.last_end_ns = rec.ts_end_ns
+        if rec.stack:
+            self.caller = caller(rec.stack)
 
 
 @dataclass
@@ -42,7 +81,15 @@ class WaterBoard:
     lost: int = 0
     records: int = 0
     started: float = field(default_factory=time.monotonic)
-    readers: dict[int, object] = field(default_factory=dict)  # sock_key -> reader summary
+    readers: dict[tuple[int, int], "ReaderSummary"] = field(default_factory=dict)
+    lost_by_probe: dict[str, int] = field(default_factory=dict)
+
+    def add_read(self, rec: ReadRecord) -> None:
+        key = (rec.pid, rec.goid if rec.goid is not None else -rec.fd)
+        r = self.readers.get(key)
+        if r is None:
+            r = self.readers[key] = ReaderSummary(rec.pid, rec.goid, rec.fd, rec.sock_key)
+        r.add(rec)
 
     def add(self, snap: WaterSnapshot) -> list[tuple[str, str, float]]:
         self.records += 1
@@ -78,9 +125,26 @@ def render(board: WaterBoard, rows: int = 15, title: str = "") -> Group:
                   Text(marks, style="bold red") if marks else "")
     parts = []
     elapsed = time.monotonic() - board.started
-    parts.append(Text(f"{title}  {elapsed:.0f}s  sockets {len(board.sockets)}  "
-                      f"records {board.records}  lost {board.lost}", style="dim"))
+    status = f"  {elapsed:.0f}s  sockets {len(board.sockets)}  records {board.records}  " \
+             f"lost {board.lost}"
+    room = 80 - len(status)
+    title = title if len(title) <= room else title[:room - 1] + "…"
+    parts.append(Text(title + status, style="dim"))
     parts.append(t)
+    if board.readers:
+        r = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1, 0, 0))
+        for name, just in (("PID", "right"), ("GOID", "right"), ("FD", "right"),
+                           ("PORT", "right"), ("BLK", "right"), ("LAST", "right"),
+                           ("MAX", "right"), ("CALLER", "left")):
+            r.add_column(name, justify=just, no_wrap=True)
+        recent = sorted(board.readers.values(), key=lambda x: x.last_end_ns, reverse=True)
+        for x in recent[:rows]:
+            sock = board.sockets.get(x.sock_key)
+            r.add_row(str(x.pid), str(x.goid) if x.goid is not None else "-", str(x.fd),
+                      str(sock.lport) if sock else "-", str(x.blocked), ms(x.last_ns),
+                      ms(x.max_ns), x.caller[:38])
+        parts.append(Text("Go readers (blocked reads):", style="bold"))
+        parts.append(r)
     if board.closes:
         parts.append(Text("water left at close:", style="bold"))
         for c in board.closes:
