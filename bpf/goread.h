@@ -1,0 +1,170 @@
+/* goread.h: the layouts the Go read samplers (bpf/goread_tp.c, bpf/goread_uprobe.c) share with
+ * Python. Defined once: BCC compiles this file into both programs, and
+ * otelwater/probes/goread.py builds its ctypes types from this same text
+ * (otelwater/events/layout.py). Fixed-width fields, largest first, explicit padding, no packing.
+ *
+ * Kernels: any with BTF, the BPF ring buffer (5.8+), task-local storage for tracing programs
+ * and bpf_task_pt_regs (5.15+); built and tested on 6.18 x86_64. Attach points: see each .c.
+ *
+ * The user stack travels inline in the record (ips[OTW_STACK_DEPTH], filled by bpf_get_stack
+ * straight into the reserved ring-buffer slot) rather than as a BPF_STACK_TRACE id: only
+ * blocked reads carry one, the cost in the kernel is the same frame-pointer walk, and an
+ * inline stack cannot be evicted or overwritten by a hash collision before Python reads it.
+ */
+#ifndef OTELWATER_GOREAD_H
+#define OTELWATER_GOREAD_H
+
+#define OTW_SOURCE_TRACEPOINT 1
+#define OTW_SOURCE_UPROBE 2
+
+#define OTW_STACK_DEPTH 32     /* user frames kept per blocked read */
+#define OTW_HIST_SLOTS 40      /* log2 latency buckets: slot i counts [2^(i-1), 2^i) ns */
+
+/* indexes of goread_counts.n (Python: GoReadStats) */
+#define OTW_CNT_ENTER 0        /* sys_enter_read / fresh uprobe entries */
+#define OTW_CNT_EXIT 1         /* sys_exit_read / uprobe returns */
+#define OTW_CNT_READS 2        /* reads completed (a park + its data read count once) */
+#define OTW_CNT_BLOCKED 3      /* of those, lasting >= threshold */
+#define OTW_CNT_PARKS 4        /* tracepoint: -EAGAIN reads */
+#define OTW_CNT_ORPHAN 5       /* returns with no entry (began before attach) */
+#define OTW_CNT_REENTER 6      /* uprobe: entry again before a return (stack growth restart) */
+#define OTW_CNT_LOST 7         /* records the ring buffer could not take */
+#define OTW_CNT_NOT_SOCKET 8   /* blocked reads on fds that are not TCP sockets (no record) */
+#define OTW_CNT_SUM_NS 9       /* sum of the latencies of all completed reads */
+#define OTW_CNT_SLOTS 10
+
+/* the per-CPU `counts` array's only slot: one lookup per event covers counts and histogram */
+struct goread_counts {
+    u64 n[OTW_CNT_SLOTS];
+    u64 hist[OTW_HIST_SLOTS];
+};
+
+/* one blocked read on the ring buffer */
+struct goread_event {
+    u64 ts_start_ns;   /* CLOCK_MONOTONIC: first read(2) attempt / uprobe entry */
+    u64 ts_end_ns;     /* the data-returning read(2)'s exit / the return site */
+    u64 goid;          /* goroutine id; valid when has_goid */
+    u64 sock_key;      /* bpf/sockkey.h, 0 when unknown */
+    s64 returned;      /* bytes, or a negative errno (tracepoint) */
+    u64 requested;     /* bytes asked for */
+    u64 caller_ip;     /* uprobe: return address at [rsp] (frame-pointer walks skip it); 0 */
+    u64 ips[OTW_STACK_DEPTH]; /* user stack, innermost first */
+    u32 stack_len;     /* valid entries in ips */
+    u32 pid;           /* tgid */
+    u32 tid;
+    s32 fd;            /* -1 when unknown */
+    u8 source;         /* OTW_SOURCE_* */
+    u8 has_goid;
+    u8 _pad[6];
+    char comm[16];
+};
+
+/* tracepoint sampler: one entry per watched process in the `procs` hash, written by Python */
+struct goread_proc {
+    u32 slot;          /* index of this process's row in the `parks` array */
+    u32 gen;           /* bumped by Python when the slot is given to another process */
+    u32 goid_off;      /* runtime.g.goid offset, 0 when not Go (no goid) */
+    u32 _pad;
+};
+
+/* tracepoint sampler: a read parked on (process, fd), reused in place */
+struct goread_park {
+    u64 start_ns;      /* enter of the first -EAGAIN read; 0 when nothing is parked */
+    u64 g;             /* R14 at the park: the *g that parked */
+    u32 gen;           /* struct goread_proc.gen when written */
+    u32 _pad;
+};
+
+/* tracepoint sampler: per-thread state, task-local storage. sys_enter_read copies the
+ * process's goread_proc here, so sys_exit_read needs no second `procs` lookup. */
+struct goread_task {
+    u64 enter_ns;      /* sys_enter_read time of this thread's read in flight, 0 when none */
+    struct goread_proc proc;
+};
+
+/* uprobe sampler: in-flight read per (tgid, *g), reused in place */
+struct goread_key {
+    u64 g;             /* R14: the goroutine's g (stable for its life; goid read only when needed) */
+    u32 tgid;
+    u32 _pad;
+};
+
+struct goread_inflight {
+    u64 start_ns;      /* entry time; 0 when no Read is in flight */
+    u64 conn;          /* receiver *conn (RAX at entry) */
+    u64 requested;     /* len(b) (RCX at entry) */
+};
+
+
+/* ---- kernel-side helpers shared by both samplers (layout.py reads only the structs and
+ * defines above; include bpf/sockkey.h before this file) ---- */
+#ifdef OTELWATER_SOCKKEY_H
+
+#define OTW_AF_INET 2
+#define OTW_AF_INET6 10
+#define OTW_IPPROTO_TCP 6
+
+/* The socket key of the current task's fd: task->files->fdt->fd[fd]->private_data (struct
+ * socket) ->sk, every offset from BTF. Returns 0, or -1 when the fd is not a TCP/IP socket:
+ * the struct socket must point back at the same file (so private_data of a pipe or a
+ * regular file is never taken for a socket), its sk must be AF_INET/AF_INET6 and TCP. */
+static __always_inline int otw_fd_sock_key(long fd, u64 *key)
+{
+    if (fd < 0)
+        return -1;
+    const char *task = (const char *)bpf_get_current_task();
+    const char *files = 0, *fdt = 0, *file = 0, *sock = 0, *sk = 0, *back = 0;
+    const char **fdarr = 0;
+    u32 max_fds = 0;
+    bpf_probe_read_kernel(&files, sizeof(files), task + OFF_TASK_FILES);
+    if (!files)
+        return -1;
+    bpf_probe_read_kernel(&fdt, sizeof(fdt), files + OFF_FILES_FDT);
+    if (!fdt)
+        return -1;
+    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + OFF_FDT_MAX_FDS);
+    if ((u64)fd >= max_fds)
+        return -1;
+    bpf_probe_read_kernel(&fdarr, sizeof(fdarr), fdt + OFF_FDT_FD);
+    if (!fdarr)
+        return -1;
+    bpf_probe_read_kernel(&file, sizeof(file), fdarr + fd);
+    if (!file)
+        return -1;
+    bpf_probe_read_kernel(&sock, sizeof(sock), file + OFF_FILE_PRIVATE_DATA);
+    if (!sock)
+        return -1;
+    bpf_probe_read_kernel(&back, sizeof(back), sock + OFF_SOCKET_FILE);
+    if (back != file)
+        return -1;
+    bpf_probe_read_kernel(&sk, sizeof(sk), sock + OFF_SOCKET_SK);
+    if (!sk)
+        return -1;
+    u16 proto = 0;
+    bpf_probe_read_kernel(&proto, SIZE_SK_PROTOCOL, sk + OFF_SK_PROTOCOL);
+    if (proto != OTW_IPPROTO_TCP)
+        return -1;
+    struct otw_tuple t = {};
+    if (otw_sock_tuple(sk, &t) < 0)
+        return -1;
+    *key = otw_sock_key(&t);
+    return 0;
+}
+
+/* log2 bucket of a latency: 0 for 0 ns, else floor(log2(ns)) + 1, capped */
+static __always_inline u32 otw_hist_slot(u64 v)
+{
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { v >>= 1; r += 1; }
+    r += (u32)v;
+    return r < OTW_HIST_SLOTS ? r : OTW_HIST_SLOTS - 1;
+}
+
+#endif /* OTELWATER_SOCKKEY_H */
+
+#endif

@@ -1,0 +1,189 @@
+/* goread_tp.c: the tracepoint Go read sampler (the default).
+ *
+ * Kernels: any with BTF, the BPF ring buffer, task-local storage for tracing programs and
+ * bpf_get_current_task_btf()/bpf_task_pt_regs() usable from tracepoints (5.15+); built and
+ * tested on 6.18 x86_64. Attaches to tracepoints only (MACHINE.md: no kprobes, no fentry):
+ *   syscalls:sys_enter_read   otw_tp_read_enter: the start time, in task-local storage
+ *   syscalls:sys_exit_read    otw_tp_read_exit: parks, returns, counts, blocked-read records
+ *
+ * A Go net.(*conn).Read is read(2) on a non-blocking socket: -EAGAIN when nothing is waiting
+ * (the goroutine parks in netpoll), then, after the wake-up, the read(2) that returns the
+ * bytes. Go's fd mutex lets one goroutine read an fd at a time, and the goroutine may resume on
+ * another thread, so a park is kept per (process, fd): in the `parks` array (row = the
+ * process's slot, column = fd; written in place, never inserted or deleted), or in the
+ * `parks_big` LRU hash for fds >= OTW_MAX_FDS or processes beyond OTW_MAX_PROCS (also reused in
+ * place). The blocked read starts at the enter of the first -EAGAIN read and ends at the exit of
+ * the read that returns data. Every read is counted with its latency (one per-CPU lookup);
+ * only a read lasting >= OTW_THRESHOLD_NS pays for the goroutine id (R14 -> *(g + goid_off)),
+ * the user stack (still running through net.(*conn).Read at this exit), the fd -> socket key
+ * walk, and a ring-buffer record (no wakeup; Python consumes on a timer).
+ * The pid filter is the `procs` hash, filled by Python (-D macros: see goread.py).
+ */
+#include <linux/sched.h>
+#include "sockkey.h"
+#include "goread.h"
+
+#ifndef OTW_MAX_PROCS
+#define OTW_MAX_PROCS 64
+#endif
+#ifndef OTW_MAX_FDS
+#define OTW_MAX_FDS 4096
+#endif
+#ifndef OTW_RINGBUF_PAGES
+#define OTW_RINGBUF_PAGES 64
+#endif
+#ifndef OTW_THRESHOLD_NS
+#define OTW_THRESHOLD_NS 1000000ULL
+#endif
+#ifndef OTW_TP_RET_OFF
+#define OTW_TP_RET_OFF 16      /* sys_exit_read's `long ret` (tracefs format) */
+#endif
+#define OTW_EAGAIN 11
+#define OTW_NO_SLOT 0xffffffff
+
+BPF_HASH(procs, u32, struct goread_proc, OTW_MAX_PROCS * 4);
+BPF_ARRAY(parks, struct goread_park, OTW_MAX_PROCS * OTW_MAX_FDS);
+BPF_TABLE("lru_hash", u64, struct goread_park, parks_big, 16384);
+BPF_TASK_STORAGE(tasks, struct goread_task);
+BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
+BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
+
+static __always_inline struct goread_counts *otw_counts(void)
+{
+    u32 zero = 0;
+    return counts.lookup(&zero);
+}
+
+int otw_tp_read_enter(void *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct goread_proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    struct goread_task *ts = tasks.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                    BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!ts)
+        return 0;
+    ts->proc = *p;
+    ts->enter_ns = bpf_ktime_get_ns();
+    struct goread_counts *c = otw_counts();
+    if (c)
+        c->n[OTW_CNT_ENTER] += 1;
+    return 0;
+}
+
+/* The park slot of (process, fd); created in parks_big on first need when create is set. */
+static __always_inline struct goread_park *otw_park(const struct goread_proc *p, u32 tgid,
+                                                    long fd, int create)
+{
+    if (fd < 0)
+        return 0;
+    if (p->slot < OTW_MAX_PROCS && fd < OTW_MAX_FDS) {
+        u32 idx = p->slot * OTW_MAX_FDS + (u32)fd;
+        return parks.lookup(&idx);
+    }
+    u64 key = (u64)tgid << 32 | (u32)fd;
+    struct goread_park *pk = parks_big.lookup(&key);
+    if (pk || !create)
+        return pk;
+    struct goread_park fresh = {};
+    parks_big.update(&key, &fresh);
+    return parks_big.lookup(&key);
+}
+
+static __always_inline void otw_emit(void *ctx, struct goread_counts *c, struct pt_regs *regs,
+                                     const struct goread_proc *p, u64 id, long fd, long ret,
+                                     u64 count, u64 start, u64 end)
+{
+    u64 key = 0;
+    if (otw_fd_sock_key(fd, &key) < 0) {
+        c->n[OTW_CNT_NOT_SOCKET] += 1;
+        return;
+    }
+    struct goread_event *e = events.ringbuf_reserve(sizeof(struct goread_event));
+    if (!e) {
+        c->n[OTW_CNT_LOST] += 1;
+        return;
+    }
+    e->ts_start_ns = start;
+    e->ts_end_ns = end;
+    e->sock_key = key;
+    e->returned = ret;
+    e->requested = count;
+    e->caller_ip = 0;
+    e->pid = id >> 32;
+    e->tid = (u32)id;
+    e->fd = (s32)fd;
+    e->source = OTW_SOURCE_TRACEPOINT;
+    e->goid = 0;
+    e->has_goid = 0;
+    u32 goid_off = p->goid_off;
+    if (goid_off) {
+        u64 g = regs->r14;
+        if (g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(g + goid_off)) == 0)
+            e->has_goid = 1;
+    }
+    long n = bpf_get_stack(ctx, e->ips, sizeof(e->ips), BPF_F_USER_STACK);
+    e->stack_len = n > 0 ? n / sizeof(u64) : 0;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+int otw_tp_read_exit(void *ctx)
+{
+    /* only threads whose sys_enter_read passed the pid filter have an enter time: no
+     * second `procs` lookup (a thread of another process has no storage: a NULL check) */
+    struct task_struct *task = bpf_get_current_task_btf();
+    struct goread_task *ts = tasks.task_storage_get(task, 0, 0);
+    if (!ts || !ts->enter_ns)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 enter = ts->enter_ns;
+    ts->enter_ns = 0;
+    const struct goread_proc *p = &ts->proc;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    long ret = *(long *)((char *)ctx + OTW_TP_RET_OFF);
+    struct goread_counts *c = otw_counts();
+    if (!c)
+        return 0;
+    c->n[OTW_CNT_EXIT] += 1;
+    /* the user registers at the syscall: rdi = fd, rdx = count survive to the exit */
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+    long fd = regs->di;
+    u64 g = p->goid_off ? regs->r14 : 0;
+    if (ret == -OTW_EAGAIN) {
+        c->n[OTW_CNT_PARKS] += 1;
+        struct goread_park *pk = otw_park(p, tgid, fd, 1);
+        if (!pk)
+            return 0;
+        /* a first attempt, or a park left by another goroutine (or an earlier owner of the
+         * slot): start here; a repeated -EAGAIN of the same read keeps its first start */
+        if (!pk->start_ns || pk->gen != p->gen || pk->g != g) {
+            pk->start_ns = enter ? enter : now;
+            pk->g = g;
+            pk->gen = p->gen;
+        }
+        return 0;
+    }
+    u64 start = enter;
+    struct goread_park *pk = otw_park(p, tgid, fd, 0);
+    if (pk && pk->start_ns) {
+        if (pk->gen == p->gen && pk->g == g)
+            start = pk->start_ns;
+        pk->start_ns = 0;
+    }
+    if (!start)
+        return 0; /* entered before we attached */
+    u64 dur = now - start;
+    c->n[OTW_CNT_READS] += 1;
+    c->n[OTW_CNT_SUM_NS] += dur;
+    u32 slot = otw_hist_slot(dur);
+    if (slot < OTW_HIST_SLOTS)
+        c->hist[slot] += 1;
+    if (dur < OTW_THRESHOLD_NS)
+        return 0;
+    c->n[OTW_CNT_BLOCKED] += 1;
+    otw_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now);
+    return 0;
+}

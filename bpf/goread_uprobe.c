@@ -1,0 +1,135 @@
+/* goread_uprobe.c: the uprobe Go read sampler (--probes uprobe).
+ *
+ * Kernels: any with BTF, uprobes (CONFIG_UPROBES) and the BPF ring buffer (5.8+); built and
+ * tested on 6.18 x86_64. Go 1.17+ amd64 (register ABI). Attaches to:
+ *   uprobe net.(*conn).Read+0          otw_up_read_entry
+ *   uprobe at every `ret` in it        otw_up_read_return
+ * NEVER a uretprobe: it rewrites the return address on the goroutine stack, and Go (which
+ * moves and scans its stacks) dies of it (GO-UPROBES.md).
+ *
+ * At entry: RAX = receiver *conn, RCX = len(b), R14 = *g. At a `ret`: RAX = n, RBX != 0 when
+ * err != nil, [rsp] = the return address into the direct caller (the frame pointer was already
+ * restored, so a frame-pointer walk from here skips that caller: it travels as caller_ip).
+ * In-flight state is keyed by (tgid, *g): the goroutine may change thread between entry and
+ * return, and its g is fixed for its life; the goid itself (*(g + OTW_GOID_OFF)) is read only
+ * for blocked reads. The LRU entry of a goroutine is inserted once and rewritten in place.
+ * Every Read is counted with its exact Go-level latency; a Read lasting >= OTW_THRESHOLD_NS
+ * also reads goid, fd (*(*(conn + OFF_CONN_FD) + OFF_NETFD_PFD + OFF_FD_SYSFD)), the socket
+ * key and the user stack, and goes out on the ring buffer without a wakeup.
+ */
+#include <linux/sched.h>
+#include "sockkey.h"
+#include "goread.h"
+
+#ifndef OTW_RINGBUF_PAGES
+#define OTW_RINGBUF_PAGES 64
+#endif
+#ifndef OTW_THRESHOLD_NS
+#define OTW_THRESHOLD_NS 1000000ULL
+#endif
+#ifndef OTW_MAX_INFLIGHT
+#define OTW_MAX_INFLIGHT 65536
+#endif
+
+BPF_TABLE("lru_hash", struct goread_key, struct goread_inflight, inflight, OTW_MAX_INFLIGHT);
+BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
+BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
+
+int otw_up_read_entry(struct pt_regs *ctx)
+{
+    u64 now = bpf_ktime_get_ns();
+    struct goread_key k = {};
+    k.g = ctx->r14;
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 zero = 0;
+    struct goread_counts *c = counts.lookup(&zero);
+    struct goread_inflight *f = inflight.lookup(&k);
+    if (f) {
+        if (f->start_ns) {
+            /* entered again before returning: the prologue's stack-growth path restarts the
+             * function; it is the same Read, keep its first start */
+            if (c)
+                c->n[OTW_CNT_REENTER] += 1;
+            return 0;
+        }
+        f->start_ns = now;
+        f->conn = ctx->ax;
+        f->requested = ctx->cx;
+    } else {
+        struct goread_inflight fresh = {};
+        fresh.start_ns = now;
+        fresh.conn = ctx->ax;
+        fresh.requested = ctx->cx;
+        inflight.update(&k, &fresh);
+    }
+    if (c)
+        c->n[OTW_CNT_ENTER] += 1;
+    return 0;
+}
+
+int otw_up_read_return(struct pt_regs *ctx)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 id = bpf_get_current_pid_tgid();
+    struct goread_key k = {};
+    k.g = ctx->r14;
+    k.tgid = id >> 32;
+    u32 zero = 0;
+    struct goread_counts *c = counts.lookup(&zero);
+    if (!c)
+        return 0;
+    c->n[OTW_CNT_EXIT] += 1;
+    struct goread_inflight *f = inflight.lookup(&k);
+    if (!f || !f->start_ns) {
+        c->n[OTW_CNT_ORPHAN] += 1;
+        return 0;
+    }
+    u64 start = f->start_ns;
+    f->start_ns = 0;
+    u64 dur = now - start;
+    c->n[OTW_CNT_READS] += 1;
+    c->n[OTW_CNT_SUM_NS] += dur;
+    u32 slot = otw_hist_slot(dur);
+    if (slot < OTW_HIST_SLOTS)
+        c->hist[slot] += 1;
+    if (dur < OTW_THRESHOLD_NS)
+        return 0;
+    c->n[OTW_CNT_BLOCKED] += 1;
+
+    /* fd from the receiver: conn.fd (*netFD) -> netFD.pfd (poll.FD) .Sysfd (int) */
+    u64 netfd = 0;
+    s64 fd = -1;
+    bpf_probe_read_user(&netfd, sizeof(netfd), (void *)(f->conn + OFF_CONN_FD));
+    if (netfd)
+        bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + OFF_NETFD_PFD + OFF_FD_SYSFD));
+    u64 key = 0;
+    if (otw_fd_sock_key(fd, &key) < 0) {
+        c->n[OTW_CNT_NOT_SOCKET] += 1;
+        return 0;
+    }
+    struct goread_event *e = events.ringbuf_reserve(sizeof(struct goread_event));
+    if (!e) {
+        c->n[OTW_CNT_LOST] += 1;
+        return 0;
+    }
+    e->ts_start_ns = start;
+    e->ts_end_ns = now;
+    e->sock_key = key;
+    e->returned = (s64)ctx->ax;
+    e->requested = f->requested;
+    e->pid = k.tgid;
+    e->tid = (u32)id;
+    e->fd = (s32)fd;
+    e->source = OTW_SOURCE_UPROBE;
+    e->goid = 0;
+    e->has_goid = 0;
+    if (k.g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(k.g + OTW_GOID_OFF)) == 0)
+        e->has_goid = 1;
+    e->caller_ip = 0;
+    bpf_probe_read_user(&e->caller_ip, sizeof(e->caller_ip), (void *)ctx->sp);
+    long n = bpf_get_stack(ctx, e->ips, sizeof(e->ips), BPF_F_USER_STACK);
+    e->stack_len = n > 0 ? n / sizeof(u64) : 0;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    return 0;
+}

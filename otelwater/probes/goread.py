@@ -1,0 +1,489 @@
+"""The Go read sampler: goroutine, socket and stack of every slow read, from one of two BPF
+mechanisms that produce the same ReadRecord.
+
+    opts = GoReadOptions(binary="/usr/bin/mysvc")             # or pids=frozenset({1234})
+    with GoReadSampler(opts) as s:                            # mechanism="tracepoint" default
+        for rec in s.poll(): ...      # blocked reads (>= threshold_ns), never blocks
+        s.stats()                     # counts and log2 latency histogram of every read seen
+        s.lost_total()                # records the ring buffer could not take
+
+- "tracepoint" (bpf/goread_tp.c): syscalls:sys_enter_read/sys_exit_read for the watched
+  processes (the `procs` map; with a binary, /proc is re-scanned every RESCAN_S on poll() so
+  processes started later are added). Works for any process; goid needs a Go binary.
+- "uprobe" (bpf/goread_uprobe.c): uprobes at the entry and at every `ret` of
+  net.(*conn).Read (never a uretprobe). With a binary: pid -1, so every process of it, now and
+  later; with pids: one set of probes per pid. Exact Go-level latency of every Read.
+
+User stacks are symbolized here from .symtab or .gopclntab (goelf.Symbolizer), PIE binaries
+through their load bias in /proc/PID/maps. close() drains the ring buffer (poll() still
+returns what was drained) and detaches everything; when the process dies the kernel detaches
+them anyway (BCC holds them as perf fds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+
+from otelwater.errors import BinaryError, NoBCC, NoSuchProcess, ProbeLoadError, UsageError
+from otelwater.events.layout import BPF_DIR, header
+from otelwater.events.model import ReadRecord
+from otelwater.probes import host
+
+GOREAD_H = header("goread.h")
+GoReadEvent = GOREAD_H.structs["goread_event"]
+GoReadProc = GOREAD_H.structs["goread_proc"]
+GoReadCounts = GOREAD_H.structs["goread_counts"]
+_D = GOREAD_H.defines
+SOURCES = {_D["OTW_SOURCE_TRACEPOINT"]: "tracepoint", _D["OTW_SOURCE_UPROBE"]: "uprobe"}
+MECHANISMS = ("tracepoint", "uprobe")
+READ_FUNCTION = "net.(*conn).Read"
+RESCAN_S = 0.5
+NO_SLOT = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class GoReadOptions:
+    binary: str | None = None               # all processes of this executable (now and later)
+    pids: frozenset[int] = frozenset()      # or these processes
+    mechanism: str = "tracepoint"           # "tracepoint" | "uprobe"
+    threshold_ns: int = 1_000_000           # a read lasting this long is a blocked read
+    ringbuf_pages: int = 64                 # ring buffer size in pages (power of two)
+    max_procs: int = 64                     # tracepoint: processes with an array row of parks
+    max_fds: int = 4096                     # tracepoint: fds per row (larger fds: LRU hash)
+
+
+@dataclass(frozen=True)
+class GoReadStats:
+    """Totals over every read the sampler saw (not only blocked ones)."""
+
+    enters: int           # read(2) enters / fresh uprobe entries
+    exits: int            # read(2) exits / uprobe returns
+    reads: int            # completed reads (a park and its data read count once)
+    blocked: int          # of those, lasting >= threshold (records emitted unless not a socket)
+    parks: int            # tracepoint: -EAGAIN reads
+    orphans: int          # returns without an entry (began before attach)
+    reentries: int        # uprobe: entry seen again before the return (stack growth)
+    lost: int             # records the ring buffer could not take
+    not_socket: int       # blocked reads on an fd that is not a TCP socket (no record)
+    latency_sum_ns: int
+    histogram: tuple[tuple[int, int], ...] = field(default=())  # (upper bound ns, count), log2
+
+    @property
+    def mean_latency_ns(self) -> float:
+        return self.latency_sum_ns / self.reads if self.reads else 0.0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _exe_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _pid_exe(pid: int) -> str:
+    """A path to the executable of a live process (its real path, or /proc/PID/exe)."""
+    if not os.path.isdir(f"/proc/{pid}"):
+        raise NoSuchProcess(f"no process with pid {pid}", "give the pid of a running process")
+    real = os.path.realpath(f"/proc/{pid}/exe")
+    if os.path.exists(real):
+        return real
+    if _exe_key(f"/proc/{pid}/exe") is None:
+        raise NoSuchProcess(f"process {pid} has no readable executable (gone, or a kernel thread)",
+                            "give the pid of a running user process")
+    return f"/proc/{pid}/exe"
+
+
+def _load_bias(pid: int, path: str) -> int:
+    """Where a PIE binary's vaddr 0 sits in pid's address space (0 when unknown)."""
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            loads = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
+            first = min(loads, key=lambda s: s["p_offset"]) if loads else None
+        key = _exe_key(path)
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 6 or int(parts[2], 16) != (first["p_offset"] if first else 0):
+                    continue
+                dev_ino = parts[4]
+                if key and int(dev_ino) != key[1]:
+                    continue
+                start = int(parts[0].split("-")[0], 16)
+                return start - ((first["p_vaddr"] if first else 0) & ~0xFFF)
+    except (OSError, ValueError, StopIteration):
+        pass
+    return 0
+
+
+def _tp_ret_offset() -> int:
+    """Offset of sys_exit_read's `ret` in the tracepoint record (tracefs format)."""
+    root = host.tracefs()
+    try:
+        with open(f"{root}/events/syscalls/sys_exit_read/format") as f:
+            for line in f:
+                if "ret;" in line and "offset:" in line:
+                    return int(line.split("offset:")[1].split(";")[0])
+    except (OSError, TypeError, ValueError):
+        pass
+    raise ProbeLoadError("tracepoint syscalls:sys_exit_read is missing or unreadable",
+                         "run 'otelwater doctor' (needs tracefs and CONFIG_FTRACE_SYSCALLS)")
+
+
+class _Binary:
+    """One executable: its Go facts (None when not Go) and its symbolizer (None when it has no
+    symbols at all)."""
+
+    def __init__(self, path: str, need_go: bool):
+        from otelwater.probes import goelf
+
+        self.path = path
+        self.info = None
+        try:
+            self.info = goelf.locate(path)
+        except BinaryError:
+            if need_go:
+                raise
+        self.symbolizer = None
+        try:
+            self.symbolizer = goelf.Symbolizer(path)
+        except BinaryError:
+            pass
+        self.names: dict[int, str] = {}
+
+    @property
+    def goid_off(self) -> int:
+        return self.info.offsets["runtime.g.goid"] if self.info else 0
+
+    @property
+    def pie(self) -> bool:
+        return bool(self.info and self.info.pie)
+
+    def name(self, vaddr: int) -> str:
+        n = self.names.get(vaddr)
+        if n is None:
+            n = (self.symbolizer.lookup(vaddr) if self.symbolizer else None) or f"0x{vaddr:x}"
+            self.names[vaddr] = n
+        return n
+
+
+class GoReadSampler:
+    def __init__(self, opts: GoReadOptions):
+        self.opts = opts
+        self._bpfs: list = []                 # one BPF object (uprobe: one per binary)
+        self._pending: list[ReadRecord] = []
+        self._binaries: dict[tuple[int, int], _Binary] = {}
+        self._pid_binary: dict[int, _Binary] = {}
+        self._bias: dict[int, int] = {}
+        self._comm: dict[int, str] = {}
+        self._slots: dict[int, tuple[int, int]] = {}   # tracepoint: pid -> (slot, gen)
+        self._gens = [0] * opts.max_procs
+        self._free = list(range(opts.max_procs - 1, -1, -1))
+        self._next_scan = 0.0
+        self._closed = False
+        self._final_stats: GoReadStats | None = None
+        self._validate()
+        host.require_can_trace()
+        try:
+            from bcc import BPF  # noqa: F401
+        except ImportError as e:
+            raise NoBCC("BCC's Python module is not importable",
+                        "apt-get install python3-bpfcc and run from scripts/setup.sh's .venv") from e
+        self._targets = self._resolve_targets()
+        from otelwater.probes.btf import Btf, kernel_offsets
+
+        self.offsets = kernel_offsets(Btf.load(host.btf_path()))
+        try:
+            if opts.mechanism == "tracepoint":
+                self._start_tracepoint()
+            else:
+                self._start_uprobe()
+        except BaseException:
+            self._cleanup()
+            raise
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _validate(self) -> None:
+        o = self.opts
+        if o.mechanism not in MECHANISMS:
+            raise UsageError(f"unknown read probe mechanism {o.mechanism!r}",
+                             "use --probes tracepoint or --probes uprobe")
+        if not o.binary and not o.pids:
+            raise UsageError("the Go read sampler needs a binary path or pids",
+                             "give --go-binary PATH or --go-pid PID")
+        if o.binary and o.pids:
+            raise UsageError("give a binary path or pids, not both")
+        p = o.ringbuf_pages
+        if p < 1 or p & (p - 1):
+            raise UsageError(f"ring buffer pages must be a power of two, got {p}",
+                             "use 1, 2, 4, ... 1024")
+        if o.threshold_ns < 0:
+            raise UsageError(f"the blocked-read threshold must be >= 0, got {o.threshold_ns} ns")
+
+    def _binary(self, path: str, need_go: bool) -> _Binary:
+        key = _exe_key(path)
+        if key is None:
+            raise BinaryError(f"cannot read {path}: no such file",
+                              "give the path of a readable Go executable")
+        b = self._binaries.get(key)
+        if b is None or (need_go and b.info is None):
+            b = _Binary(path, need_go)
+            self._binaries[key] = b
+        return b
+
+    def _resolve_targets(self) -> dict[int, _Binary]:
+        """pid -> binary for the pids given; with a binary path: {} (processes found later)."""
+        need_go = self.opts.mechanism == "uprobe"
+        if self.opts.binary:
+            path = os.path.realpath(self.opts.binary)
+            if not os.path.isfile(path):
+                raise BinaryError(f"{self.opts.binary}: no such file",
+                                  "give the path of a Go executable")
+            self._main_binary = self._binary(path, need_go=need_go)
+            if self._main_binary.info is None and self._main_binary.symbolizer is None:
+                # tracepoints trace any program, but a path that is not even an ELF is a mistake
+                from otelwater.probes import goelf
+
+                goelf.locate(path)  # raises the one-line BinaryError
+            return {}
+        out = {}
+        for pid in sorted(self.opts.pids):
+            out[pid] = self._binary(_pid_exe(pid), need_go=need_go)
+        return out
+
+    def _cflags(self) -> list[str]:
+        o = self.opts
+        flags = [f"-I{BPF_DIR}"]
+        flags += [f"-D{k}={v}" for k, v in sorted(self.offsets.items())]
+        flags += [f"-DOTW_RINGBUF_PAGES={o.ringbuf_pages}",
+                  f"-DOTW_THRESHOLD_NS={o.threshold_ns}ULL"]
+        return flags
+
+    def _load(self, src: str, cflags: list[str]):
+        from bcc import BPF
+
+        try:
+            b = BPF(src_file=str(BPF_DIR / src), cflags=cflags)
+        except Exception as e:  # BCC raises bare Exception for compile and load failures
+            raise ProbeLoadError(f"the Go read sampler ({src}) did not load: {_one_line(e)}",
+                                 "run 'otelwater doctor'") from e
+        self._bpfs.append(b)
+        try:
+            b["events"].open_ring_buffer(self._on_event)
+        except Exception as e:
+            raise ProbeLoadError(f"cannot open the read ring buffer: {_one_line(e)}") from e
+        return b
+
+    def _start_tracepoint(self) -> None:
+        o = self.opts
+        flags = self._cflags() + [f"-DOTW_MAX_PROCS={o.max_procs}", f"-DOTW_MAX_FDS={o.max_fds}",
+                                  f"-DOTW_TP_RET_OFF={_tp_ret_offset()}"]
+        b = self._load("goread_tp.c", flags)
+        self._procs = b["procs"]
+        for pid, binary in self._targets.items():
+            self._watch(pid, binary)
+        if o.binary:
+            self._rescan()
+        for tp, fn in (("syscalls:sys_enter_read", "otw_tp_read_enter"),
+                       ("syscalls:sys_exit_read", "otw_tp_read_exit")):
+            try:
+                b.attach_tracepoint(tp=tp, fn_name=fn)
+            except Exception as e:
+                raise ProbeLoadError(f"cannot attach to {tp}: {_one_line(e)}",
+                                     "run 'otelwater doctor'") from e
+
+    def _start_uprobe(self) -> None:
+        # one program per distinct binary (each has its own struct offsets)
+        groups: dict[int, tuple[_Binary, list[int]]] = {}
+        if self.opts.binary:
+            groups[id(self._main_binary)] = (self._main_binary, [-1])
+        else:
+            for pid, binary in self._targets.items():
+                groups.setdefault(id(binary), (binary, []))[1].append(pid)
+                self._pid_binary[pid] = binary
+        for binary, pids in groups.values():
+            info = binary.info
+            fn = info.functions[READ_FUNCTION]
+            off = info.offsets
+            flags = self._cflags() + [
+                f"-DOTW_GOID_OFF={off['runtime.g.goid']}",
+                f"-DOFF_CONN_FD={off['net.conn.fd']}",
+                f"-DOFF_NETFD_PFD={off['net.netFD.pfd']}",
+                f"-DOFF_FD_SYSFD={off['internal/poll.FD.Sysfd']}",
+            ]
+            b = self._load("goread_uprobe.c", flags)
+            b._otw_binary = binary  # which binary this program's records come from
+            for pid in pids:
+                sites = [(fn.address, "otw_up_read_entry")]
+                sites += [(fn.address + r, "otw_up_read_return") for r in fn.return_offsets]
+                for addr, fname in sites:
+                    try:
+                        b.attach_uprobe(name=binary.path, addr=addr, fn_name=fname, pid=pid)
+                    except Exception as e:
+                        who = "every process of it" if pid == -1 else f"pid {pid}"
+                        raise ProbeLoadError(
+                            f"cannot attach a uprobe at {addr:#x} in {binary.path} "
+                            f"({who}): {_one_line(e)}", "run 'otelwater doctor'") from e
+
+    # -- tracepoint process set ------------------------------------------------------------
+    def _watch(self, pid: int, binary: _Binary) -> None:
+        if pid in self._slots:
+            return
+        if self._free:
+            slot = self._free.pop()
+            self._gens[slot] += 1
+            gen = self._gens[slot]
+        else:
+            slot, gen = NO_SLOT, 0   # parks of this process go to the LRU hash
+        self._procs[ctypes.c_uint32(pid)] = GoReadProc(slot, gen, binary.goid_off, 0)
+        self._slots[pid] = (slot, gen)
+        self._pid_binary[pid] = binary
+
+    def _unwatch(self, pid: int) -> None:
+        slot, _ = self._slots.pop(pid)
+        try:
+            del self._procs[ctypes.c_uint32(pid)]
+        except KeyError:
+            pass
+        if slot != NO_SLOT:
+            self._free.append(slot)
+
+    def _rescan(self) -> None:
+        """With a binary path: watch every process running it, forget the ones gone."""
+        key = _exe_key(self._main_binary.path)
+        alive = set()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if _exe_key(f"/proc/{pid}/exe") == key:
+                alive.add(pid)
+                self._watch(pid, self._main_binary)
+        for pid in list(self._slots):
+            if pid not in alive:
+                self._unwatch(pid)
+
+    def watched_pids(self) -> frozenset[int]:
+        if self.opts.mechanism == "tracepoint":
+            return frozenset(self._slots)
+        return frozenset(self._targets)
+
+    # -- records ---------------------------------------------------------------------------
+    def _on_event(self, _ctx, data, _size) -> None:
+        e = ctypes.cast(data, ctypes.POINTER(GoReadEvent)).contents
+        self._pending.append(self._record(e))
+
+    def _binary_of(self, pid: int) -> _Binary | None:
+        b = self._pid_binary.get(pid)
+        if b is None and self.opts.binary:
+            b = self._main_binary
+            self._pid_binary[pid] = b
+        return b
+
+    def _record(self, e) -> ReadRecord:
+        pid = e.pid
+        binary = self._binary_of(pid)
+        n = min(int(e.stack_len), len(e.ips))
+        ips = [int(e.ips[i]) for i in range(n)]
+        if e.caller_ip and ips:
+            ips.insert(1, int(e.caller_ip))
+        stack: tuple[str, ...] = ()
+        if binary is not None and ips:
+            bias = 0
+            if binary.pie:
+                bias = self._bias.get(pid)
+                if bias is None:
+                    bias = self._bias[pid] = _load_bias(pid, binary.path)
+            stack = tuple(binary.name(ip - bias) for ip in ips)
+        elif ips:
+            stack = tuple(f"0x{ip:x}" for ip in ips)
+        return ReadRecord(
+            ts_start_ns=e.ts_start_ns, ts_end_ns=e.ts_end_ns, pid=pid, tid=e.tid,
+            goid=int(e.goid) if e.has_goid else None, fd=e.fd, sock_key=e.sock_key,
+            requested=e.requested, returned=e.returned, stack=stack,
+            source=SOURCES.get(e.source, str(e.source)),
+            comm=e.comm.decode(errors="replace"),
+        )
+
+    def poll(self) -> list[ReadRecord]:
+        """Blocked reads recorded since the last call (never blocks)."""
+        if not self._closed:
+            if (self.opts.mechanism == "tracepoint" and self.opts.binary
+                    and time.monotonic() >= self._next_scan):
+                self._next_scan = time.monotonic() + RESCAN_S
+                self._rescan()
+            for b in self._bpfs:
+                b.ring_buffer_consume()
+        out, self._pending = self._pending, []
+        return out
+
+    def _sum_counts(self) -> tuple[list[int], list[int]]:
+        n = [0] * _D["OTW_CNT_SLOTS"]
+        hist = [0] * _D["OTW_HIST_SLOTS"]
+        for b in self._bpfs:
+            for v in b["counts"].getvalue(ctypes.c_int(0)):
+                for i in range(len(n)):
+                    n[i] += int(v.n[i])
+                for i in range(len(hist)):
+                    hist[i] += int(v.hist[i])
+        return n, hist
+
+    def stats(self) -> GoReadStats:
+        if self._closed and self._final_stats is not None:
+            return self._final_stats
+        n, hist = self._sum_counts()
+        return GoReadStats(
+            enters=n[_D["OTW_CNT_ENTER"]], exits=n[_D["OTW_CNT_EXIT"]],
+            reads=n[_D["OTW_CNT_READS"]], blocked=n[_D["OTW_CNT_BLOCKED"]],
+            parks=n[_D["OTW_CNT_PARKS"]], orphans=n[_D["OTW_CNT_ORPHAN"]],
+            reentries=n[_D["OTW_CNT_REENTER"]], lost=n[_D["OTW_CNT_LOST"]],
+            not_socket=n[_D["OTW_CNT_NOT_SOCKET"]], latency_sum_ns=n[_D["OTW_CNT_SUM_NS"]],
+            histogram=tuple((1 << i, c) for i, c in enumerate(hist) if c),
+        )
+
+    def lost_total(self) -> int:
+        return self.stats().lost
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _cleanup(self) -> None:
+        bpfs, self._bpfs = self._bpfs, []
+        for b in bpfs:
+            try:
+                b.cleanup()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        """Drain the ring buffer, keep the final counts, detach everything."""
+        if self._closed:
+            return
+        try:
+            if self._bpfs:
+                for b in self._bpfs:
+                    b.ring_buffer_consume()
+                self._final_stats = self.stats()
+        finally:
+            self._closed = True
+            self._cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self._cleanup()
+        except Exception:
+            pass
