@@ -47,8 +47,8 @@ def _cap_eff() -> int:
 
 
 def privileged() -> bool:
-    if os.geteuid() == 0:
-        return True
+    """Can this process load and attach BPF programs? Decided by its effective capabilities,
+    not its uid: root with an emptied capability set (a locked-down container) cannot."""
     caps = _cap_eff()
     has = lambda c: bool(caps >> c & 1)  # noqa: E731
     return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
