@@ -143,3 +143,43 @@ def test_unused_port_and_missing_pid():
     r = subprocess.run(OTELWATER + ["watch", "-p", "4194000", "-d", "1"], capture_output=True,
                        text=True, env=ENV)
     assert r.returncode == 4 and r.stderr.startswith("otelwater: no process with pid 4194000")
+
+
+@pytest.mark.parametrize("mechanism", ["tracepoint", "uprobe"])
+def test_go_reads_in_json_beside_snapshots(mechanism):
+    # Given a Go echo service whose client pauses 5 ms between requests (its reads block)
+    bin_dir = ROOT / "examples" / "bin"
+    server = subprocess.Popen([str(bin_dir / "slowreader"), "-mode", "echo"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        hello = json.loads(server.stdout.readline())
+        addr, pid = hello["listening"], hello["pid"]
+        port = int(addr.rsplit(":", 1)[1])
+        proc = start_watch("-P", str(port), "--go-pid", str(pid), "--probes", mechanism,
+                           "--json", "-i", "0.3", "-d", "3")
+        client = subprocess.run([str(bin_dir / "loadgen"), "-addr", addr, "-conns", "2",
+                                 "-size", "64", "-mode", "pingpong", "-count", "100",
+                                 "-pause", "5ms"], capture_output=True, timeout=30)
+        assert client.returncode == 0, client.stderr
+        out, err = proc.communicate(timeout=30)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    reads = [r for r in records if r["type"] == "read"]
+    # Then blocked reads come out as read records carrying the documented keys
+    assert len(reads) >= 100, err
+    required = {"ts_start_ns", "ts_end_ns", "pid", "tid", "goid", "fd", "sock_key", "requested",
+                "returned", "stack", "source"}
+    assert required <= set(reads[0])
+    assert {r["source"] for r in reads} == {mechanism}
+    assert {r["pid"] for r in reads} == {pid}
+    assert len({r["goid"] for r in reads}) == 2
+    assert all("main.readOnce" in r["stack"] for r in reads)
+    assert all(r["ts_end_ns"] - r["ts_start_ns"] >= 1_000_000 for r in reads)
+    # and their socket keys are the keys of the snapshots of the same sockets
+    snap_keys = {r["sock_key"] for r in records if r["type"] == "snapshot"}
+    read_keys = {r["sock_key"] for r in reads}
+    assert len(read_keys) == 2 and read_keys <= snap_keys
+    assert "Go reads" in err
