@@ -14,8 +14,9 @@
  * running kernel's BTF; headers only make BCC compile. Per event: one in-place lookup of the
  * socket's state, two probe reads (a span of struct sock, then tcp_sock's sequence numbers),
  * and a ring-buffer record only when something worth saying happened: the volume rose above
- * high water, a new peak (+1/8), the water fell back below low water, a drop (at most one
- * record per OTW_OVERFLOW_GAP_NS per socket), a close, or any event with OTW_FOLLOW.
+ * high water, a new peak (+1/8), the water fell back below low water (these three at most once
+ * per OTW_LEVEL_GAP_NS per socket), a drop (at most one record per OTW_OVERFLOW_GAP_NS per
+ * socket), a close, or any event with OTW_FOLLOW.
  * Filtering: the first event on a socket decides whether it is watched (ports, then pids or
  * their socket inodes, then cgroup); the verdict is cached in the same map entry, so a
  * filtered-out socket costs one lookup afterwards.
@@ -31,6 +32,15 @@
 #endif
 #ifndef OTW_OVERFLOW_GAP_NS
 #define OTW_OVERFLOW_GAP_NS 100000000ULL
+#endif
+#ifndef OTW_LEVEL_GAP_NS
+#define OTW_LEVEL_GAP_NS 10000000ULL /* at most one rise/peak/fall record per socket per 10 ms */
+#endif
+#ifndef OTW_HIGH_WATER
+#define OTW_HIGH_WATER 65536
+#endif
+#ifndef OTW_LOW_WATER
+#define OTW_LOW_WATER (OTW_HIGH_WATER / 2)
 #endif
 
 #define OTW_IPPROTO_TCP 6
@@ -193,32 +203,33 @@ static __always_inline void otw_emit(struct water_state *st, u8 trigger, u64 now
     st->last_emit_ns = now;
 }
 
-/* After an arrival or a read: update the level marks, emit when they say so. */
+/* After an arrival or a read: update the level marks, emit when they say so. A reader that
+ * drains in large chunks crosses the marks on every read: records for one socket are spaced
+ * at least OTW_LEVEL_GAP_NS apart (the marks keep moving; the sweep reports the last state). */
 static __always_inline void otw_after_flow(struct water_state *st, u8 trigger, u64 now)
 {
     int emit = 0;
 #if OTW_FOLLOW
-    emit = 1;
+    emit = 2;
 #endif
-    u32 zero = 0;
-    struct water_cfg *c = cfg.lookup(&zero);
-    u32 high = c ? c->high_water : 65536, low = c ? c->low_water : 32768;
     if (!st->above) {
-        if (st->volume >= high) {
+        if (st->volume >= OTW_HIGH_WATER) {
             st->above = 1;
             st->peak_volume = st->volume;
-            emit = 1;
+            emit |= 1;
         }
-    } else if (st->volume < low) {
+    } else if (st->volume < OTW_LOW_WATER) {
         st->above = 0;
-        emit = 1;
+        emit |= 1;
     } else if (st->volume > st->peak_volume + (st->peak_volume >> 3)) {
         st->peak_volume = st->volume;
-        emit = 1;
+        emit |= 1;
     }
     st->changes += 1;
     st->last_ts_ns = now;
     st->last_trigger = trigger;
+    if (emit == 1 && st->last_emit_ns && now - st->last_emit_ns < OTW_LEVEL_GAP_NS)
+        emit = 0;
     if (emit)
         otw_emit(st, trigger, now);
 }

@@ -58,8 +58,6 @@ struct water_event {
 /* run-time knobs the loader writes into the `cfg` array (slot 0) */
 struct water_cfg {
     u64 generation;    /* bumped when the pid/inode filter sets change */
-    u32 high_water;    /* volume (bytes) above which a rise is reported */
-    u32 low_water;     /* volume below which the socket counts as drained again */
 };
 
 #endif

@@ -71,6 +71,8 @@ def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool) 
         f"-DOTW_FOLLOW={int(opts.follow)}",
         f"-DOTW_RINGBUF_PAGES={pages}",
         f"-DOTW_MAX_SOCKETS={opts.max_sockets}",
+        f"-DOTW_HIGH_WATER={opts.high_water}",
+        f"-DOTW_LOW_WATER={opts.low_water if opts.low_water is not None else opts.high_water // 2}",
         f"-DOTW_HAVE_KFREE_SKB_RX_SK={int(have_rx_sk)}",
     ]
     return flags
@@ -143,8 +145,7 @@ class WaterProbe:
 
     def _configure(self) -> None:
         b = self._bpf
-        low = self.opts.low_water if self.opts.low_water is not None else self.opts.high_water // 2
-        b["cfg"][ctypes.c_int(0)] = WaterCfg(0, self.opts.high_water, low)
+        b["cfg"][ctypes.c_int(0)] = WaterCfg(0)
         if self.opts.ports:
             t = b["watch_ports"]
             for p in self.opts.ports:
@@ -193,8 +194,7 @@ class WaterProbe:
                 pass
         self._inodes = now
         self._generation += 1
-        low = self.opts.low_water if self.opts.low_water is not None else self.opts.high_water // 2
-        self._bpf["cfg"][ctypes.c_int(0)] = WaterCfg(self._generation, self.opts.high_water, low)
+        self._bpf["cfg"][ctypes.c_int(0)] = WaterCfg(self._generation)
 
     # -- data ------------------------------------------------------------------------------
     def _on_event(self, _ctx, data, _size) -> None:
