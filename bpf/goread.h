@@ -165,6 +165,24 @@ static __always_inline u32 otw_hist_slot(u64 v)
     return r < OTW_HIST_SLOTS ? r : OTW_HIST_SLOTS - 1;
 }
 
+#ifndef OTW_THRESHOLD_NS
+#define OTW_THRESHOLD_NS 1000000ULL /* a read this long is a blocked read (loader: -D) */
+#endif
+
+/* Count one completed read with its latency; returns 1 when it is a blocked read. */
+static __always_inline int otw_count_read(struct goread_counts *c, u64 dur)
+{
+    c->n[OTW_CNT_READS] += 1;
+    c->n[OTW_CNT_SUM_NS] += dur;
+    u32 slot = otw_hist_slot(dur);
+    if (slot < OTW_HIST_SLOTS)
+        c->hist[slot] += 1;
+    if (dur < OTW_THRESHOLD_NS)
+        return 0;
+    c->n[OTW_CNT_BLOCKED] += 1;
+    return 1;
+}
+
 #endif /* OTELWATER_SOCKKEY_H */
 
 #endif

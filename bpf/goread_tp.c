@@ -32,9 +32,6 @@
 #ifndef OTW_RINGBUF_PAGES
 #define OTW_RINGBUF_PAGES 64
 #endif
-#ifndef OTW_THRESHOLD_NS
-#define OTW_THRESHOLD_NS 1000000ULL
-#endif
 #ifndef OTW_TP_RET_OFF
 #define OTW_TP_RET_OFF 16      /* sys_exit_read's `long ret` (tracefs format) */
 #endif
@@ -176,14 +173,8 @@ int otw_tp_read_exit(void *ctx)
     if (!start)
         return 0; /* entered before we attached */
     u64 dur = now - start;
-    c->n[OTW_CNT_READS] += 1;
-    c->n[OTW_CNT_SUM_NS] += dur;
-    u32 slot = otw_hist_slot(dur);
-    if (slot < OTW_HIST_SLOTS)
-        c->hist[slot] += 1;
-    if (dur < OTW_THRESHOLD_NS)
+    if (!otw_count_read(c, dur))
         return 0;
-    c->n[OTW_CNT_BLOCKED] += 1;
     otw_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now);
     return 0;
 }

@@ -24,9 +24,6 @@
 #ifndef OTW_RINGBUF_PAGES
 #define OTW_RINGBUF_PAGES 64
 #endif
-#ifndef OTW_THRESHOLD_NS
-#define OTW_THRESHOLD_NS 1000000ULL
-#endif
 #ifndef OTW_MAX_INFLIGHT
 #define OTW_MAX_INFLIGHT 65536
 #endif
@@ -87,14 +84,8 @@ int otw_up_read_return(struct pt_regs *ctx)
     u64 start = f->start_ns;
     f->start_ns = 0;
     u64 dur = now - start;
-    c->n[OTW_CNT_READS] += 1;
-    c->n[OTW_CNT_SUM_NS] += dur;
-    u32 slot = otw_hist_slot(dur);
-    if (slot < OTW_HIST_SLOTS)
-        c->hist[slot] += 1;
-    if (dur < OTW_THRESHOLD_NS)
+    if (!otw_count_read(c, dur))
         return 0;
-    c->n[OTW_CNT_BLOCKED] += 1;
 
     /* fd from the receiver: conn.fd (*netFD) -> netFD.pfd (poll.FD) .Sysfd (int) */
     u64 netfd = 0;

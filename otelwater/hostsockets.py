@@ -66,9 +66,8 @@ def _parse_addr(field: str) -> tuple[bytes, int]:
     return addr, int(hexport, 16)
 
 
-def tcp_table(pid: int) -> dict[int, TcpEntry]:
-    """inode -> TCP socket, from the process's own network namespace view."""
-    out = {}
+def _tcp_rows(pid: int | str):
+    """The fields of each row of /proc/PID/net/tcp and tcp6 (the process's network namespace)."""
     for name in ("tcp", "tcp6"):
         try:
             with open(f"/proc/{pid}/net/{name}") as f:
@@ -76,12 +75,18 @@ def tcp_table(pid: int) -> dict[int, TcpEntry]:
         except OSError:
             continue
         for line in lines:
-            parts = line.split()
-            laddr, lport = _parse_addr(parts[1])
-            raddr, rport = _parse_addr(parts[2])
-            ino = int(parts[9])
-            if ino:
-                out[ino] = TcpEntry(laddr, lport, raddr, rport, int(parts[3], 16), ino)
+            yield line.split()
+
+
+def tcp_table(pid: int) -> dict[int, TcpEntry]:
+    """inode -> TCP socket, from the process's own network namespace view."""
+    out = {}
+    for parts in _tcp_rows(pid):
+        laddr, lport = _parse_addr(parts[1])
+        raddr, rport = _parse_addr(parts[2])
+        ino = int(parts[9])
+        if ino:
+            out[ino] = TcpEntry(laddr, lport, raddr, rport, int(parts[3], 16), ino)
     return out
 
 
@@ -137,15 +142,8 @@ class OwnerResolver:
 def ports_in_use(pid: int | str = "self") -> set[int]:
     """Local and remote ports of every TCP socket in a network namespace."""
     out = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{name}") as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            out.add(int(parts[1].split(":")[1], 16))
-            out.add(int(parts[2].split(":")[1], 16))
+    for parts in _tcp_rows(pid):
+        out.add(int(parts[1].split(":")[1], 16))
+        out.add(int(parts[2].split(":")[1], 16))
     out.discard(0)
     return out

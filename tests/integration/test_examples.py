@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-BIN = Path(__file__).resolve().parents[2] / "examples" / "bin"
-NOT_BUILT = f"{BIN}/toolchains.json is missing or incomplete: run scripts/setup.sh (as root) to build the Go examples"
-
-
-def _toolchains() -> dict:
-    try:
-        return json.loads((BIN / "toolchains.json").read_text())
-    except (OSError, ValueError):
-        return {}
+from tests.goexamples import BIN, NOT_BUILT
+from tests.goexamples import toolchains as _toolchains
 
 
 CONNS, COUNT, SIZE = 3, 200, 64

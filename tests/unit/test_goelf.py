@@ -17,15 +17,8 @@ from otelwater.probes.goelf import READ_FUNCTION, Symbolizer, _GoELF, go_minor, 
 
 cached_locate = functools.lru_cache(locate)  # DWARF parsing is the slow part (~0.4 s a binary)
 
-BIN = Path(__file__).resolve().parents[2] / "examples" / "bin"
-NOT_BUILT = f"{BIN}/toolchains.json is missing or incomplete: run scripts/setup.sh (as root) to build the Go examples"
-
-
-def _toolchains() -> dict:
-    try:
-        return json.loads((BIN / "toolchains.json").read_text())
-    except (OSError, ValueError):
-        return {}
+from tests.goexamples import BIN, NOT_BUILT
+from tests.goexamples import toolchains as _toolchains
 
 
 VERSIONS = sorted(_toolchains()) or ["examples-not-built"]
