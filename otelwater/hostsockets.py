@@ -8,7 +8,6 @@ read's fd its socket key in user space.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import time
 from dataclasses import dataclass

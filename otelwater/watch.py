@@ -58,7 +58,6 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                     board.add_read(r)
                 elif isinstance(r, LostEvents):
                     board.lost_by_probe[r.probe] = r.lost_total
-                    board.lost = sum(board.lost_by_probe.values())
 
         if as_json:
             sink = JsonLinesSink()

@@ -36,7 +36,7 @@ def endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-PLUMBING = ("runtime", "syscall.", "internal/poll.", "net.", "runtime/internal/", "internal/")
+PLUMBING = ("runtime", "syscall.", "internal/", "net.")
 
 
 def caller(stack: tuple[str, ...]) -> str:
@@ -78,11 +78,14 @@ class WaterBoard:
     alerts: AlertRules = field(default_factory=AlertRules)
     sockets: dict[int, WaterSnapshot] = field(default_factory=dict)
     closes: deque = field(default_factory=lambda: deque(maxlen=5))
-    lost: int = 0
     records: int = 0
     started: float = field(default_factory=time.monotonic)
     readers: dict[tuple[int, int], "ReaderSummary"] = field(default_factory=dict)
-    lost_by_probe: dict[str, int] = field(default_factory=dict)
+    lost_by_probe: dict[str, int] = field(default_factory=dict)  # probe -> lost_total
+
+    @property
+    def lost(self) -> int:
+        return sum(self.lost_by_probe.values())
 
     def add_read(self, rec: ReadRecord) -> None:
         key = (rec.pid, rec.goid if rec.goid is not None else -rec.fd)
@@ -156,7 +159,11 @@ def render(board: WaterBoard, rows: int = 15, title: str = "") -> Group:
 
 class LiveView:
     def __init__(self, title: str, rows: int = 15, console: Console | None = None):
-        self.console = console or Console(width=80 if not Console().is_terminal else None)
+        if console is None:
+            console = Console()
+            if not console.is_terminal:  # piped: keep the 80 columns the table is laid out for
+                console = Console(width=80)
+        self.console = console
         self.title = title
         self.rows = rows
         self._live = None

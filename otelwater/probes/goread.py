@@ -27,10 +27,12 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from otelwater.errors import BinaryError, NoBCC, NoSuchProcess, ProbeLoadError, UsageError
-from otelwater.events.layout import BPF_DIR, header
+from otelwater.errors import BinaryError, NoSuchProcess, ProbeLoadError, UsageError
+from otelwater.events.layout import header
 from otelwater.events.model import ReadRecord
 from otelwater.probes import host
+from otelwater.probes.loader import (check_ringbuf_pages, kernel_cflags, load_bpf, one_line,
+                                     running_kernel_btf)
 
 GOREAD_H = header("goread.h")
 GoReadEvent = GOREAD_H.structs["goread_event"]
@@ -74,11 +76,6 @@ class GoReadStats:
     @property
     def mean_latency_ns(self) -> float:
         return self.latency_sum_ns / self.reads if self.reads else 0.0
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _exe_key(path: str) -> tuple[int, int] | None:
@@ -193,16 +190,11 @@ class GoReadSampler:
         self._closed = False
         self._final_stats: GoReadStats | None = None
         self._validate()
-        host.require_can_trace()
-        try:
-            from bcc import BPF  # noqa: F401
-        except ImportError as e:
-            raise NoBCC("BCC's Python module is not importable",
-                        "apt-get install python3-bpfcc and run from scripts/setup.sh's .venv") from e
+        btf = running_kernel_btf()
         self._targets = self._resolve_targets()
-        from otelwater.probes.btf import Btf, kernel_offsets
+        from otelwater.probes.btf import kernel_offsets
 
-        self.offsets = kernel_offsets(Btf.load(host.btf_path()))
+        self.offsets = kernel_offsets(btf)
         try:
             if opts.mechanism == "tracepoint":
                 self._start_tracepoint()
@@ -223,10 +215,7 @@ class GoReadSampler:
                              "give --go-binary PATH or --go-pid PID")
         if o.binary and o.pids:
             raise UsageError("give a binary path or pids, not both")
-        p = o.ringbuf_pages
-        if p < 1 or p & (p - 1):
-            raise UsageError(f"ring buffer pages must be a power of two, got {p}",
-                             "use 1, 2, 4, ... 1024")
+        check_ringbuf_pages(o.ringbuf_pages)
         if o.threshold_ns < 0:
             raise UsageError(f"the blocked-read threshold must be >= 0, got {o.threshold_ns} ns")
 
@@ -262,26 +251,16 @@ class GoReadSampler:
         return out
 
     def _cflags(self) -> list[str]:
-        o = self.opts
-        flags = [f"-I{BPF_DIR}"]
-        flags += [f"-D{k}={v}" for k, v in sorted(self.offsets.items())]
-        flags += [f"-DOTW_RINGBUF_PAGES={o.ringbuf_pages}",
-                  f"-DOTW_THRESHOLD_NS={o.threshold_ns}ULL"]
-        return flags
+        return kernel_cflags(self.offsets, self.opts.ringbuf_pages) + [
+            f"-DOTW_THRESHOLD_NS={self.opts.threshold_ns}ULL"]
 
     def _load(self, src: str, cflags: list[str]):
-        from bcc import BPF
-
-        try:
-            b = BPF(src_file=str(BPF_DIR / src), cflags=cflags)
-        except Exception as e:  # BCC raises bare Exception for compile and load failures
-            raise ProbeLoadError(f"the Go read sampler ({src}) did not load: {_one_line(e)}",
-                                 "run 'otelwater doctor'") from e
+        b = load_bpf(src, cflags, f"the Go read sampler ({src})")
         self._bpfs.append(b)
         try:
             b["events"].open_ring_buffer(self._on_event)
         except Exception as e:
-            raise ProbeLoadError(f"cannot open the read ring buffer: {_one_line(e)}") from e
+            raise ProbeLoadError(f"cannot open the read ring buffer: {one_line(e)}") from e
         return b
 
     def _start_tracepoint(self) -> None:
@@ -299,7 +278,7 @@ class GoReadSampler:
             try:
                 b.attach_tracepoint(tp=tp, fn_name=fn)
             except Exception as e:
-                raise ProbeLoadError(f"cannot attach to {tp}: {_one_line(e)}",
+                raise ProbeLoadError(f"cannot attach to {tp}: {one_line(e)}",
                                      "run 'otelwater doctor'") from e
 
     def _start_uprobe(self) -> None:
@@ -333,7 +312,7 @@ class GoReadSampler:
                         who = "every process of it" if pid == -1 else f"pid {pid}"
                         raise ProbeLoadError(
                             f"cannot attach a uprobe at {addr:#x} in {binary.path} "
-                            f"({who}): {_one_line(e)}", "run 'otelwater doctor'") from e
+                            f"({who}): {one_line(e)}", "run 'otelwater doctor'") from e
 
     # -- tracepoint process set ------------------------------------------------------------
     def _watch(self, pid: int, binary: _Binary) -> None:

@@ -15,17 +15,17 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from otelwater.errors import NoBCC, ProbeLoadError, UsageError
-from otelwater.events.layout import BPF_DIR, header
+from otelwater.errors import ProbeLoadError, UsageError
+from otelwater.events.layout import header
 from otelwater.events.model import TCP_STATES, TRIGGERS, WaterSnapshot
 from otelwater.hostsockets import OwnerResolver, socket_inodes
 from otelwater.probes import host
+from otelwater.probes.loader import kernel_cflags, load_bpf, running_kernel_btf
 from otelwater.sockkey import addr_text
 
 WATER_H = header("water.h")
-WaterState = WATER_H.structs["water_state"]
 WaterEvent = WATER_H.structs["water_event"]
 WaterCfg = WATER_H.structs["water_cfg"]
 TRIGGER_PERIODIC = WATER_H.defines["OTW_TRIGGER_PERIODIC"]
@@ -50,10 +50,6 @@ class WaterOptions:
 
 def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool) -> list[str]:
     """The -D flags that specialise bpf/water.c for this kernel and these options (pure)."""
-    pages = opts.ringbuf_pages
-    if pages < 1 or pages & (pages - 1):
-        raise UsageError(f"ring buffer pages must be a power of two, got {pages}",
-                         "use 1, 2, 4, ... 1024")
     span = [offsets[n] for n in SPAN_FIELDS]
     start, end = min(span), max(span) + 4
     start -= start % 8
@@ -61,15 +57,13 @@ def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool) 
         raise ProbeLoadError(
             f"struct sock fields lie {end - start} bytes apart (limit {MAX_SPAN}) on this kernel",
             "report this kernel version to otelwater")
-    flags = [f"-I{BPF_DIR}"]
-    flags += [f"-D{k}={v}" for k, v in sorted(offsets.items())]
+    flags = kernel_cflags(offsets, opts.ringbuf_pages)
     flags += [
         f"-DOTW_SPAN_START={start}", f"-DOTW_SPAN_LEN={end - start}",
         f"-DOTW_FILTER_PORTS={int(bool(opts.ports))}",
         f"-DOTW_FILTER_PIDS={int(bool(opts.pids))}",
         f"-DOTW_FILTER_CGROUPS={int(bool(opts.cgroups))}",
         f"-DOTW_FOLLOW={int(opts.follow)}",
-        f"-DOTW_RINGBUF_PAGES={pages}",
         f"-DOTW_MAX_SOCKETS={opts.max_sockets}",
         f"-DOTW_HIGH_WATER={opts.high_water}",
         f"-DOTW_LOW_WATER={opts.low_water if opts.low_water is not None else opts.high_water // 2}",
@@ -116,9 +110,8 @@ class WaterProbe:
         self._owners = OwnerResolver()
         self._inodes: set[int] = set()
         self._generation = 0
-        host.require_can_trace()
-        from otelwater.probes.btf import Btf, drop_reasons, kernel_offsets
-        btf = Btf.load(host.btf_path())
+        from otelwater.probes.btf import drop_reasons, kernel_offsets
+        btf = running_kernel_btf()
         self.offsets = kernel_offsets(btf)
         self.drop_names = drop_reasons(btf)
         self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk())
@@ -126,16 +119,7 @@ class WaterProbe:
 
     # -- lifecycle -------------------------------------------------------------------------
     def _load(self) -> None:
-        try:
-            from bcc import BPF
-        except ImportError as e:
-            raise NoBCC("BCC's Python module is not importable",
-                        "apt-get install python3-bpfcc and run from scripts/setup.sh's .venv") from e
-        try:
-            self._bpf = BPF(src_file=str(BPF_DIR / "water.c"), cflags=self.cflags)
-        except Exception as e:  # BCC raises bare Exception for compile and load failures
-            raise ProbeLoadError(f"the kernel probe did not load: {str(e).splitlines()[0]}",
-                                 "run 'otelwater doctor'") from e
+        self._bpf = load_bpf("water.c", self.cflags, "the kernel probe")
         try:
             self._configure()
             self._bpf["events"].open_ring_buffer(self._on_event)
@@ -145,7 +129,6 @@ class WaterProbe:
 
     def _configure(self) -> None:
         b = self._bpf
-        b["cfg"][ctypes.c_int(0)] = WaterCfg(0)
         if self.opts.ports:
             t = b["watch_ports"]
             for p in self.opts.ports:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.goexamples import BIN, NOT_BUILT
+from tests.goexamples import NOT_BUILT
 from tests.goexamples import toolchains as _toolchains
 
 

@@ -12,7 +12,7 @@ from otelwater.hostsockets import fd_sock_keys
 from otelwater.probes.kernel import WaterOptions, WaterProbe
 
 from .conftest import gone, prog_ids_of
-from .loopback import Pair, siocinq, ss
+from .loopback import Pair, ss
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
