@@ -2,7 +2,7 @@
  *
  * Kernels: any with BTF and these tracepoints (sock:sk_data_ready and sock:sock_recv_length
  * appeared in 6.x; raw skb:kfree_skb with rx_sk in 6.9+); built and tested on 6.18 x86_64.
- * Attaches to tracepoints only (no kprobes, no fentry: MACHINE.md):
+ * Attaches to tracepoints only (no kprobes, no fentry: docs/kernel.md):
  *   sock:sk_data_ready          rain: an arrival made the socket readable
  *   sock:sock_recv_length       drain: a recvmsg/read returned
  *   raw skb:kfree_skb           overflow: a dropped skb with its receiving socket and reason
@@ -73,8 +73,19 @@ static __always_inline u64 otw_sock_ino(const void *sk)
     return ino;
 }
 
+/* The peer's FIN arrived: SOCK_DONE in sk_flags (what SIOCINQ checks before leaving the FIN's
+ * sequence number out of the unread bytes). Read at creation, state changes and close only. */
+static __always_inline u8 otw_fin(const void *sk)
+{
+    unsigned long flags = 0;
+    bpf_probe_read_kernel(&flags, sizeof(flags), (const char *)sk + OFF_SK_FLAGS);
+    return (flags >> OTW_SOCK_DONE_BIT) & 1;
+}
+
 /* Is this socket one the user asked to watch? process_ctx: we run in the context of a
- * process using the socket (a read, a close), so the current pid/cgroup say who owns it. */
+ * process reading the socket (sock_recv_length), so the current pid/cgroup say who owns it.
+ * Arrivals, drops and state changes (closes included) can run in softirq on behalf of another
+ * process (on loopback: the sender's), so they decide by the socket's inode only. */
 static __always_inline int otw_decide(const struct water_state *st, int process_ctx)
 {
 #if OTW_FILTER_PORTS
@@ -139,12 +150,15 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
     if (st) {
         if (st->watched)
             return st;
-#if OTW_FILTER_PIDS || OTW_FILTER_CGROUPS
-        /* filtered out earlier: decide again only if the filter sets changed since,
-         * or a process using the socket shows itself */
+#if OTW_FILTER_PORTS || OTW_FILTER_PIDS || OTW_FILTER_CGROUPS
+        /* filtered out earlier: decide again only if the filter sets changed since (the
+         * loader bumps the generation once the filters are written, so a socket decided
+         * while they were still being written is decided again), or, for pid and cgroup
+         * filters, a process reading the socket shows itself */
         u32 zero = 0;
         struct water_cfg *c = cfg.lookup(&zero);
-        if (!c || (c->generation == st->generation && !process_ctx))
+        int again = (OTW_FILTER_PIDS || OTW_FILTER_CGROUPS) && process_ctx;
+        if (!c || (c->generation == st->generation && !again))
             return 0;
         st->generation = c->generation;
         if (!st->ino)
@@ -172,13 +186,16 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
     fresh.netns = t.netns;
     fresh.ino = otw_sock_ino(sk);
     fresh.tcp_state = state;
+    fresh.fin = otw_fin(sk);
+    /* the key is computed once, for every socket: one decided "not watched" now may be
+     * decided "watched" later (a new connection's first arrival comes before its inode is
+     * known to the pid filter) and must then carry its real key */
+    fresh.sock_key = otw_sock_key(&t);
     u32 zero = 0;
     struct water_cfg *c = cfg.lookup(&zero);
     if (c)
         fresh.generation = c->generation;
     fresh.watched = otw_decide(&fresh, process_ctx);
-    if (fresh.watched)
-        fresh.sock_key = otw_sock_key(&t);
     socks.update(&key, &fresh);
     if (!fresh.watched)
         return 0;
@@ -316,20 +333,22 @@ RAW_TRACEPOINT_PROBE(sock_rcvqueue_full)
     return 0;
 }
 
-static __always_inline void otw_close(const void *sk, int process_ctx)
+static __always_inline void otw_close(const void *sk)
 {
     u64 key = (u64)sk;
     int known = socks.lookup(&key) != 0;
-    struct water_state *st = otw_state(sk, process_ctx);
+    struct water_state *st = otw_state(sk, 0);
     if (st) {
         u64 now = bpf_ktime_get_ns();
         otw_refresh(sk, st);
+        st->fin = otw_fin(sk);
         st->tcp_state = OTW_TCP_CLOSE;
         st->changes += 1;
         st->last_ts_ns = now;
         st->last_trigger = OTW_TRIGGER_CLOSE;
-        /* a socket first seen at its close is reported only if water was left in it */
-        if (known || st->rcv_nxt != st->copied_seq)
+        /* a socket first seen at its close is reported only if water was left in it
+         * (the FIN is not water: SIOCINQ does not count it either) */
+        if (known || st->rcv_nxt - st->copied_seq > st->fin)
             otw_emit(st, OTW_TRIGGER_CLOSE, now);
     }
     socks.delete(&key);
@@ -341,13 +360,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         return 0;
     const void *sk = args->skaddr;
     if (args->newstate == OTW_TCP_CLOSE) {
-        otw_close(sk, 1);
+        /* a socket already closed (after a reset, close(2) sets CLOSE again, once the
+         * port is released: lport 0) has been reported */
+        if (args->oldstate != OTW_TCP_CLOSE)
+            otw_close(sk);
         return 0;
     }
     u64 key = (u64)sk;
     struct water_state *st = socks.lookup(&key);
-    if (st)
+    if (st) {
         st->tcp_state = args->newstate;
+        st->fin = otw_fin(sk);
+    }
     return 0;
 }
 
@@ -356,6 +380,6 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
     const void *sk = args->skaddr;
     u64 key = (u64)sk;
     if (socks.lookup(&key))
-        otw_close(sk, 0);
+        otw_close(sk);
     return 0;
 }

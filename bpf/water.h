@@ -43,7 +43,8 @@ struct water_state {
     u8 tcp_state;      /* TCP state at the last state change we saw (0 unknown) */
     u8 last_trigger;
     char comm[16];     /* of the last reader */
-    u8 _pad[4];
+    u8 fin;            /* the peer's FIN arrived (SOCK_DONE): rcv_nxt counts it, unread bytes do not */
+    u8 _pad[3];
 };
 
 /* one snapshot on the ring buffer */

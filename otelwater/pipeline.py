@@ -2,6 +2,9 @@
 
 The loop never blocks in the kernel: every `poll_s` it drains the ring buffers (their records
 are submitted without wakeups, so consuming on a timer is what keeps the traced programs cheap),
+at most a bounded share per round (a producer faster than the loop fills the ring buffer, whose
+overflow is counted as lost, instead of holding the loop: sweeps, output, signals and the
+duration stay on schedule),
 every `interval_s` it sweeps the socket table (trigger "periodic"), refreshes filters, reports
 lost records and redraws. On stop (duration, SIGINT, SIGTERM, SIGHUP) it drains everything once
 more, then the caller's context managers detach every probe.
@@ -52,6 +55,16 @@ class WatchLoop:
     duration_s: float | None = None
     readers: object | None = None      # a Go read sampler with poll()/lost_total(), optional
 
+    final_drain_s: float = 0.5
+
+    def _poll(self) -> tuple[list, bool]:
+        batch = list(self.water.poll())
+        backlogged = getattr(self.water, "backlogged", False)
+        if self.readers is not None:
+            batch.extend(self.readers.poll())
+            backlogged = backlogged or getattr(self.readers, "backlogged", False)
+        return batch, backlogged
+
     def run(self, stopper: Stopper) -> None:
         t0 = time.monotonic()
         next_sweep = t0 + self.interval_s
@@ -60,9 +73,12 @@ class WatchLoop:
             now = time.monotonic()
             done = stopper.event.is_set() or (
                 self.duration_s is not None and now - t0 >= self.duration_s)
-            batch = list(self.water.poll())
-            if self.readers is not None:
-                batch.extend(self.readers.poll())
+            batch, backlogged = self._poll()
+            if done:  # what the ring buffers still hold, within a bounded time
+                until = time.monotonic() + self.final_drain_s
+                while backlogged and time.monotonic() < until:
+                    more, backlogged = self._poll()
+                    batch.extend(more)
             sweep = done or now >= next_sweep
             if sweep:
                 batch.extend(self.water.sweep())
@@ -84,6 +100,9 @@ class WatchLoop:
                 self.on_tick()
             if done:
                 return
+            if backlogged:
+                continue  # records are waiting: take the next share at once (sweeps,
+                #           signals and the duration are still checked each round)
             wait = self.poll_s
             if self.duration_s is not None:
                 wait = max(0.0, min(wait, t0 + self.duration_s - time.monotonic()))

@@ -2,7 +2,7 @@
 
 Why this exists: the kernel probe reads ``struct sock`` and friends with
 ``bpf_probe_read_kernel`` at fixed byte offsets, and the installed kernel headers (Debian 6.1)
-describe the WRONG layout for the running kernel (6.18): see /work/shared/MACHINE.md. The only
+describe the WRONG layout for the running kernel (6.18): see docs/kernel.md. The only
 trustworthy source is the kernel's own type information, ``/sys/kernel/btf/vmlinux``. This
 module parses that file and hands the offsets to the probe as C macros (``kernel_offsets``).
 
@@ -634,6 +634,9 @@ KERNEL_FIELDS: dict[str, tuple[str, str]] = {
     "OFF_SK_DROPS": ("sock", "sk_drops"),
     "OFF_SK_PROTOCOL": ("sock", "sk_protocol"),
     "OFF_SK_SOCKET": ("sock", "sk_socket"),
+    # bit SOCK_DONE (enum sock_flags) is set when the peer's FIN arrived: SIOCINQ then
+    # leaves the FIN's sequence number out of the unread bytes, and so does otelwater
+    "OFF_SK_FLAGS": ("sock", "sk_flags"),
     "OFF_TCP_RCV_NXT": ("tcp_sock", "rcv_nxt"),
     "OFF_TCP_COPIED_SEQ": ("tcp_sock", "copied_seq"),
     "OFF_TASK_FILES": ("task_struct", "files"),
@@ -647,6 +650,27 @@ KERNEL_FIELDS: dict[str, tuple[str, str]] = {
     "OFF_INODE_INO": ("inode", "i_ino"),
     "OFF_SOCKALLOC_INODE": ("socket_alloc", "vfs_inode"),
 }
+
+# Where a field moved between kernels: the other places to look, in order.
+# sk_flags became __sk_common.skc_flags (the sk_flags macro still names it) in 6.x.
+KERNEL_FIELD_MOVES: dict[str, tuple[tuple[str, str], ...]] = {
+    "OFF_SK_FLAGS": (("sock", "__sk_common.skc_flags"),),
+}
+
+
+def kernel_field(btf: "Btf", macro: str) -> tuple[str, str]:
+    """(struct, member path) of a KERNEL_FIELDS macro as this kernel lays it out: the usual
+    place, else the first of KERNEL_FIELD_MOVES that exists (the usual place if none does,
+    so the lookup error names it)."""
+    first = KERNEL_FIELDS[macro]
+    for struct_name, path in (first, *KERNEL_FIELD_MOVES.get(macro, ())):
+        try:
+            btf.member(struct_name, path)
+            return struct_name, path
+        except BtfError:
+            continue
+    return first
+
 
 # Fields whose width has varied between kernels: the probe reads SIZE_* bytes.
 # sk_drops: atomic_t (4) for years; sk_protocol: an 8-bit bitfield before 5.6, u16 since.
@@ -662,7 +686,8 @@ def kernel_offsets(btf: Btf) -> dict[str, int]:
     out: dict[str, int] = {}
     missing: list[str] = []
     members: dict[str, Member] = {}
-    for macro, (struct_name, path) in KERNEL_FIELDS.items():
+    for macro in KERNEL_FIELDS:
+        struct_name, path = kernel_field(btf, macro)
         try:
             m = btf.member(struct_name, path)
             if not m.byte_readable:

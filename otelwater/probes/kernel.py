@@ -34,6 +34,7 @@ TRIGGER_PERIODIC = WATER_H.defines["OTW_TRIGGER_PERIODIC"]
 SPAN_FIELDS = ("OFF_SK_RCVQ_QLEN", "OFF_SK_RMEM_ALLOC", "OFF_SK_BACKLOG_LEN", "OFF_SK_RCVBUF",
                "OFF_SK_DROPS")
 MAX_SPAN = 192
+POLL_BUDGET = 4096   # ring-buffer records taken per poll(): keeps the loop's timing bounded
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,10 @@ class WaterOptions:
     max_sockets: int = 65536
 
 
-def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool) -> list[str]:
-    """The -D flags that specialise bpf/water.c for this kernel and these options (pure)."""
+def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool,
+                 sock_done_bit: int = 1) -> list[str]:
+    """The -D flags that specialise bpf/water.c for this kernel and these options (pure).
+    sock_done_bit: SOCK_DONE's value in the kernel's enum sock_flags (BTF)."""
     span = [offsets[n] for n in SPAN_FIELDS]
     start, end = min(span), max(span) + 4
     start -= start % 8
@@ -68,8 +71,16 @@ def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool) 
         f"-DOTW_HIGH_WATER={opts.high_water}",
         f"-DOTW_LOW_WATER={opts.low_water if opts.low_water is not None else opts.high_water // 2}",
         f"-DOTW_HAVE_KFREE_SKB_RX_SK={int(have_rx_sk)}",
+        f"-DOTW_SOCK_DONE_BIT={sock_done_bit}",
     ]
     return flags
+
+
+def unread_bytes(rcv_nxt: int, copied_seq: int, fin: int) -> int:
+    """Payload bytes not yet read, as SIOCINQ counts them: rcv_nxt - copied_seq (mod 2**32),
+    less the one sequence number the peer's FIN takes once it arrived and is still unread."""
+    n = (rcv_nxt - copied_seq) & 0xFFFFFFFF
+    return n - 1 if n and fin else n
 
 
 def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict[int, str],
@@ -82,7 +93,7 @@ def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict
         laddr=addr_text(bytes(st.laddr)), lport=st.lport,
         raddr=addr_text(bytes(st.raddr)), rport=st.rport,
         level=st.level, volume=st.volume,
-        unread_bytes=(st.rcv_nxt - st.copied_seq) & 0xFFFFFFFF,
+        unread_bytes=unread_bytes(st.rcv_nxt, st.copied_seq, st.fin),
         capacity=st.capacity, backlog=st.backlog, drops=st.drops,
         drop_events=st.drop_events,
         drop_reason=drop_names.get(st.drop_reason, str(st.drop_reason)) if st.drop_events else "",
@@ -90,6 +101,16 @@ def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict
         trigger=TRIGGERS.get(trigger, str(trigger)),
         tcp_state=TCP_STATES.get(st.tcp_state, ""), ino=st.ino,
     )
+
+
+def sock_done_bit(btf) -> int:
+    from otelwater.probes.btf import BtfError
+
+    try:
+        return btf.enumerator("SOCK_DONE")
+    except BtfError as e:
+        raise ProbeLoadError(f"the kernel's BTF has no SOCK_DONE ({e})",
+                             "report this kernel version to otelwater") from None
 
 
 def cgroup_id(path: str) -> int:
@@ -106,6 +127,8 @@ class WaterProbe:
         self.opts = opts
         self._bpf = None
         self._pending: list[WaterSnapshot] = []
+        self._budget = POLL_BUDGET
+        self.backlogged = False
         self._seen_changes: dict[int, int] = {}
         self._owners = OwnerResolver()
         self._inodes: set[int] = set()
@@ -114,7 +137,8 @@ class WaterProbe:
         btf = running_kernel_btf()
         self.offsets = kernel_offsets(btf)
         self.drop_names = drop_reasons(btf)
-        self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk())
+        self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk(),
+                                   sock_done_bit(btf))
         self._load()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -142,6 +166,13 @@ class WaterProbe:
             t = b["watch_cgroups"]
             for path in self.opts.cgroups:
                 t[ctypes.c_uint64(cgroup_id(path))] = ctypes.c_uint8(1)
+        # the programs ran while the filters were being written: sockets they decided under
+        # generation 0 are decided again on their next event
+        self._bump_generation()
+
+    def _bump_generation(self) -> None:
+        self._generation += 1
+        self._bpf["cfg"][ctypes.c_int(0)] = WaterCfg(self._generation)
 
     def close(self) -> None:
         if self._bpf is not None:
@@ -176,20 +207,25 @@ class WaterProbe:
             except KeyError:
                 pass
         self._inodes = now
-        self._generation += 1
-        self._bpf["cfg"][ctypes.c_int(0)] = WaterCfg(self._generation)
+        self._bump_generation()
 
     # -- data ------------------------------------------------------------------------------
-    def _on_event(self, _ctx, data, _size) -> None:
+    def _on_event(self, _ctx, data, _size) -> int:
         e = ctypes.cast(data, ctypes.POINTER(WaterEvent)).contents
         owner = self._owners.owner(e.s.ino) if not e.s.pid else None
         self._pending.append(
             snapshot_from_state(e.s, e.ts_ns, e.tid, e.trigger, self.drop_names, owner))
+        # a negative return stops libbpf's consume after this record (which is kept): a
+        # producer faster than us cannot hold the loop inside one consume
+        return -1 if len(self._pending) >= self._budget else 0
 
-    def poll(self) -> list[WaterSnapshot]:
-        """Everything the ring buffer holds now (never blocks)."""
+    def poll(self, max_records: int = POLL_BUDGET) -> list[WaterSnapshot]:
+        """What the ring buffer holds now, at most max_records (never blocks). `backlogged`
+        tells whether records were left for the next call."""
+        self._budget = max_records
         self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
+        self.backlogged = len(out) >= max_records
         return out
 
     def sweep(self, all_sockets: bool = False) -> list[WaterSnapshot]:

@@ -97,13 +97,14 @@ def _timed_load() -> float:
 def test_kernel_offsets_match_clang(kbtf, vmlinux_h):
     offs = kernel_offsets(kbtf)
     exprs, names = [], []
-    for macro, (struct_name, path) in B.KERNEL_FIELDS.items():
+    for macro in B.KERNEL_FIELDS:
+        struct_name, path = B.kernel_field(kbtf, macro)
         if kbtf.member(struct_name, path).is_bitfield:
             continue  # offsetof cannot name a bitfield; covered by the unit fixture
         names.append(macro)
         exprs.append(f"__builtin_offsetof(struct {struct_name}, {path})")
     for size_macro, off_macro in B.KERNEL_SIZES.items():
-        struct_name, path = B.KERNEL_FIELDS[off_macro]
+        struct_name, path = B.kernel_field(kbtf, off_macro)
         if kbtf.member(struct_name, path).is_bitfield:
             continue
         names.append(size_macro)

@@ -21,7 +21,7 @@ def test_water_state_layout_is_pinned():
         "capacity": 88, "backlog": 92, "drops": 96, "rcv_nxt": 100, "copied_seq": 104,
         "peak_volume": 108, "drop_events": 112, "drop_reason": 116, "generation": 120,
         "lport": 124, "rport": 126, "watched": 128, "above": 129, "tcp_state": 130,
-        "last_trigger": 131, "comm": 132, "_pad": 148}
+        "last_trigger": 131, "comm": 132, "fin": 148, "_pad": 149}
 
 
 def test_water_event_layout_is_pinned():
