@@ -5,7 +5,7 @@
 
 Workloads (separate processes, both ends pinned to one CPU, this process on another):
   c-pp    64-byte TCP ping-pong on loopback, C driver (bench/pingpong.c, built with cc)
-  py-pp   the same ping-pong written in Python (the workload MACHINE.md's floor numbers used)
+  py-pp   the same ping-pong written in Python (docs/kernel.md's first floor figures used it)
   bulk    one loopback connection streaming 1 GiB in 64 KiB writes (C driver)
 Conditions, interleaved round-robin within each round (the order rotates every round):
   off     nothing attached

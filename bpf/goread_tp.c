@@ -2,7 +2,7 @@
  *
  * Kernels: any with BTF, the BPF ring buffer, task-local storage for tracing programs and
  * bpf_get_current_task_btf()/bpf_task_pt_regs() usable from tracepoints (5.15+); built and
- * tested on 6.18 x86_64. Attaches to tracepoints only (MACHINE.md: no kprobes, no fentry):
+ * tested on 6.18 x86_64. Attaches to tracepoints only (docs/kernel.md: no kprobes, no fentry):
  *   syscalls:sys_enter_read   otw_tp_read_enter: the start time, in task-local storage
  *   syscalls:sys_exit_read    otw_tp_read_exit: parks, returns, counts, blocked-read records
  *

@@ -5,7 +5,7 @@
  *   uprobe net.(*conn).Read+0          otw_up_read_entry
  *   uprobe at every `ret` in it        otw_up_read_return
  * NEVER a uretprobe: it rewrites the return address on the goroutine stack, and Go (which
- * moves and scans its stacks) dies of it (GO-UPROBES.md).
+ * moves and scans its stacks) dies of it (docs/go.md).
  *
  * At entry: RAX = receiver *conn, RCX = len(b), R14 = *g. At a `ret`: RAX = n, RBX != 0 when
  * err != nil, [rsp] = the return address into the direct caller (the frame pointer was already

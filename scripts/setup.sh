@@ -29,7 +29,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Kernel headers for BCC. Offsets are never taken from them (see MACHINE.md).
+# Kernel headers for BCC. Offsets are never taken from them (see docs/kernel.md).
 KREL="$(uname -r)"
 if [ ! -e "/lib/modules/$KREL/build/include/generated" ] || [ ! -e "/lib/modules/$KREL/source/include/linux/kconfig.h" ]; then
     hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)"

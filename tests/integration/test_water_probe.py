@@ -198,7 +198,7 @@ def test_close_detaches_every_program():
 
 
 def test_water_level_rule_fires_for_trickled_messages():
-    """DESIGN.md asks when `level > 100` can fire, given TCP coalescing: small messages spaced
+    """When can `level > 100` fire, given TCP coalescing (docs/design.md)? Small messages spaced
     a couple of milliseconds apart stay one skb each (see README, alert rules)."""
     from otelwater.alerts.rules import AlertRules
 
