@@ -5,6 +5,7 @@
  * tested on 6.18 x86_64. Attaches to tracepoints only (docs/kernel.md: no kprobes, no fentry):
  *   syscalls:sys_enter_read   otw_tp_read_enter: the start time, in task-local storage
  *   syscalls:sys_exit_read    otw_tp_read_exit: parks, returns, counts, blocked-read records
+ *   raw sched:sched_process_exec  (with a binary path) watch a process that execs the binary
  *
  * A Go net.(*conn).Read is read(2) on a non-blocking socket: -EAGAIN when nothing is waiting
  * (the goroutine parks in netpoll), then, after the wake-up, the read(2) that returns the
@@ -44,6 +45,44 @@ BPF_TABLE("lru_hash", u64, struct goread_park, parks_big, 16384);
 BPF_TASK_STORAGE(tasks, struct goread_task);
 BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
 BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
+
+#if OTW_EXEC_WATCH
+/* With a binary path: a process that execs it is watched from its first instruction, not
+ * from Python's next /proc scan. Python writes the binary's (kernel dev_t, inode) here. */
+struct otw_exec_target {
+    u64 dev;
+    u64 ino;
+};
+BPF_ARRAY(exec_target, struct otw_exec_target, 1);
+
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+    /* TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm) */
+    const char *bprm = (const char *)ctx->args[2];
+    const char *file = 0, *inode = 0, *sb = 0;
+    u64 ino = 0;
+    u32 dev = 0;
+    bpf_probe_read_kernel(&file, sizeof(file), bprm + OFF_BPRM_FILE);
+    if (!file)
+        return 0;
+    bpf_probe_read_kernel(&inode, sizeof(inode), file + OFF_FILE_INODE);
+    if (!inode)
+        return 0;
+    bpf_probe_read_kernel(&ino, sizeof(ino), inode + OFF_INODE_INO);
+    bpf_probe_read_kernel(&sb, sizeof(sb), inode + OFF_INODE_SB);
+    if (sb)
+        bpf_probe_read_kernel(&dev, sizeof(dev), sb + OFF_SB_DEV);
+    u32 zero = 0;
+    struct otw_exec_target *want = exec_target.lookup(&zero);
+    if (!want || want->ino != ino || want->dev != dev)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    /* parks in the LRU hash until Python gives the process a row (or keeps it there) */
+    struct goread_proc p = {.slot = OTW_NO_SLOT, .gen = 0, .goid_off = OTW_EXEC_GOID_OFF};
+    procs.update(&tgid, &p);
+    return 0;
+}
+#endif
 
 static __always_inline struct goread_counts *otw_counts(void)
 {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
+from otelwater.events.model import LostEvents, Notice, ReadRecord, WaterSnapshot
 from otelwater.export.jsonl import JsonLinesSink
 from otelwater.export.live import LiveView, WaterBoard
 from otelwater.pipeline import Stopper, WatchLoop
@@ -58,6 +58,8 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                     board.add_read(r)
                 elif isinstance(r, LostEvents):
                     board.lost_by_probe[r.probe] = r.lost_total
+                elif isinstance(r, Notice):
+                    print(f"otelwater: {r.text}", file=sys.stderr, flush=True)
 
         if as_json:
             sink = JsonLinesSink()

@@ -109,3 +109,16 @@ class LostEvents:
     def to_json(self) -> dict:
         return {"type": "lost", "ts_ns": self.ts_ns, "probe": self.probe,
                 "lost_total": self.lost_total}
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the user must hear about once, while the watch goes on: a traced process
+    exited, stacks that cannot be symbolized, goroutine ids that cannot be read."""
+
+    ts_ns: int
+    source: str           # "water", "reads"
+    text: str
+
+    def to_json(self) -> dict:
+        return {"type": "notice", "ts_ns": self.ts_ns, "source": self.source, "text": self.text}

@@ -23,13 +23,14 @@ them anyway (BCC holds them as perf fds).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import time
 from dataclasses import dataclass, field
 
 from otelwater.errors import BinaryError, NoSuchProcess, ProbeLoadError, UsageError
 from otelwater.events.layout import header
-from otelwater.events.model import ReadRecord
+from otelwater.events.model import Notice, ReadRecord
 from otelwater.probes import host
 from otelwater.probes.loader import (check_ringbuf_pages, kernel_cflags, load_bpf, one_line,
                                      running_kernel_btf)
@@ -44,6 +45,8 @@ MECHANISMS = ("tracepoint", "uprobe")
 READ_FUNCTION = "net.(*conn).Read"
 RESCAN_S = 0.5
 NO_SLOT = 0xFFFFFFFF
+POLL_BUDGET = 4096    # ring-buffer records taken per poll()
+DRAIN_MAX = 1 << 20   # records drained at close
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,14 @@ def _pid_exe(pid: int) -> str:
     """A path to the executable of a live process (its real path, or /proc/PID/exe)."""
     if not os.path.isdir(f"/proc/{pid}"):
         raise NoSuchProcess(f"no process with pid {pid}", "give the pid of a running process")
-    real = os.path.realpath(f"/proc/{pid}/exe")
+    try:
+        real = os.path.realpath(f"/proc/{pid}/exe")
+    except OSError as e:  # realpath's readlink: ENOENT (kernel thread, zombie), EACCES
+        if e.errno == errno.ENOENT:
+            raise NoSuchProcess(f"process {pid} has no executable (a kernel thread, or exiting)",
+                                "give the pid of a running user process") from None
+        raise NoSuchProcess(f"cannot read the executable of process {pid} ({e.strerror})",
+                            "run as root with CAP_SYS_PTRACE, or give --go-binary PATH") from None
     if os.path.exists(real):
         return real
     if _exe_key(f"/proc/{pid}/exe") is None:
@@ -123,6 +133,23 @@ def _load_bias(pid: int, path: str) -> int:
     return 0
 
 
+EXEC_FIELDS = {  # what the exec hook reads: bprm->file->f_inode->{i_ino, i_sb->s_dev}
+    "OFF_BPRM_FILE": ("linux_binprm", "file"),
+    "OFF_INODE_SB": ("inode", "i_sb"),
+    "OFF_SB_DEV": ("super_block", "s_dev"),
+}
+
+
+def exec_offsets(btf) -> dict[str, int]:
+    from otelwater.probes.btf import BtfError
+
+    try:
+        return {k: btf.member(s, m).offset for k, (s, m) in EXEC_FIELDS.items()}
+    except BtfError as e:
+        raise ProbeLoadError(f"the kernel's BTF lacks what the exec hook reads ({e})",
+                             "use --go-pid PID, or --probes uprobe") from None
+
+
 def _tp_ret_offset() -> int:
     """Offset of sys_exit_read's `ret` in the tracepoint record (tracefs format)."""
     root = host.tracefs()
@@ -146,16 +173,18 @@ class _Binary:
 
         self.path = path
         self.info = None
+        self.why_no_goid = self.why_no_names = ""   # one line each, for a notice said once
         try:
             self.info = goelf.locate(path)
-        except BinaryError:
+        except BinaryError as e:
             if need_go:
                 raise
+            self.why_no_goid = e.one_line()
         self.symbolizer = None
         try:
             self.symbolizer = goelf.Symbolizer(path)
-        except BinaryError:
-            pass
+        except BinaryError as e:
+            self.why_no_names = e.one_line()
         self.names: dict[int, str] = {}
 
     @property
@@ -179,6 +208,11 @@ class GoReadSampler:
         self.opts = opts
         self._bpfs: list = []                 # one BPF object (uprobe: one per binary)
         self._pending: list[ReadRecord] = []
+        self._notices: list[Notice] = []
+        self._said: set[tuple] = set()
+        self._exited: set[int] = set()
+        self._budget = POLL_BUDGET
+        self.backlogged = False
         self._binaries: dict[tuple[int, int], _Binary] = {}
         self._pid_binary: dict[int, _Binary] = {}
         self._bias: dict[int, int] = {}
@@ -187,10 +221,11 @@ class GoReadSampler:
         self._gens = [0] * opts.max_procs
         self._free = list(range(opts.max_procs - 1, -1, -1))
         self._next_scan = 0.0
+        self._next_exit_check = 0.0
         self._closed = False
         self._final_stats: GoReadStats | None = None
         self._validate()
-        btf = running_kernel_btf()
+        btf = self._btf = running_kernel_btf()
         self._targets = self._resolve_targets()
         from otelwater.probes.btf import kernel_offsets
 
@@ -267,8 +302,15 @@ class GoReadSampler:
         o = self.opts
         flags = self._cflags() + [f"-DOTW_MAX_PROCS={o.max_procs}", f"-DOTW_MAX_FDS={o.max_fds}",
                                   f"-DOTW_TP_RET_OFF={_tp_ret_offset()}"]
+        if o.binary:
+            flags += [f"-DOTW_EXEC_WATCH=1", f"-DOTW_EXEC_GOID_OFF={self._main_binary.goid_off}"]
+            flags += [f"-D{k}={v}" for k, v in exec_offsets(self._btf).items()]
         b = self._load("goread_tp.c", flags)
         self._procs = b["procs"]
+        if o.binary:
+            st = os.stat(self._main_binary.path)
+            kdev = os.major(st.st_dev) << 20 | os.minor(st.st_dev)  # the kernel's dev_t (MKDEV)
+            b["exec_target"][ctypes.c_int(0)] = b["exec_target"].Leaf(kdev, st.st_ino)
         for pid, binary in self._targets.items():
             self._watch(pid, binary)
         if o.binary:
@@ -318,6 +360,15 @@ class GoReadSampler:
     def _watch(self, pid: int, binary: _Binary) -> None:
         if pid in self._slots:
             return
+        if self.opts.binary:
+            try:
+                self._procs[ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+            else:  # the kernel added it at its exec: its parks stay in the LRU hash
+                self._slots[pid] = (NO_SLOT, 0)
+                self._pid_binary[pid] = binary
+                return
         if self._free:
             slot = self._free.pop()
             self._gens[slot] += 1
@@ -351,6 +402,12 @@ class GoReadSampler:
         for pid in list(self._slots):
             if pid not in alive:
                 self._unwatch(pid)
+        for k in list(self._procs.keys()):  # added at exec by the kernel, gone before we saw it
+            if k.value not in alive:
+                try:
+                    del self._procs[k]
+                except KeyError:
+                    pass
 
     def watched_pids(self) -> frozenset[int]:
         if self.opts.mechanism == "tracepoint":
@@ -358,9 +415,27 @@ class GoReadSampler:
         return frozenset(self._targets)
 
     # -- records ---------------------------------------------------------------------------
-    def _on_event(self, _ctx, data, _size) -> None:
+    def _on_event(self, _ctx, data, _size) -> int:
         e = ctypes.cast(data, ctypes.POINTER(GoReadEvent)).contents
         self._pending.append(self._record(e))
+        # negative: libbpf stops this consume after the record (kept), so a fast producer
+        # cannot hold the caller's loop
+        return -1 if len(self._pending) >= self._budget else 0
+
+    def _say_once(self, key: tuple, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self._notices.append(Notice(time.monotonic_ns(), "reads", text))
+
+    def _check_exits(self) -> None:
+        """--go-pid processes that ended: said once (the watch goes on for the others)."""
+        for pid in self.opts.pids:
+            if pid not in self._exited and not os.path.exists(f"/proc/{pid}"):
+                self._exited.add(pid)
+                left = len(self.opts.pids) - len(self._exited)
+                self._say_once(("exit", pid), f"traced process {pid} exited; "
+                               + (f"{left} traced process(es) left" if left else
+                                  "no traced process is left (the kernel probe goes on)"))
 
     def _binary_of(self, pid: int) -> _Binary | None:
         b = self._pid_binary.get(pid)
@@ -384,8 +459,19 @@ class GoReadSampler:
                 if bias is None:
                     bias = self._bias[pid] = _load_bias(pid, binary.path)
             stack = tuple(binary.name(ip - bias) for ip in ips)
+            if binary.symbolizer is None:
+                self._say_once(("nosyms", binary.path), "stacks stay as raw addresses: "
+                               + binary.why_no_names)
+            elif all(n.startswith("0x") for n in stack):
+                self._say_once(("unresolved", binary.path), f"stack addresses of pid {pid} "
+                               f"do not resolve in {binary.path}: otelwater misread its "
+                               "symbol table; please report the Go version and build flags")
         elif ips:
             stack = tuple(f"0x{ip:x}" for ip in ips)
+        if not e.has_goid and (binary is None or binary.info is None):
+            why = binary.why_no_goid if binary is not None else "its executable is unknown"
+            self._say_once(("nogoid", pid), f"goroutine ids of pid {pid} are null (its reads "
+                           f"are still traced): {why}")
         return ReadRecord(
             ts_start_ns=e.ts_start_ns, ts_end_ns=e.ts_end_ns, pid=pid, tid=e.tid,
             goid=int(e.goid) if e.has_goid else None, fd=e.fd, sock_key=e.sock_key,
@@ -394,16 +480,25 @@ class GoReadSampler:
             comm=e.comm.decode(errors="replace"),
         )
 
-    def poll(self) -> list[ReadRecord]:
-        """Blocked reads recorded since the last call (never blocks)."""
+    def poll(self, max_records: int = POLL_BUDGET) -> list[ReadRecord]:
+        """Blocked reads recorded since the last call, at most about max_records (never
+        blocks); `backlogged` tells whether records were left for the next call."""
+        self._budget = len(self._pending) + max_records
         if not self._closed:
             if (self.opts.mechanism == "tracepoint" and self.opts.binary
                     and time.monotonic() >= self._next_scan):
                 self._next_scan = time.monotonic() + RESCAN_S
                 self._rescan()
+            if self.opts.pids and time.monotonic() >= self._next_exit_check:
+                self._next_exit_check = time.monotonic() + RESCAN_S
+                self._check_exits()
             for b in self._bpfs:
                 b.ring_buffer_consume()
         out, self._pending = self._pending, []
+        self.backlogged = len(out) >= max_records
+        if self._notices:
+            out += self._notices
+            self._notices = []
         return out
 
     def _sum_counts(self) -> tuple[list[int], list[int]]:
@@ -448,6 +543,7 @@ class GoReadSampler:
             return
         try:
             if self._bpfs:
+                self._budget = len(self._pending) + DRAIN_MAX
                 for b in self._bpfs:
                     b.ring_buffer_consume()
                 self._final_stats = self.stats()

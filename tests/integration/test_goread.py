@@ -236,7 +236,7 @@ def test_100k_reads_under_both_samplers_at_once(tmp_path, build):
     truth = server.reads()
     assert summary["messages"] == conns * per_conn
     assert len(truth) == conns * (per_conn + 1) + 2 * 151
-    assert elapsed < 40, f"the 100k-read run took {elapsed:.1f} s"
+    assert elapsed < 120, f"the 100k-read run took {elapsed:.1f} s (a hang, not a benchmark)"
 
     # every uprobe entry has its return; every Go Read counted exactly once
     assert up_stats.enters == up_stats.exits == up_stats.reads == len(truth), up_stats
@@ -302,6 +302,53 @@ def test_binary_path_covers_processes_started_later(tmp_path, mechanism):
         assert len(mine) >= 15
         assert all(match(r, truth) for r in mine)
         assert all("main.handleConn" in r.stack for r in mine)
+
+
+def test_binary_path_traces_a_new_process_from_its_first_read(tmp_path):
+    # Given a tracepoint sampler on a binary no process runs yet, never polled meanwhile
+    binary = tmp_path / "slowreader"
+    shutil.copy(BINARIES["go1.27"], binary)
+    with open_sampler(GoReadOptions(binary=str(binary))) as sampler:
+        # When a process of it starts and its first clients arrive at once
+        server = Server(str(binary), tmp_path / "reads.jsonl")
+        try:
+            lg = loadgen(server.addr, conns=2, count=5, pause="3ms")
+            assert lg.wait(timeout=30) == 0
+        finally:
+            assert server.stop() == 0
+        time.sleep(0.1)
+        records = sampler.poll()
+    # Then its very first blocked reads were recorded, with goroutine ids: the kernel watched
+    # the process from its exec, not from the next /proc scan
+    truth = sorted((r for r in server.reads() if r["end_ns"] - r["start_ns"] >= THRESHOLD_NS),
+                   key=lambda r: r["start_ns"])
+    assert truth
+    mine = [r for r in records if r.pid == server.pid]
+    assert any(match(r, truth[:1]) for r in mine), \
+        f"first blocked read {truth[0]} not recorded ({len(mine)} records)"
+    assert all(r.goid is not None for r in mine)
+
+
+def test_a_traced_pid_that_exits_is_said_once(tmp_path):
+    from otelwater.events.model import Notice
+
+    # Given a sampler on one process's pid
+    server = Server(BINARIES["go1.19"], tmp_path / "reads.jsonl")
+    with open_sampler(GoReadOptions(pids=frozenset({server.pid}))) as sampler:
+        assert not [r for r in sampler.poll() if isinstance(r, Notice)]
+        # When the process exits
+        assert server.stop() == 0
+        notices = []
+        deadline = time.monotonic() + 3
+        while not notices and time.monotonic() < deadline:
+            time.sleep(0.1)
+            notices = [r for r in sampler.poll() if isinstance(r, Notice)]
+        time.sleep(0.6)
+        again = [r for r in sampler.poll() if isinstance(r, Notice)]
+    # Then one notice names it, and it is not repeated
+    assert len(notices) == 1 and f"{server.pid} exited" in notices[0].text
+    assert notices[0].to_json()["type"] == "notice"
+    assert again == []
 
 
 def test_pie_binary_stacks_are_symbolized(tmp_path):
