@@ -44,8 +44,6 @@
 #endif
 
 #define OTW_IPPROTO_TCP 6
-#define OTW_TCP_CLOSE 7
-#define OTW_TCP_LISTEN 10
 
 BPF_TABLE("lru_hash", u64, struct water_state, socks, OTW_MAX_SOCKETS);
 BPF_ARRAY(cfg, struct water_cfg, 1);

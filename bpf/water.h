@@ -13,6 +13,20 @@
 #define OTW_TRIGGER_CLOSE 4    /* water left at close: TCP_CLOSE / tcp:tcp_destroy_sock */
 #define OTW_TRIGGER_PERIODIC 5 /* the user-space sweep of the socket table */
 
+/* TCP states (the kernel's enum, include/net/tcp_states.h: stable for decades; the loader
+ * checks each against the running kernel's BTF before loading) */
+#define OTW_TCP_ESTABLISHED 1
+#define OTW_TCP_SYN_SENT 2
+#define OTW_TCP_SYN_RECV 3
+#define OTW_TCP_FIN_WAIT1 4
+#define OTW_TCP_FIN_WAIT2 5
+#define OTW_TCP_TIME_WAIT 6
+#define OTW_TCP_CLOSE 7
+#define OTW_TCP_CLOSE_WAIT 8
+#define OTW_TCP_LAST_ACK 9
+#define OTW_TCP_LISTEN 10
+#define OTW_TCP_CLOSING 11
+
 /* per-socket state: one entry per watched socket in the `socks` map, updated in place on every
  * arrival, read, drop and state change; the sweep in Python reads it */
 struct water_state {

@@ -82,5 +82,15 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                      f"{st.mean_latency_ns / 1e3:.0f} us)")
         else:
             reads = ""
-    print(f"otelwater: {board.records} snapshots{reads}, {board.lost} lost records",
-          file=sys.stderr)
+    print(f"otelwater: {board.records} snapshots{reads}, {board.lost} lost records; "
+          f"{own_cost()}", file=sys.stderr)
+
+
+def own_cost() -> str:
+    """otelwater's own CPU time and memory, so users see what watching cost (user space)."""
+    import psutil
+
+    me = psutil.Process()
+    cpu = me.cpu_times()
+    return (f"otelwater used {cpu.user + cpu.system:.2f} s CPU, "
+            f"{me.memory_info().rss / 2**20:.0f} MiB RSS")

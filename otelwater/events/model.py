@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from otelwater.events.layout import header
 from otelwater.sockkey import format_key
 
-TRIGGERS = {1: "arrival", 2: "read", 3: "overflow", 4: "close", 5: "periodic"}
-TCP_STATES = {
-    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
-}
+# names of the codes the kernel probe sends, from their one definition in bpf/water.h
+TRIGGERS = {v: k.lower() for k, v in header("water.h").defines_with_prefix("OTW_TRIGGER_").items()}
+TCP_STATES = {v: k for k, v in header("water.h").defines_with_prefix("OTW_TCP_").items()}
 
 
 def _plain(record) -> dict:

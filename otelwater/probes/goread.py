@@ -109,6 +109,16 @@ def _pid_exe(pid: int) -> str:
     return f"/proc/{pid}/exe"
 
 
+def _alive(pid: int) -> bool:
+    """A process that is running (a zombie, exited but not yet reaped, is not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _load_bias(pid: int, path: str) -> int:
     """Where a PIE binary's vaddr 0 sits in pid's address space (0 when unknown)."""
     from elftools.elf.elffile import ELFFile
@@ -430,7 +440,7 @@ class GoReadSampler:
     def _check_exits(self) -> None:
         """--go-pid processes that ended: said once (the watch goes on for the others)."""
         for pid in self.opts.pids:
-            if pid not in self._exited and not os.path.exists(f"/proc/{pid}"):
+            if pid not in self._exited and not _alive(pid):
                 self._exited.add(pid)
                 left = len(self.opts.pids) - len(self._exited)
                 self._say_once(("exit", pid), f"traced process {pid} exited; "

@@ -103,6 +103,23 @@ def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict
     )
 
 
+def check_tcp_states(btf) -> None:
+    """bpf/water.h's OTW_TCP_* must equal the running kernel's enum (they have not moved in
+    decades; a kernel where they did gets a clear refusal rather than wrong states)."""
+    from otelwater.probes.btf import BtfError
+
+    wrong = []
+    for value, name in TCP_STATES.items():
+        try:
+            if btf.enumerator(f"TCP_{name}") != value:
+                wrong.append(name)
+        except BtfError:
+            wrong.append(name)
+    if wrong:
+        raise ProbeLoadError(f"TCP states differ on this kernel ({', '.join(wrong)})",
+                             "report this kernel version to otelwater")
+
+
 def sock_done_bit(btf) -> int:
     from otelwater.probes.btf import BtfError
 
@@ -137,6 +154,7 @@ class WaterProbe:
         btf = running_kernel_btf()
         self.offsets = kernel_offsets(btf)
         self.drop_names = drop_reasons(btf)
+        check_tcp_states(btf)
         self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk(),
                                    sock_done_bit(btf))
         self._load()

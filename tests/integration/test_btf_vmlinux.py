@@ -171,3 +171,9 @@ def test_missing_members_are_detected(kbtf):
     assert not kbtf.has_member("sock", "sk_no_such_field")
     assert not kbtf.has_member("no_such_struct_xyz", "x")
     assert kbtf.has_member("struct sock", "__sk_common.skc_family")
+
+
+def test_tcp_states_of_water_h_match_the_running_kernel(kbtf):
+    from otelwater.probes.kernel import check_tcp_states
+
+    check_tcp_states(kbtf)  # raises ProbeLoadError naming any state that differs

@@ -52,3 +52,25 @@ def test_parser_rejects_what_it_does_not_understand():
         Header("struct x { union { u32 a; } u; };")
     h = Header("#define N 4\nstruct a { u32 v[N]; u8 c; u8 _p[3]; };\nstruct b { struct a x; };")
     assert ctypes.sizeof(h.structs["b"]) == 20
+
+
+def test_goread_layouts_are_pinned():
+    h = header("goread.h")
+    e = h.structs["goread_event"]
+    assert ctypes.sizeof(e) == 352
+    assert offsets(e) == {
+        "ts_start_ns": 0, "ts_end_ns": 8, "goid": 16, "sock_key": 24, "returned": 32,
+        "requested": 40, "caller_ip": 48, "ips": 56, "stack_len": 312, "pid": 316, "tid": 320,
+        "fd": 324, "source": 328, "has_goid": 329, "_pad": 330, "comm": 336}
+    assert ctypes.sizeof(h.structs["goread_proc"]) == 16
+    assert offsets(h.structs["goread_proc"]) == {"slot": 0, "gen": 4, "goid_off": 8, "_pad": 12}
+    assert offsets(h.structs["goread_park"]) == {"start_ns": 0, "g": 8, "gen": 16, "_pad": 20}
+    assert ctypes.sizeof(h.structs["goread_counts"]) == 8 * (
+        h.defines["OTW_CNT_SLOTS"] + h.defines["OTW_HIST_SLOTS"])
+
+
+def test_tcp_states_defined_once():
+    from otelwater.events.model import TCP_STATES
+
+    assert TCP_STATES[1] == "ESTABLISHED" and TCP_STATES[7] == "CLOSE"
+    assert TCP_STATES[10] == "LISTEN" and len(TCP_STATES) == 11
