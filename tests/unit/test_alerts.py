@@ -47,3 +47,242 @@ def test_alerts_alternate_and_never_flap_inside_the_band(levels):
         ["fired"] if len(history) % 2 else [])
     for what, value in history:
         assert value > t.water_level if what == "fired" else value <= 75
+
+
+# ---- the alert stage ----
+
+import json  # noqa: E402
+import math  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import assume  # noqa: E402
+
+from otelwater.alerts.rules import Hysteresis, SlidingSkew, clear_levels, skewness  # noqa: E402
+from otelwater.alerts.stage import AlertStage, AlertTransition  # noqa: E402
+from otelwater.config import AlertConfig, ReadSkewConfig  # noqa: E402
+from otelwater.events.model import ReadRecord, WaterSnapshot  # noqa: E402
+
+MS = 1_000_000
+
+
+def snap(ts, key=1, level=1, volume=0, capacity=100, trigger="periodic", pid=42):
+    return WaterSnapshot(ts, key, pid, "svc", pid, 0, "127.0.0.1", 80, "127.0.0.1", 5000,
+                         level, volume, volume, capacity, 0, 0, 0, "", 0, 0, trigger,
+                         "ESTABLISHED", 9)
+
+
+def read(ts_end, latency, pid=42, key=1, returned=10):
+    return ReadRecord(ts_end - latency, ts_end, pid, pid, 1, 3, key, 4096, returned, (),
+                      "tracepoint")
+
+
+def transitions(stage, records):
+    return [r for r in stage.feed(records) if isinstance(r, AlertTransition)]
+
+
+def brief(ts, rule=None):
+    return [(t.rule, t.state, t.severity) for t in ts if rule in (None, t.rule)]
+
+
+@pytest.mark.parametrize("rule, quiet, fire, hold, clear, make", [
+    ("water_level", 100, 101, 76, 75, lambda v: dict(level=v)),
+    ("fill_ratio", 80, 81, 61, 60, lambda v: dict(volume=v)),
+])
+def test_rule_fires_above_threshold_and_clears_at_three_quarters(rule, quiet, fire, hold, clear,
+                                                                 make):
+    stage = AlertStage()
+    ts = iter(range(0, 10**9, MS))
+    assert transitions(stage, [snap(next(ts), **make(quiet))]) == []
+    fired = transitions(stage, [snap(next(ts), **make(fire))])
+    assert brief(fired, rule) == [(rule, "fired", "warn")]
+    assert brief(transitions(stage, [snap(next(ts), **make(hold))]), rule) == []
+    assert stage.active(1)[rule] == "warn"
+    cleared = transitions(stage, [snap(next(ts), **make(clear))])
+    assert brief(cleared, rule) == [(rule, "cleared", "warn")] and rule not in stage.active(1)
+
+
+def test_surge_is_the_variance_of_three_consecutive_levels():
+    stage = AlertStage()
+    # (0, 0, 15): variance exactly 50, not above it
+    assert transitions(stage, [snap(i * MS, level=lv) for i, lv in enumerate((0, 0, 15))]) == []
+    stage = AlertStage()
+    got = transitions(stage, [snap(i * MS, level=lv) for i, lv in enumerate((0, 0, 16, 8, 8))])
+    assert [(t.rule, t.state, round(t.value, 2)) for t in got] == [
+        ("surge", "fired", 56.89),    # (0, 0, 16)
+        ("surge", "cleared", 14.22)]  # (0, 16, 8) is 42.67 > 37.5: still firing; (16, 8, 8)
+
+
+@given(st.lists(st.floats(0.5, 1.5), min_size=1, max_size=80))
+def test_stage_never_flaps_for_a_value_wobbling_around_the_threshold(ratios):
+    """Fill ratio wobbling within +-50% of 0.8: fired/cleared alternate, each at its edge."""
+    stage = AlertStage()
+    got = transitions(stage, [snap(i, volume=round(80 * r)) for i, r in enumerate(ratios)])
+    assert [t.state for t in got] == ["fired", "cleared"] * (len(got) // 2) + (
+        ["fired"] if len(got) % 2 else [])
+    for t in got:
+        assert t.value > 0.8 if t.state == "fired" else t.value <= 0.6 + 1e-12
+
+
+def test_hold_time_keeps_a_fired_alert_at_least_that_long():
+    stage = AlertStage(AlertConfig(hold_ms=10))
+    assert brief(transitions(stage, [snap(0, level=200)])) == [("water_level", "fired", "warn")]
+    assert transitions(stage, [snap(5 * MS, level=0)]) == []  # low, but held
+    got = [t for t in transitions(stage, [snap(10 * MS, level=0)]) if t.rule == "water_level"]
+    assert brief(got) == [("water_level", "cleared", "warn")] and got[0].ts_ns == 10 * MS
+
+
+def test_close_clears_its_alerts_and_forgets_the_socket():
+    stage = AlertStage()
+    transitions(stage, [snap(0, level=200, volume=90)])
+    got = transitions(stage, [snap(MS, level=150, volume=90, trigger="close")])
+    assert {(t.rule, t.state, t.reason) for t in got} == {
+        ("water_level", "cleared", "close"), ("fill_ratio", "cleared", "close")}
+    assert stage.active(1) == {} and len(stage) == 0
+
+
+def test_idle_sockets_are_forgotten_and_memory_is_bounded():
+    stage = AlertStage(AlertConfig(idle_s=1, max_sockets=3))
+    transitions(stage, [snap(0, key=1, level=200)])
+    got = transitions(stage, [snap(2 * 10**9, key=2)])
+    assert brief(got) == [("water_level", "cleared", "warn")] and got[0].reason == "idle"
+    assert got[0].sock_key == 1 and len(stage) == 1
+    got = transitions(stage, [snap(2 * 10**9 + i, key=10 + i, level=200) for i in range(4)])
+    evicted = [t for t in got if t.state == "cleared"]
+    assert [(t.sock_key, t.reason) for t in evicted] == [(10, "evicted")] and len(stage) == 3
+
+
+def test_a_late_snapshot_is_counted_not_evaluated():
+    stage = AlertStage()
+    transitions(stage, [snap(10, level=1)])
+    assert transitions(stage, [snap(5, level=500)]) == [] and stage.late == 1
+
+
+def test_transitions_follow_their_cause_and_serialize():
+    stage = AlertStage()
+    s = snap(7, key=0xAB, level=300)
+    out = stage.feed([s])
+    assert out[0] is s and isinstance(out[1], AlertTransition)
+    d = json.loads(json.dumps(out[1].to_json()))
+    assert d == {"type": "alert", "ts_ns": 7, "sock_key": "00000000000000ab", "pid": 42,
+                 "rule": "water_level", "state": "fired", "severity": "warn", "value": 300.0,
+                 "threshold": 100.0, "previous": "", "reason": ""}
+
+
+# ---- read-latency skewness ----
+
+def g1_unbiased(xs):
+    """Adjusted Fisher-Pearson G1 (scipy.stats.skew(bias=False)) from exact central moments."""
+    n = len(xs)
+    mean = Fraction(sum(xs), n)
+    m2 = sum((x - mean) ** 2 for x in xs) / n
+    m3 = sum((x - mean) ** 3 for x in xs) / n
+    if m2 == 0:
+        return 0.0
+    return float(m3) / float(m2) ** 1.5 * math.sqrt(n * (n - 1)) / (n - 2)
+
+
+def test_skewness_matches_scipy_documented_value():
+    # scipy.stats.skew([2, 8, 0, 4, 1, 9, 9, 0]) == 0.2650554122698573 (biased g1, scipy docs)
+    xs = [2, 8, 0, 4, 1, 9, 9, 0]
+    n = len(xs)
+    assert skewness(xs) * (n - 2) / math.sqrt(n * (n - 1)) == pytest.approx(0.2650554122698573)
+    assert skewness([1, 2, 3, 4, 5]) == 0.0 and skewness([3, 3, 3]) == 0.0
+    assert skewness([1, 2]) is None
+
+
+latencies = st.lists(st.one_of(st.integers(0, 10**10), st.integers(10**6, 10**6 + 50)),
+                     min_size=3, max_size=200)
+
+
+@given(latencies, st.integers(3, 70))
+def test_sliding_skewness_equals_brute_force_over_the_window(xs, window):
+    s = SlidingSkew(window)
+    for i, x in enumerate(xs):
+        s.add(x)
+        last = xs[max(0, i + 1 - window): i + 1]
+        if len(last) >= 3:
+            assert s.skewness() == pytest.approx(g1_unbiased(last), rel=1e-9, abs=1e-12)
+
+
+BANDS = (0.8, 1.2, 2.0)
+CLEARS = clear_levels(BANDS, 0.75)  # 0.6, 0.9, 1.5
+
+
+def test_bands_move_up_and_down_with_hysteresis():
+    h = Hysteresis()
+    seen = []
+    for v in (0.5, 0.81, 1.0, 1.3, 2.5, 1.6, 1.5, 1.0, 0.9, 0.7, 0.6, 0.9, 2.1):
+        left = h.step(v, 0, BANDS, CLEARS)
+        if left is not None:
+            seen.append((v, left, h.band))
+    assert seen == [(0.81, 0, 1), (1.3, 1, 2), (2.5, 2, 3),  # up one band at a time, then
+                    (1.5, 3, 2),    # avalanche left at <= 1.5 (not at 1.6)
+                    (0.9, 2, 1),    # high left at <= 0.9
+                    (0.6, 1, 0),    # warn clears at <= 0.6
+                    (0.9, 0, 1), (2.1, 1, 3)]  # and straight from warn to avalanche
+
+
+@given(st.lists(st.floats(0, 3, allow_nan=False), max_size=100))
+def test_bands_equal_three_independent_hysteresis_rules(values):
+    """The banded rule is one hysteresis per band; severity is the highest band firing."""
+    h = Hysteresis()
+    on = [False] * 3
+    for v in values:
+        for k, limit in enumerate(BANDS):
+            if not on[k] and v > limit:
+                on[k] = True
+            elif on[k] and v <= CLEARS[k]:
+                on[k] = False
+        h.step(v, 0, BANDS, CLEARS)
+        assert h.band == sum(on) and on == sorted(on, reverse=True)
+
+
+def test_stage_read_skew_moves_through_the_bands_as_the_brute_force_skewness_says():
+    """1 ms reads with a share of 10 ms ones: as that share falls from 1/2 the skewness of the
+    64-read window climbs band by band; as it rises again the skewness falls back band by band."""
+    stage = AlertStage(AlertConfig(read_skew=ReadSkewConfig(window=64, min_samples=32)))
+    lat = [(1 + 9 * (i % 2)) * MS + i for i in range(64)]  # half slow: skewness about 0
+    lat += [MS + i for i in range(60)]                     # the slow ones slide out
+    lat += [10 * MS + i for i in range(40)]                # slow ones slide in again
+    got = transitions(stage, [read((i + 1) * 100 * MS, x) for i, x in enumerate(lat)])
+    # reference: three independent hysteresis rules over the brute-force G1 of each window
+    ref, on = [], [False] * 3
+    for i in range(31, len(lat)):
+        v = g1_unbiased(lat[max(0, i - 63): i + 1])
+        before = sum(on)
+        on = [(v > BANDS[k]) if not on[k] else (v > CLEARS[k]) for k in range(3)]
+        if sum(on) != before:
+            ref.append((i, "fired" if sum(on) else "cleared", SEV[max(sum(on), 1) - 1]
+                        if sum(on) else SEV[before - 1], SEV[before - 1] if before else ""))
+    assert [(t.ts_ns // (100 * MS) - 1, t.state, t.severity, t.previous) for t in got] == ref
+    assert [(t.severity, t.previous) for t in got] == [
+        ("warn", ""), ("high", "warn"), ("avalanche", "high"),
+        ("high", "avalanche"), ("warn", "high"), ("warn", "warn")]
+    assert got[-1].state == "cleared" and stage.active_process(42) == {}
+    assert all(t.sock_key == 0 and t.pid == 42 and t.rule == "read_skew" for t in got)
+
+
+SEV = ("warn", "high", "avalanche")
+
+
+def test_skew_needs_min_samples_and_ignores_failed_and_non_socket_reads():
+    cfg = AlertConfig(read_skew=ReadSkewConfig(window=8, min_samples=8))
+    stage = AlertStage(cfg)
+    skewed = [MS] * 6 + [50 * MS]
+    assert transitions(stage, [read(i * MS, x) for i, x in enumerate(skewed, 1)]) == []
+    assert transitions(stage, [read(100 * MS, 50 * MS, returned=-11),
+                               read(101 * MS, 50 * MS, key=0)]) == []
+    got = transitions(stage, [read(200 * MS, MS)])  # the 8th counted read
+    assert brief(got) == [("read_skew", "fired", "avalanche")]
+
+
+def test_socket_scope_keeps_a_window_per_socket():
+    cfg = AlertConfig(read_skew=ReadSkewConfig(window=8, min_samples=8, scope="socket"))
+    stage = AlertStage(cfg)
+    recs = []
+    for i, x in enumerate([MS] * 7 + [50 * MS]):
+        recs += [read(2 * i * MS + 1, x, key=1), read(2 * i * MS + 2, MS, key=2)]
+    got = transitions(stage, recs)
+    assert [(t.sock_key, t.rule, t.severity) for t in got] == [(1, "read_skew", "avalanche")]
+    assert stage.active(1) == {"read_skew": "avalanche"} and stage.active(2) == {}

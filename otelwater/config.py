@@ -1,0 +1,333 @@
+"""One frozen configuration: alert thresholds, correlator windows, rain-water gauges.
+
+Precedence, lowest to highest (a later source overrides an earlier one, key by key):
+
+    1. defaults                 the dataclasses below
+    2. a YAML file              --config FILE, else the file named by OTELWATER_CONFIG
+    3. environment variables    OTELWATER_<SECTION>_<KEY>, e.g. OTELWATER_ALERTS_FILL_RATIO=0.9,
+                                OTELWATER_ALERTS_READ_SKEW_WINDOW=128 (the dotted key, upper
+                                case, dots as underscores)
+    4. command-line flags       --window-ms 10 (see FLAG_NAMES)
+
+The file nests keys by section (`examples/otelwater.yaml` lists every key with its default):
+
+    alerts:
+      fill_ratio: 0.9
+      read_skew:
+        window: 128
+    correlate:
+      window_ms: 10
+
+Every value is checked once, after the sources are merged and before anything is attached: an
+unknown key (in the file or as an OTELWATER_* variable), a wrong type, a negative number, nan or
+inf, or an inconsistent pair (skew bands out of order, min_samples above window) raises
+`otelwater.errors.UsageError` with one line naming the key, where it came from and the fix.
+Times are milliseconds or seconds in the file (what people type); the code reads them as integer
+nanoseconds through the `*_ns` properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from otelwater.errors import UsageError
+
+ENV_PREFIX = "OTELWATER_"
+CONFIG_ENV = "OTELWATER_CONFIG"
+# OTELWATER_* variables that are not configuration keys (anything else is a typo, and an error).
+OTHER_ENV = frozenset({CONFIG_ENV, "OTELWATER_BTF"})
+
+
+def _num(default, *, minimum=0.0, above=None, maximum=None, doc=""):
+    """A number field: `minimum` inclusive, `above` exclusive, `maximum` inclusive."""
+    return field(default=default, metadata={"min": minimum, "above": above, "max": maximum,
+                                            "doc": doc})
+
+
+def _choice(default, choices, doc=""):
+    return field(default=default, metadata={"choices": tuple(choices), "doc": doc})
+
+
+@dataclass(frozen=True)
+class ReadSkewConfig:
+    """Skewness (unbiased G1) of read latency over a sliding window, in severity bands."""
+
+    warn: float = _num(0.8, above=0.0, doc="skewness above which the alert fires (warn)")
+    high: float = _num(1.2, above=0.0, doc="band 2")
+    avalanche: float = _num(2.0, above=0.0, doc="band 3: avalanche precursor")
+    window: int = _num(64, minimum=3, doc="reads in the sliding window")
+    min_samples: int = _num(32, minimum=3, doc="reads needed before it can fire")
+    scope: str = _choice("process", ("process", "socket"),
+                         doc="one window per process or per socket")
+
+    @property
+    def bands(self) -> tuple[float, float, float]:
+        return (self.warn, self.high, self.avalanche)
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """DESIGN part 5's rules. Field names match the old `alerts.rules.Thresholds`."""
+
+    water_level: float = _num(100.0, doc="skbs queued")
+    fill_ratio: float = _num(0.8, doc="volume / capacity")
+    surge_variance: float = _num(50.0, doc="variance of the level over surge_window samples")
+    surge_window: int = _num(3, minimum=2, doc="consecutive samples in the surge variance")
+    clear_fraction: float = _num(0.75, above=0.0, maximum=1.0,
+                                 doc="an alert clears at value <= clear_fraction * threshold")
+    hold_ms: float = _num(0.0, doc="a fired alert stays at least this long")
+    idle_s: float = _num(600.0, above=0.0, doc="forget a socket or process silent this long")
+    max_sockets: int = _num(65536, minimum=1, doc="sockets (and processes) kept at most")
+    read_skew: ReadSkewConfig = field(default_factory=ReadSkewConfig)
+
+    @property
+    def hold_ns(self) -> int:
+        return int(self.hold_ms * 1e6)
+
+    @property
+    def idle_ns(self) -> int:
+        return int(self.idle_s * 1e9)
+
+
+@dataclass(frozen=True)
+class CorrelateConfig:
+    window_ms: float = _num(5.0, doc="a snapshot joins a read within this of its start or end")
+    threshold_ms: float = _num(1.0, doc="a read blocked, or its bytes waited, this long: slow")
+    run_threshold_ms: float = _num(1.0, doc="waiting to run this long: runtime-starved")
+
+    @property
+    def window_ns(self) -> int:
+        return int(self.window_ms * 1e6)
+
+    @property
+    def threshold_ns(self) -> int:
+        return int(self.threshold_ms * 1e6)
+
+    @property
+    def run_threshold_ns(self) -> int:
+        return int(self.run_threshold_ms * 1e6)
+
+
+@dataclass(frozen=True)
+class RainWaterConfig:
+    samples: int = _num(1024, minimum=3, doc="last samples per socket the figure covers")
+    series: str = _choice("unread_bytes", ("unread_bytes", "volume", "level"),
+                          doc="which water series")
+
+
+@dataclass(frozen=True)
+class Config:
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+    correlate: CorrelateConfig = field(default_factory=CorrelateConfig)
+    rainwater: RainWaterConfig = field(default_factory=RainWaterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- the schema: dotted key -> field, derived from the dataclasses ----
+
+def _leaves(cls, prefix="") -> dict[str, dataclasses.Field]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not
+                                    dataclasses.MISSING else None):
+            out.update(_leaves(f.default_factory, key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+KEYS: dict[str, dataclasses.Field] = _leaves(Config)
+SECTIONS = frozenset(k.rsplit(".", 1)[0] for k in KEYS) | {
+    k.split(".")[0] for k in KEYS}
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper().replace(".", "_")
+
+
+FLAGS_WITHOUT_SECTION = ("alerts", "correlate")
+
+
+def flag_name(key: str) -> str:
+    """alerts.fill_ratio -> --fill-ratio, alerts.read_skew.window -> --read-skew-window,
+    correlate.window_ms -> --window-ms, rainwater.samples -> --rainwater-samples."""
+    section, rest = key.split(".", 1)
+    name = rest if section in FLAGS_WITHOUT_SECTION else key
+    return "--" + name.replace(".", "-").replace("_", "-")
+
+
+ENV_NAMES: dict[str, str] = {env_name(k): k for k in KEYS}
+FLAG_NAMES: dict[str, str] = {k: flag_name(k) for k in KEYS}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"did you mean {close[0]}?" if close else ""
+
+
+def _check(key: str, value: Any, source: str, from_text: bool = False) -> Any:
+    """The value of `key`, typed and in range, or a UsageError naming key, source and fix."""
+    f = KEYS[key]
+    kind, meta = _kind(f), f.metadata
+    example = f"e.g. {key} = {f.default!r} (the default)"
+
+    def bad(problem: str, fix: str):
+        return UsageError(f"{key} = {value!r} in {source}: {problem}", fix)
+
+    if kind == "str":
+        if not isinstance(value, str) or value not in meta["choices"]:
+            raise bad("not one of " + ", ".join(meta["choices"]),
+                      "use one of " + ", ".join(meta["choices"]))
+        return value
+    if from_text:
+        text = value.strip()
+        try:
+            value = int(text) if kind == "int" else float(text)
+        except ValueError:
+            raise bad(f"not {'an integer' if kind == 'int' else 'a number'}", example) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"expected {'an integer' if kind == 'int' else 'a number'}", example)
+    if kind == "int":
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise bad("expected an integer", example)
+            value = int(value)
+    else:
+        if not math.isfinite(value):
+            raise bad("not a finite number", example)
+        value = float(value)
+    lo, above, hi = meta["min"], meta["above"], meta["max"]
+    if above is not None and not value > above:
+        raise bad(f"must be above {above:g}", example)
+    if lo is not None and value < lo:
+        raise bad("must not be negative" if lo == 0 else f"must be at least {lo:g}", example)
+    if hi is not None and value > hi:
+        raise bad(f"must be at most {hi:g}", example)
+    return value
+
+
+def _flatten(tree: Mapping, source: str, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, value in tree.items():
+        key = prefix + str(name)
+        if isinstance(value, Mapping) and key not in KEYS:
+            if key not in SECTIONS:
+                raise UsageError(f"unknown section {key} in {source}",
+                                 _suggest(key, SECTIONS) or "see examples/otelwater.yaml")
+            out.update(_flatten(value, source, key + "."))
+        elif key in KEYS:
+            out[key] = value
+        elif key in SECTIONS:
+            raise UsageError(f"{key} in {source} is a section, not a value",
+                             f"give its keys, e.g. {key}: {{...}}; see examples/otelwater.yaml")
+        else:
+            raise UsageError(f"unknown key {key} in {source}",
+                             _suggest(key, KEYS) or "see examples/otelwater.yaml for every key")
+    return out
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """The dotted keys of a YAML config file, unchecked values."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} not found",
+                         f"check the path given to --config or {CONFIG_ENV}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise UsageError(f"cannot read config file {path}: {reason}",
+                         "give a readable UTF-8 YAML file") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise UsageError(f"config file {path}{where}: {problem}",
+                         "fix the YAML syntax; see examples/otelwater.yaml") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, Mapping):
+        raise UsageError(f"config file {path}: expected sections such as 'alerts:', got a "
+                         f"{type(tree).__name__}", "see examples/otelwater.yaml")
+    return _flatten(tree, f"config file {path}")
+
+
+def load_config(config_file: str | None = None, env: Mapping[str, str] | None = None,
+                flags: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < YAML file (`config_file`, else $OTELWATER_CONFIG) < OTELWATER_* < `flags`.
+
+    `flags` maps dotted keys to values; None means the flag was not given. Raises UsageError.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = config_file or env.get(CONFIG_ENV) or None
+    if path:
+        for key, value in read_file(path).items():
+            values[key] = _check(key, value, f"config file {path}")
+            sources[key] = f"config file {path}"
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV:
+            continue
+        key = ENV_NAMES.get(name)
+        if key is None:
+            raise UsageError(f"unknown environment variable {name}",
+                             _suggest(name, ENV_NAMES) or "unset it; see examples/otelwater.yaml")
+        values[key] = _check(key, text, f"environment {name}", from_text=True)
+        sources[key] = f"environment {name}"
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key not in KEYS:
+            raise UsageError(f"unknown configuration key {key}", _suggest(key, KEYS))
+        values[key] = _check(key, value, f"flag {FLAG_NAMES[key]}")
+        sources[key] = f"flag {FLAG_NAMES[key]}"
+    cfg = _build(Config, values)
+    _check_together(cfg, sources)
+    return cfg
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str = ""):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+                f.default_factory):
+            kwargs[f.name] = _build(f.default_factory, values, key + ".")
+        elif key in values:
+            kwargs[f.name] = values[key]
+    return cls(**kwargs)
+
+
+def _check_together(cfg: Config, sources: Mapping[str, str]) -> None:
+    def src(*keys):
+        given = [f"{k} ({sources[k]})" for k in keys if k in sources]
+        return ", ".join(given) if given else "the defaults"
+
+    s = cfg.alerts.read_skew
+    if not s.warn < s.high < s.avalanche:
+        keys = ("alerts.read_skew.warn", "alerts.read_skew.high", "alerts.read_skew.avalanche")
+        raise UsageError(f"read_skew bands must rise: warn {s.warn:g} < high {s.high:g} < "
+                         f"avalanche {s.avalanche:g}; set by {src(*keys)}",
+                         "order the three bands, e.g. 0.8, 1.2, 2.0")
+    if s.min_samples > s.window:
+        keys = ("alerts.read_skew.min_samples", "alerts.read_skew.window")
+        raise UsageError(f"alerts.read_skew.min_samples {s.min_samples} is above window "
+                         f"{s.window}; set by {src(*keys)}",
+                         "make min_samples at most window")
