@@ -31,7 +31,9 @@
 #define OTW_CNT_LOST 7         /* records the ring buffer could not take */
 #define OTW_CNT_NOT_SOCKET 8   /* blocked reads on fds that are not TCP sockets (no record) */
 #define OTW_CNT_SUM_NS 9       /* sum of the latencies of all completed reads */
-#define OTW_CNT_SLOTS 10
+#define OTW_CNT_QSLOW 10       /* reads that found data which had waited >= threshold: recorded */
+#define OTW_CNT_QSLOW_LIMITED 11 /* ...beyond OTW_QSLOW_PER_S a socket a second: counted only */
+#define OTW_CNT_SLOTS 12
 
 /* the per-CPU `counts` array's only slot: one lookup per event covers counts and histogram */
 struct goread_counts {
@@ -48,6 +50,9 @@ struct goread_event {
     s64 returned;      /* bytes, or a negative errno (tracepoint) */
     u64 requested;     /* bytes asked for */
     u64 caller_ip;     /* uprobe: return address at [rsp] (frame-pointer walks skip it); 0 */
+    u64 arrival_ns;    /* parked reads: the first arrival on the socket after the park began
+                        * (the water probe's sk_data_ready); 0 when unknown */
+    u64 queue_delay_ns; /* how long the oldest byte returned stood in the queue (OTW_EV_QDELAY) */
     u64 ips[OTW_STACK_DEPTH]; /* user stack, innermost first */
     u32 stack_len;     /* valid entries in ips */
     u32 pid;           /* tgid */
@@ -55,9 +60,19 @@ struct goread_event {
     s32 fd;            /* -1 when unknown */
     u8 source;         /* OTW_SOURCE_* */
     u8 has_goid;
-    u8 _pad[6];
+    u8 parked;         /* 1: the read found the queue empty and waited (-EAGAIN first) */
+    u8 evidence;       /* OTW_EV_* bits: what the water probe told about this read */
+    u8 _pad[4];
     char comm[16];
 };
+
+/* what the water probe tells the read sampler about the read in flight (goread_task.ev_flags,
+ * goread_event.evidence); only when both run in one program (the watch) */
+#define OTW_EV_SOCKET 1        /* the read was on a socket the water probe watches */
+#define OTW_EV_QDELAY 2        /* queue_delay_ns is known */
+#define OTW_EV_EXACT 4         /* ...exactly (else a lower bound: the byte came before the
+                                * arrivals remembered) */
+#define OTW_EV_QSLOW_OK 8      /* a queue-delay slow read within its socket's records a second */
 
 /* tracepoint sampler: one entry per watched process in the `procs` hash, written by Python */
 struct goread_proc {
@@ -79,7 +94,12 @@ struct goread_park {
  * process's goread_proc here, so sys_exit_read needs no second `procs` lookup. */
 struct goread_task {
     u64 enter_ns;      /* sys_enter_read time of this thread's read in flight, 0 when none */
+    u64 ev_sock_key;   /* from the water probe (sock_recv_length, inside this read): */
+    u64 ev_qdelay_ns;
+    u64 ev_empty_arrival_ns; /* the socket's last arrival onto an empty queue */
     struct goread_proc proc;
+    u32 ev_flags;      /* OTW_EV_*, cleared at each sys_enter_read */
+    u32 _pad;
 };
 
 /* uprobe sampler: in-flight read per (tgid, *g), reused in place */

@@ -44,7 +44,7 @@ BPF_ARRAY(parks, struct goread_park, OTW_MAX_PROCS * OTW_MAX_FDS);
 BPF_TABLE("lru_hash", u64, struct goread_park, parks_big, 16384);
 BPF_TASK_STORAGE(tasks, struct goread_task);
 BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
-BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(read_events, OTW_RINGBUF_PAGES);
 
 #if OTW_EXEC_WATCH
 /* With a binary path: a process that execs it is watched from its first instruction, not
@@ -101,6 +101,7 @@ int otw_tp_read_enter(void *ctx)
     if (!ts)
         return 0;
     ts->proc = *p;
+    ts->ev_flags = 0;
     ts->enter_ns = bpf_ktime_get_ns();
     struct goread_counts *c = otw_counts();
     if (c)
@@ -127,16 +128,20 @@ static __always_inline struct goread_park *otw_park(const struct goread_proc *p,
     return parks_big.lookup(&key);
 }
 
-static __always_inline void otw_emit(void *ctx, struct goread_counts *c, struct pt_regs *regs,
+static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, struct pt_regs *regs,
                                      const struct goread_proc *p, u64 id, long fd, long ret,
-                                     u64 count, u64 start, u64 end)
+                                     u64 count, u64 start, u64 end,
+                                     const struct goread_task *ts, u8 parked, u64 arrival)
 {
     u64 key = 0;
-    if (otw_fd_sock_key(fd, &key) < 0) {
+    u32 evf = ts->ev_flags;
+    if (evf & OTW_EV_SOCKET)
+        key = ts->ev_sock_key;  /* the water probe saw this read on its socket: no fd walk */
+    else if (otw_fd_sock_key(fd, &key) < 0) {
         c->n[OTW_CNT_NOT_SOCKET] += 1;
         return;
     }
-    struct goread_event *e = events.ringbuf_reserve(sizeof(struct goread_event));
+    struct goread_event *e = read_events.ringbuf_reserve(sizeof(struct goread_event));
     if (!e) {
         c->n[OTW_CNT_LOST] += 1;
         return;
@@ -147,6 +152,10 @@ static __always_inline void otw_emit(void *ctx, struct goread_counts *c, struct 
     e->returned = ret;
     e->requested = count;
     e->caller_ip = 0;
+    e->arrival_ns = arrival;
+    e->queue_delay_ns = (evf & OTW_EV_QDELAY) ? ts->ev_qdelay_ns : 0;
+    e->parked = parked;
+    e->evidence = (u8)evf;
     e->pid = id >> 32;
     e->tid = (u32)id;
     e->fd = (s32)fd;
@@ -162,7 +171,7 @@ static __always_inline void otw_emit(void *ctx, struct goread_counts *c, struct 
     long n = bpf_get_stack(ctx, e->ips, sizeof(e->ips), BPF_F_USER_STACK);
     e->stack_len = n > 0 ? n / sizeof(u64) : 0;
     bpf_get_current_comm(e->comm, sizeof(e->comm));
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    read_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 int otw_tp_read_exit(void *ctx)
@@ -203,17 +212,33 @@ int otw_tp_read_exit(void *ctx)
         return 0;
     }
     u64 start = enter;
+    u8 parked = 0;
     struct goread_park *pk = otw_park(p, tgid, fd, 0);
     if (pk && pk->start_ns) {
-        if (pk->gen == p->gen && pk->g == g)
+        if (pk->gen == p->gen && pk->g == g) {
             start = pk->start_ns;
+            parked = 1;
+        }
         pk->start_ns = 0;
     }
     if (!start)
         return 0; /* entered before we attached */
     u64 dur = now - start;
-    if (!otw_count_read(c, dur))
-        return 0;
-    otw_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now);
+    u32 evf = ts->ev_flags;
+    if (!otw_count_read(c, dur)) {
+        /* not blocked: still a slow read if the bytes it found had waited the threshold */
+        if (parked || !(evf & OTW_EV_QDELAY) || ts->ev_qdelay_ns < OTW_THRESHOLD_NS)
+            return 0;
+        if (!(evf & OTW_EV_QSLOW_OK)) {
+            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
+            return 0;
+        }
+        c->n[OTW_CNT_QSLOW] += 1;
+    }
+    /* a parked read was woken by the first arrival onto its empty queue after the park */
+    u64 arrival = 0;
+    if (parked && (evf & OTW_EV_SOCKET) && ts->ev_empty_arrival_ns >= start)
+        arrival = ts->ev_empty_arrival_ns;
+    otw_read_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now, ts, parked, arrival);
     return 0;
 }

@@ -30,7 +30,7 @@
 
 BPF_TABLE("lru_hash", struct goread_key, struct goread_inflight, inflight, OTW_MAX_INFLIGHT);
 BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
-BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(read_events, OTW_RINGBUF_PAGES);
 
 int otw_up_read_entry(struct pt_regs *ctx)
 {
@@ -98,7 +98,7 @@ int otw_up_read_return(struct pt_regs *ctx)
         c->n[OTW_CNT_NOT_SOCKET] += 1;
         return 0;
     }
-    struct goread_event *e = events.ringbuf_reserve(sizeof(struct goread_event));
+    struct goread_event *e = read_events.ringbuf_reserve(sizeof(struct goread_event));
     if (!e) {
         c->n[OTW_CNT_LOST] += 1;
         return 0;
@@ -117,10 +117,14 @@ int otw_up_read_return(struct pt_regs *ctx)
     if (k.g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(k.g + OTW_GOID_OFF)) == 0)
         e->has_goid = 1;
     e->caller_ip = 0;
+    e->arrival_ns = 0;      /* no queue evidence for uprobe reads (the water probe runs apart) */
+    e->queue_delay_ns = 0;
+    e->parked = 0;
+    e->evidence = 0;
     bpf_probe_read_user(&e->caller_ip, sizeof(e->caller_ip), (void *)ctx->sp);
     long n = bpf_get_stack(ctx, e->ips, sizeof(e->ips), BPF_F_USER_STACK);
     e->stack_len = n > 0 ? n / sizeof(u64) : 0;
     bpf_get_current_comm(e->comm, sizeof(e->comm));
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    read_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
     return 0;
 }

@@ -45,10 +45,23 @@
 
 #define OTW_IPPROTO_TCP 6
 
-BPF_TABLE("lru_hash", u64, struct water_state, socks, OTW_MAX_SOCKETS);
+BPF_TABLE("lru_hash", u64, struct water_sock, socks, OTW_MAX_SOCKETS);
+BPF_PERCPU_ARRAY(fresh_sock, struct water_sock, 1); /* scratch: too big for the BPF stack */
 BPF_ARRAY(cfg, struct water_cfg, 1);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
+
+#ifndef OTW_QSLOW_PER_S
+#define OTW_QSLOW_PER_S 50 /* queue-delay slow reads recorded per socket per second */
+#endif
+#define OTW_MSG_PEEK 2
+
+#if OTW_GO_TP
+/* `otelwater watch --go-*` with the tracepoint sampler: both probes in one program, so the
+ * read sampler gets each read's socket key and queue evidence from sock_recv_length (which
+ * runs inside the same read(2)) through its task storage, with no map shared across programs */
+#include "goread_tp.c"
+#endif
 
 #if OTW_FILTER_PORTS
 BPF_ARRAY(watch_ports, u8, 65536);
@@ -140,12 +153,18 @@ static __always_inline void otw_refresh(const void *sk, struct water_state *st)
     st->copied_seq = seq[1];
 }
 
+static __always_inline struct water_arrivals *otw_arrivals(struct water_state *st)
+{
+    return &((struct water_sock *)st)->a;
+}
+
 /* The socket's state entry, created on first sight. NULL when the socket is not watched. */
 static __always_inline struct water_state *otw_state(const void *sk, int process_ctx)
 {
     u64 key = (u64)sk;
-    struct water_state *st = socks.lookup(&key);
-    if (st) {
+    struct water_sock *ws = socks.lookup(&key);
+    if (ws) {
+        struct water_state *st = &ws->s;
         if (st->watched)
             return st;
 #if OTW_FILTER_PORTS || OTW_FILTER_PIDS || OTW_FILTER_CGROUPS
@@ -173,31 +192,37 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
     bpf_probe_read_kernel(&state, 1, (const char *)sk + OFF_SKC_STATE);
     if (state == OTW_TCP_LISTEN)
         return 0;
-    struct water_state fresh = {};
+    u32 zero = 0;
+    struct water_sock *fresh = fresh_sock.lookup(&zero);
+    if (!fresh)
+        return 0;
+    __builtin_memset(fresh, 0, sizeof(*fresh));
     struct otw_tuple t = {};
     if (otw_sock_tuple(sk, &t) < 0)
         return 0;
-    __builtin_memcpy(fresh.laddr, t.laddr, 16);
-    __builtin_memcpy(fresh.raddr, t.raddr, 16);
-    fresh.lport = t.lport;
-    fresh.rport = t.rport;
-    fresh.netns = t.netns;
-    fresh.ino = otw_sock_ino(sk);
-    fresh.tcp_state = state;
-    fresh.fin = otw_fin(sk);
+    struct water_state *f = &fresh->s;
+    __builtin_memcpy(f->laddr, t.laddr, 16);
+    __builtin_memcpy(f->raddr, t.raddr, 16);
+    f->lport = t.lport;
+    f->rport = t.rport;
+    f->netns = t.netns;
+    f->ino = otw_sock_ino(sk);
+    f->tcp_state = state;
+    f->fin = otw_fin(sk);
     /* the key is computed once, for every socket: one decided "not watched" now may be
      * decided "watched" later (a new connection's first arrival comes before its inode is
      * known to the pid filter) and must then carry its real key */
-    fresh.sock_key = otw_sock_key(&t);
-    u32 zero = 0;
+    f->sock_key = otw_sock_key(&t);
     struct water_cfg *c = cfg.lookup(&zero);
     if (c)
-        fresh.generation = c->generation;
-    fresh.watched = otw_decide(&fresh, process_ctx);
-    socks.update(&key, &fresh);
-    if (!fresh.watched)
+        f->generation = c->generation;
+    f->watched = otw_decide(f, process_ctx);
+    int watched = f->watched;
+    socks.update(&key, fresh);
+    if (!watched)
         return 0;
-    return socks.lookup(&key);
+    ws = socks.lookup(&key);
+    return ws ? &ws->s : 0;
 }
 
 static __always_inline void otw_emit(struct water_state *st, u8 trigger, u64 now)
@@ -210,7 +235,7 @@ static __always_inline void otw_emit(struct water_state *st, u8 trigger, u64 now
             *n += 1;
         return;
     }
-    __builtin_memcpy(&e->s, st, sizeof(*st));
+    __builtin_memcpy(&e->s, st, sizeof(struct water_state));
     e->ts_ns = now;
     e->tid = (u32)bpf_get_current_pid_tgid();
     e->trigger = trigger;
@@ -257,10 +282,77 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
     struct water_state *st = otw_state(sk, 0);
     if (!st)
         return 0;
+    u32 before = st->rcv_nxt;
+    int known = st->changes != 0;   /* rcv_nxt of an earlier event is in st */
     otw_refresh(sk, st);
-    otw_after_flow(st, OTW_TRIGGER_ARRIVAL, bpf_ktime_get_ns());
+    u64 now = bpf_ktime_get_ns();
+    if (!known || st->rcv_nxt != before) {
+        /* remember the arrival: what it brought ends at rcv_nxt; when the queue was empty
+         * before it (everything up to the previous rcv_nxt read), it starts at that */
+        struct water_arrivals *a = otw_arrivals(st);
+        u32 i = a->head & (OTW_ARRIVALS - 1);
+        int onto_empty = known && st->copied_seq == before;
+        a->ts_ns[i] = now;
+        a->seq[i] = st->rcv_nxt;
+        a->from[i] = onto_empty ? before : st->rcv_nxt;
+        a->head += 1;
+        if (onto_empty)
+            st->empty_arrival_ns = now;
+    }
+    otw_after_flow(st, OTW_TRIGGER_ARRIVAL, now);
     return 0;
 }
+
+#if OTW_GO_TP
+/* Inside a traced Go process's read(2) (it has the sampler's task storage): hand the sampler
+ * the socket key, the last arrival onto an empty queue, and the queue delay of the oldest byte
+ * this read returned, found among the socket's last OTW_ARRIVALS arrivals. */
+static __always_inline void otw_read_evidence(struct water_state *st, int ret, int flags,
+                                              u64 now)
+{
+    struct goread_task *ts = tasks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (!ts || !ts->enter_ns)
+        return;
+    u32 evf = OTW_EV_SOCKET;
+    ts->ev_sock_key = st->sock_key;
+    ts->ev_empty_arrival_ns = st->empty_arrival_ns;
+    ts->ev_qdelay_ns = 0;
+    if (ret > 0 && !(flags & OTW_MSG_PEEK)) {
+        struct water_arrivals *a = otw_arrivals(st);
+        u32 oldest = st->copied_seq - (u32)ret;   /* the first byte this read returned */
+        u32 n = a->head < OTW_ARRIVALS ? a->head : OTW_ARRIVALS;
+        u64 arrived = 0;
+        int exact = 0;
+#pragma unroll
+        for (int k = 0; k < OTW_ARRIVALS; k++) {
+            if (k >= n)
+                break;
+            u32 i = (a->head - n + k) & (OTW_ARRIVALS - 1);
+            if ((s32)(a->seq[i] - oldest) > 0) {   /* the first arrival that brought it */
+                arrived = a->ts_ns[i];
+                exact = (s32)(oldest - a->from[i]) >= 0;
+                break;
+            }
+        }
+        if (arrived && now >= arrived) {
+            u64 qd = now - arrived;
+            evf |= OTW_EV_QDELAY | (exact ? OTW_EV_EXACT : 0);
+            ts->ev_qdelay_ns = qd;
+            if (qd >= OTW_THRESHOLD_NS) {
+                if (now - a->qslow_window_ns >= 1000000000ULL) {
+                    a->qslow_window_ns = now;
+                    a->qslow_count = 0;
+                }
+                if (a->qslow_count < OTW_QSLOW_PER_S) {
+                    a->qslow_count += 1;
+                    evf |= OTW_EV_QSLOW_OK;
+                }
+            }
+        }
+    }
+    ts->ev_flags = evf;
+}
+#endif
 
 TRACEPOINT_PROBE(sock, sock_recv_length)
 {
@@ -278,7 +370,11 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
     if (!st->ino)
         st->ino = otw_sock_ino(sk);
     otw_refresh(sk, st);
-    otw_after_flow(st, OTW_TRIGGER_READ, bpf_ktime_get_ns());
+    u64 now = bpf_ktime_get_ns();
+#if OTW_GO_TP
+    otw_read_evidence(st, args->ret, args->flags, now);
+#endif
+    otw_after_flow(st, OTW_TRIGGER_READ, now);
     return 0;
 }
 
@@ -365,10 +461,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         return 0;
     }
     u64 key = (u64)sk;
-    struct water_state *st = socks.lookup(&key);
-    if (st) {
-        st->tcp_state = args->newstate;
-        st->fin = otw_fin(sk);
+    struct water_sock *ws = socks.lookup(&key);
+    if (ws) {
+        ws->s.tcp_state = args->newstate;
+        ws->s.fin = otw_fin(sk);
     }
     return 0;
 }

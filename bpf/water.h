@@ -12,6 +12,9 @@
 #define OTW_TRIGGER_OVERFLOW 3 /* drop: skb:kfree_skb with rx_sk, sock:sock_rcvqueue_full */
 #define OTW_TRIGGER_CLOSE 4    /* water left at close: TCP_CLOSE / tcp:tcp_destroy_sock */
 #define OTW_TRIGGER_PERIODIC 5 /* the user-space sweep of the socket table */
+#define OTW_TRIGGER_STANDING 6 /* water found in the kernel's socket table (sock_diag), no event yet */
+
+#define OTW_ARRIVALS 8         /* arrivals remembered per socket, for the queue delay of reads */
 
 /* TCP states (the kernel's enum, include/net/tcp_states.h: stable for decades; the loader
  * checks each against the running kernel's BTF before loading) */
@@ -35,6 +38,8 @@ struct water_state {
     u64 last_ts_ns;    /* CLOCK_MONOTONIC of the last event */
     u64 last_emit_ns;  /* last ring-buffer event for this socket */
     u64 changes;       /* events seen on this socket; the sweep reports sockets whose count moved */
+    u64 empty_arrival_ns; /* the last arrival that found the queue empty (all read): a reader
+                           * parked on this socket was woken by it */
     u8 laddr[16];      /* IPv6 form, IPv4 as ::ffff:a.b.c.d */
     u8 raddr[16];
     u32 pid;           /* tgid of the last process that read the socket, 0 before its first read */
@@ -59,6 +64,25 @@ struct water_state {
     char comm[16];     /* of the last reader */
     u8 fin;            /* the peer's FIN arrived (SOCK_DONE): rcv_nxt counts it, unread bytes do not */
     u8 _pad[3];
+};
+
+/* the last OTW_ARRIVALS arrivals of a socket: TCP delivers bytes in order, so the arrival that
+ * brought the oldest byte a read returns is the first whose seq (rcv_nxt after it) lies beyond
+ * that byte, and the read's queue delay is now minus its time */
+struct water_arrivals {
+    u64 ts_ns[OTW_ARRIVALS];   /* when (sk_data_ready) */
+    u64 qslow_window_ns;       /* start of the current second of queue-delay slow reads */
+    u32 seq[OTW_ARRIVALS];     /* rcv_nxt after it */
+    u32 from[OTW_ARRIVALS];    /* rcv_nxt before it when the queue was empty then, else = seq:
+                                * a byte in [from, seq) arrived exactly then */
+    u32 head;                  /* arrivals pushed so far; slot head % OTW_ARRIVALS is next */
+    u32 qslow_count;           /* queue-delay slow reads recorded in that second */
+};
+
+/* the `socks` map's value: the state (copied into snapshots) and the arrival ring (kernel-only) */
+struct water_sock {
+    struct water_state s;
+    struct water_arrivals a;
 };
 
 /* one snapshot on the ring buffer */

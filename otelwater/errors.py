@@ -12,8 +12,11 @@
     │   └── BinaryError                     not an ELF, not x86-64, not Go, no net.(*conn).Read
     └── RecordingError             exit 5   a malformed recording / input file
 
-Every command catches OtelwaterError in cli.py, prints ``otelwater: <message>`` to stderr and
-exits with the class's code: no traceback for anything the user can fix.
+Every command catches OtelwaterError in cli.py, prints ``otelwater: <message>; <fix>`` to stderr
+and exits with the class's code: no traceback for anything the user can fix. ``details`` holds
+what only `--verbose` prints (a compiler or verifier log, the cflags), before that line.
+Anything else that escapes a command is a bug: one line naming it and where to report it,
+exit 1 (the traceback with OTELWATER_DEBUG=1 or --verbose).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from __future__ import annotations
 class OtelwaterError(Exception):
     exit_code = 1
 
-    def __init__(self, message: str, fix: str | None = None):
+    def __init__(self, message: str, fix: str | None = None, *, details: str | None = None):
         self.message = message
         self.fix = fix
+        self.details = details
         super().__init__(self.one_line())
 
     def one_line(self) -> str:

@@ -29,8 +29,11 @@ def open_readers(go_binary, go_pids, probes, blocked_ns):
         return contextlib.nullcontext(None)
     from otelwater.probes.goread import GoReadOptions, GoReadSampler
 
+    # the tracepoint sampler is compiled into the water probe's program, which hands it each
+    # read's socket and queue evidence; the uprobe sampler runs as its own program
     return GoReadSampler(GoReadOptions(binary=go_binary, pids=frozenset(go_pids),
-                                       mechanism=probes, threshold_ns=blocked_ns))
+                                       mechanism=probes, threshold_ns=blocked_ns,
+                                       embed=probes == "tracepoint"))
 
 
 def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high_water,
@@ -41,8 +44,9 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                         ringbuf_pages=ringbuf_pages)
     what = describe(pids, ports, cgroups)
     board = WaterBoard()
-    with Stopper() as stopper, WaterProbe(opts) as water, \
-            open_readers(go_binary, go_pids, probes, blocked_ns) as readers:
+    with Stopper() as stopper, \
+            open_readers(go_binary, go_pids, probes, blocked_ns) as readers, \
+            WaterProbe(opts, readers=readers if probes == "tracepoint" else None) as water:
         if readers is not None:
             target = go_binary or "pid " + ",".join(map(str, go_pids))
             what += f"; Go reads of {target} by {probes}"

@@ -83,6 +83,8 @@ class ReadRecord:
     ts_arrival_ns: int | None = None    # parked: first arrival (sk_data_ready) on its socket
                                         # after the park began
     queue_delay_ns: int | None = None   # how long the oldest byte it returned stood in the queue
+    queue_delay_exact: bool | None = None  # False: a lower bound (the byte came before the
+                                           # arrivals the kernel remembers per socket)
 
     @property
     def duration_ns(self) -> int:

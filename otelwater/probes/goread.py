@@ -58,6 +58,8 @@ class GoReadOptions:
     ringbuf_pages: int = 64                 # ring buffer size in pages (power of two)
     max_procs: int = 64                     # tracepoint: processes with an array row of parks
     max_fds: int = 4096                     # tracepoint: fds per row (larger fds: LRU hash)
+    embed: bool = False                     # tracepoint: compiled into the water probe's
+                                            # program (WaterProbe(readers=...)), for evidence
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class GoReadStats:
     lost: int             # records the ring buffer could not take
     not_socket: int       # blocked reads on an fd that is not a TCP socket (no record)
     latency_sum_ns: int
+    queue_slow: int = 0          # reads that found data which had waited >= threshold: recorded
+    queue_slow_limited: int = 0  # ...beyond the per-socket rate: counted only
     histogram: tuple[tuple[int, int], ...] = field(default=())  # (upper bound ns, count), log2
 
     @property
@@ -217,6 +221,7 @@ class GoReadSampler:
     def __init__(self, opts: GoReadOptions):
         self.opts = opts
         self._bpfs: list = []                 # one BPF object (uprobe: one per binary)
+        self._owned = True                    # False when bound into the water probe's
         self._pending: list[ReadRecord] = []
         self._notices: list[Notice] = []
         self._said: set[tuple] = set()
@@ -242,7 +247,8 @@ class GoReadSampler:
         self.offsets = kernel_offsets(btf)
         try:
             if opts.mechanism == "tracepoint":
-                self._start_tracepoint()
+                if not opts.embed:
+                    self._bind_tracepoint(self._load("goread_tp.c", self.embed_cflags()))
             else:
                 self._start_uprobe()
         except BaseException:
@@ -260,6 +266,8 @@ class GoReadSampler:
                              "give --go-binary PATH or --go-pid PID")
         if o.binary and o.pids:
             raise UsageError("give a binary path or pids, not both")
+        if o.embed and o.mechanism != "tracepoint":
+            raise UsageError("only the tracepoint sampler can be compiled into the water probe")
         check_ringbuf_pages(o.ringbuf_pages)
         if o.threshold_ns < 0:
             raise UsageError(f"the blocked-read threshold must be >= 0, got {o.threshold_ns} ns")
@@ -303,19 +311,36 @@ class GoReadSampler:
         b = load_bpf(src, cflags, f"the Go read sampler ({src})")
         self._bpfs.append(b)
         try:
-            b["events"].open_ring_buffer(self._on_event)
+            b["read_events"].open_ring_buffer(self._on_event)
         except Exception as e:
             raise ProbeLoadError(f"cannot open the read ring buffer: {one_line(e)}") from e
         return b
 
-    def _start_tracepoint(self) -> None:
+    def embed_cflags(self) -> list[str]:
+        """The -D flags of bpf/goread_tp.c (alone, or compiled into bpf/water.c)."""
         o = self.opts
         flags = self._cflags() + [f"-DOTW_MAX_PROCS={o.max_procs}", f"-DOTW_MAX_FDS={o.max_fds}",
                                   f"-DOTW_TP_RET_OFF={_tp_ret_offset()}"]
         if o.binary:
-            flags += [f"-DOTW_EXEC_WATCH=1", f"-DOTW_EXEC_GOID_OFF={self._main_binary.goid_off}"]
+            flags += ["-DOTW_EXEC_WATCH=1", f"-DOTW_EXEC_GOID_OFF={self._main_binary.goid_off}"]
             flags += [f"-D{k}={v}" for k, v in exec_offsets(self._btf).items()]
-        b = self._load("goread_tp.c", flags)
+        return flags
+
+    def bind(self, b) -> None:
+        """Embedded: take the read sampler's maps in the water probe's program `b` (which the
+        water probe owns and detaches), set them up and attach the read tracepoints."""
+        if not self.opts.embed or self._bpfs:
+            raise ProbeLoadError("bind() is for a sampler made with embed=True, once")
+        self._bpfs.append(b)
+        self._owned = False
+        try:
+            b["read_events"].open_ring_buffer(self._on_event)
+        except Exception as e:
+            raise ProbeLoadError(f"cannot open the read ring buffer: {one_line(e)}") from e
+        self._bind_tracepoint(b)
+
+    def _bind_tracepoint(self, b) -> None:
+        o = self.opts
         self._procs = b["procs"]
         if o.binary:
             st = os.stat(self._main_binary.path)
@@ -488,6 +513,11 @@ class GoReadSampler:
             requested=e.requested, returned=e.returned, stack=stack,
             source=SOURCES.get(e.source, str(e.source)),
             comm=e.comm.decode(errors="replace"),
+            parked=bool(e.parked) if e.source == _D["OTW_SOURCE_TRACEPOINT"] else None,
+            ts_arrival_ns=int(e.arrival_ns) or None,
+            queue_delay_ns=int(e.queue_delay_ns) if e.evidence & _D["OTW_EV_QDELAY"] else None,
+            queue_delay_exact=(bool(e.evidence & _D["OTW_EV_EXACT"])
+                               if e.evidence & _D["OTW_EV_QDELAY"] else None),
         )
 
     def poll(self, max_records: int = POLL_BUDGET) -> list[ReadRecord]:
@@ -532,6 +562,7 @@ class GoReadSampler:
             parks=n[_D["OTW_CNT_PARKS"]], orphans=n[_D["OTW_CNT_ORPHAN"]],
             reentries=n[_D["OTW_CNT_REENTER"]], lost=n[_D["OTW_CNT_LOST"]],
             not_socket=n[_D["OTW_CNT_NOT_SOCKET"]], latency_sum_ns=n[_D["OTW_CNT_SUM_NS"]],
+            queue_slow=n[_D["OTW_CNT_QSLOW"]], queue_slow_limited=n[_D["OTW_CNT_QSLOW_LIMITED"]],
             histogram=tuple((1 << i, c) for i, c in enumerate(hist) if c),
         )
 
@@ -541,6 +572,8 @@ class GoReadSampler:
     # -- lifecycle -------------------------------------------------------------------------
     def _cleanup(self) -> None:
         bpfs, self._bpfs = self._bpfs, []
+        if not self._owned:
+            return  # embedded: the water probe detaches its program
         for b in bpfs:
             try:
                 b.cleanup()

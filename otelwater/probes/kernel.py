@@ -140,8 +140,11 @@ def cgroup_id(path: str) -> int:
 
 
 class WaterProbe:
-    def __init__(self, opts: WaterOptions = WaterOptions()):
+    def __init__(self, opts: WaterOptions = WaterOptions(), readers=None):
+        """readers: a GoReadSampler made with embed=True (tracepoints): it is compiled into
+        this program and bound to it, so each Go read carries its socket's evidence."""
         self.opts = opts
+        self.readers = readers
         self._bpf = None
         self._pending: list[WaterSnapshot] = []
         self._budget = POLL_BUDGET
@@ -157,15 +160,21 @@ class WaterProbe:
         check_tcp_states(btf)
         self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk(),
                                    sock_done_bit(btf))
+        if readers is not None:
+            self.cflags += ["-DOTW_GO_TP=1"] + [
+                f for f in readers.embed_cflags() if f not in self.cflags]
         self._load()
 
     # -- lifecycle -------------------------------------------------------------------------
     def _load(self) -> None:
-        self._bpf = load_bpf("water.c", self.cflags, "the kernel probe")
+        self._bpf = load_bpf("water.c", self.cflags, "the kernel probe",
+                             embed=("goread_tp.c",) if self.readers is not None else ())
         try:
             self._configure()
             self._bpf["events"].open_ring_buffer(self._on_event)
-        except Exception:
+            if self.readers is not None:
+                self.readers.bind(self._bpf)
+        except BaseException:
             self.close()
             raise
 
@@ -193,6 +202,14 @@ class WaterProbe:
         self._bpf["cfg"][ctypes.c_int(0)] = WaterCfg(self._generation)
 
     def close(self) -> None:
+        if self._bpf is not None:
+            try:
+                if self.readers is not None:
+                    self.readers.close()  # drains its ring buffer while the program lives
+            finally:
+                self._close_bpf()
+
+    def _close_bpf(self) -> None:
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()
@@ -252,7 +269,8 @@ class WaterProbe:
         now = time.monotonic_ns()
         out = []
         seen = {}
-        for k, st in self._bpf["socks"].items():
+        for k, ws in self._bpf["socks"].items():
+            st = ws.s
             if not st.watched:
                 continue
             seen[k.value] = st.changes

@@ -14,20 +14,24 @@ def offsets(struct):
 
 def test_water_state_layout_is_pinned():
     s = header("water.h").structs["water_state"]
-    assert ctypes.sizeof(s) == 152
+    assert ctypes.sizeof(s) == 160
     assert offsets(s) == {
         "sock_key": 0, "ino": 8, "last_ts_ns": 16, "last_emit_ns": 24, "changes": 32,
-        "laddr": 40, "raddr": 56, "pid": 72, "netns": 76, "level": 80, "volume": 84,
-        "capacity": 88, "backlog": 92, "drops": 96, "rcv_nxt": 100, "copied_seq": 104,
-        "peak_volume": 108, "drop_events": 112, "drop_reason": 116, "generation": 120,
-        "lport": 124, "rport": 126, "watched": 128, "above": 129, "tcp_state": 130,
-        "last_trigger": 131, "comm": 132, "fin": 148, "_pad": 149}
+        "empty_arrival_ns": 40, "laddr": 48, "raddr": 64, "pid": 80, "netns": 84, "level": 88,
+        "volume": 92, "capacity": 96, "backlog": 100, "drops": 104, "rcv_nxt": 108,
+        "copied_seq": 112, "peak_volume": 116, "drop_events": 120, "drop_reason": 124,
+        "generation": 128, "lport": 132, "rport": 134, "watched": 136, "above": 137,
+        "tcp_state": 138, "last_trigger": 139, "comm": 140, "fin": 156, "_pad": 157}
+    a = header("water.h").structs["water_arrivals"]
+    n = header("water.h").defines["OTW_ARRIVALS"]
+    assert ctypes.sizeof(a) == 8 * n + 8 + 4 * n * 2 + 8
+    assert ctypes.sizeof(header("water.h").structs["water_sock"]) == 160 + ctypes.sizeof(a)
 
 
 def test_water_event_layout_is_pinned():
     e = header("water.h").structs["water_event"]
-    assert ctypes.sizeof(e) == 168
-    assert offsets(e) == {"s": 0, "ts_ns": 152, "tid": 160, "trigger": 164, "_pad": 165}
+    assert ctypes.sizeof(e) == 176
+    assert offsets(e) == {"s": 0, "ts_ns": 160, "tid": 168, "trigger": 172, "_pad": 173}
 
 
 def test_every_struct_is_padded_explicitly():
@@ -44,7 +48,7 @@ def test_every_struct_is_padded_explicitly():
 
 def test_triggers_defined_once():
     assert header("water.h").defines_with_prefix("OTW_TRIGGER_") == {
-        "ARRIVAL": 1, "READ": 2, "OVERFLOW": 3, "CLOSE": 4, "PERIODIC": 5}
+        "ARRIVAL": 1, "READ": 2, "OVERFLOW": 3, "CLOSE": 4, "PERIODIC": 5, "STANDING": 6}
 
 
 def test_parser_rejects_what_it_does_not_understand():
@@ -57,11 +61,12 @@ def test_parser_rejects_what_it_does_not_understand():
 def test_goread_layouts_are_pinned():
     h = header("goread.h")
     e = h.structs["goread_event"]
-    assert ctypes.sizeof(e) == 352
+    assert ctypes.sizeof(e) == 368
     assert offsets(e) == {
         "ts_start_ns": 0, "ts_end_ns": 8, "goid": 16, "sock_key": 24, "returned": 32,
-        "requested": 40, "caller_ip": 48, "ips": 56, "stack_len": 312, "pid": 316, "tid": 320,
-        "fd": 324, "source": 328, "has_goid": 329, "_pad": 330, "comm": 336}
+        "requested": 40, "caller_ip": 48, "arrival_ns": 56, "queue_delay_ns": 64, "ips": 72,
+        "stack_len": 328, "pid": 332, "tid": 336, "fd": 340, "source": 344, "has_goid": 345,
+        "parked": 346, "evidence": 347, "_pad": 348, "comm": 352}
     assert ctypes.sizeof(h.structs["goread_proc"]) == 16
     assert offsets(h.structs["goread_proc"]) == {"slot": 0, "gen": 4, "goid_off": 8, "_pad": 12}
     assert offsets(h.structs["goread_park"]) == {"start_ns": 0, "g": 8, "gen": 16, "_pad": 20}
