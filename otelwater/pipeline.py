@@ -107,3 +107,67 @@ class WatchLoop:
             if self.duration_s is not None:
                 wait = max(0.0, min(wait, t0 + self.duration_s - time.monotonic()))
             stopper.event.wait(wait)
+
+
+class Analysis:
+    """The pure stages between the probes and the sinks, in one place so every sink (live
+    view, JSON Lines, recording, export) sees the same records:
+
+        batch (snapshots, reads, lost, notices; time order)
+          -> alert stage: the same records, each rule transition right after its cause
+          -> rain-water gauges: a socket's figure when it closes
+          -> correlator: a verdict for every slow read once the watermark has passed it
+
+    process() takes each batch; finish() flushes the reads still pending at the end."""
+
+    def __init__(self, config=None, start_ns: int | None = None):
+        from otelwater.alerts.stage import AlertStage
+        from otelwater.analysis.rainwater import RainGauges
+        from otelwater.config import Config
+        from otelwater.correlate import Correlator, CorrelatorConfig
+
+        cfg = config or Config()
+        self.config = cfg
+        self.alerts = AlertStage(cfg.alerts)
+        self.rain = RainGauges(cfg.rainwater.samples, cfg.rainwater.series)
+        c = cfg.correlate
+        self.correlator = Correlator(CorrelatorConfig(
+            window_ns=c.window_ns, slow_ns=c.threshold_ns, run_ns=c.run_threshold_ns),
+            start_ns=start_ns)
+        self.closed_rain: dict = {}     # sock_key -> RainFigure taken at close (bounded)
+        self.rain_kept = 65536
+
+    def process(self, batch: list) -> list:
+        from otelwater.events.model import WaterSnapshot
+
+        out = self.alerts.feed(batch)
+        for r in batch:
+            if isinstance(r, WaterSnapshot):
+                figure = self.rain.add(r)
+                if figure is not None:
+                    self.closed_rain[r.sock_key] = figure
+                    if len(self.closed_rain) > self.rain_kept:
+                        self.closed_rain.pop(next(iter(self.closed_rain)))
+        out.extend(self.correlator.feed(batch))
+        return out
+
+    def socket_summaries(self) -> list[dict]:
+        """Per socket: verdict counts, percentiles, peak water, drops (the correlator's), and
+        the rain-water figure (live sockets', or the one taken at close)."""
+        out = []
+        for key, s in self.correlator.summaries.sockets.items():
+            d = s.to_json(self.correlator.config.dominance)
+            fig = self.rain.figure(key) or self.closed_rain.get(key)
+            d["rain_water"] = fig.to_json() if fig is not None else None
+            out.append(d)
+        return out
+
+    def reader_summaries(self) -> list[dict]:
+        c = self.correlator
+        return [r.to_json(c.config.dominance) for r in c.summaries.readers.values()]
+
+    def expire(self, now_ns: int) -> list:
+        return self.alerts.expire(now_ns)
+
+    def finish(self) -> list:
+        return self.correlator.finish()

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 from otelwater.events.model import LostEvents, Notice, ReadRecord, WaterSnapshot
 from otelwater.export.jsonl import JsonLinesSink
 from otelwater.export.live import LiveView, WaterBoard
-from otelwater.pipeline import Stopper, WatchLoop
+from otelwater.alerts.stage import AlertTransition
+from otelwater.events.verdict import Verdict
+from otelwater.pipeline import Analysis, Stopper, WatchLoop
 from otelwater.probes.kernel import WaterOptions, WaterProbe
 
 
@@ -38,7 +41,12 @@ def open_readers(go_binary, go_pids, probes, blocked_ns):
 
 def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high_water,
               ringbuf_pages, rows, go_binary=None, go_pids=(), probes="tracepoint",
-              blocked_ns=1_000_000) -> None:
+              blocked_ns=None, config=None) -> None:
+    from otelwater.config import Config
+
+    config = config or Config()
+    if blocked_ns is None:
+        blocked_ns = config.correlate.threshold_ns
     opts = WaterOptions(ports=frozenset(ports), pids=frozenset(pids),
                         cgroups=frozenset(cgroups), follow=follow, high_water=high_water,
                         ringbuf_pages=ringbuf_pages)
@@ -47,12 +55,15 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
     with Stopper() as stopper, \
             open_readers(go_binary, go_pids, probes, blocked_ns) as readers, \
             WaterProbe(opts, readers=readers if probes == "tracepoint" else None) as water:
+        # reads that began before this moment are "unknown": their start was not seen
+        analysis = Analysis(config, start_ns=time.monotonic_ns())
         if readers is not None:
             target = go_binary or "pid " + ",".join(map(str, go_pids))
             what += f"; Go reads of {target} by {probes}"
         print(f"Tracing TCP receive queues ({what}) with eBPF tracepoints"
               + (f" for {duration:g}s" if duration else "") + ". Ctrl-C to stop.",
               file=sys.stderr, flush=True)
+        verdicts: dict[str, int] = {}
 
         def count(records):
             for r in records:
@@ -60,6 +71,11 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                     board.add(r)
                 elif isinstance(r, ReadRecord):
                     board.add_read(r)
+                elif isinstance(r, Verdict):
+                    board.add_verdict(r)
+                    verdicts[r.verdict] = verdicts.get(r.verdict, 0) + 1
+                elif isinstance(r, AlertTransition):
+                    board.add_alert(r)
                 elif isinstance(r, LostEvents):
                     board.lost_by_probe[r.probe] = r.lost_total
                 elif isinstance(r, Notice):
@@ -69,25 +85,49 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
             sink = JsonLinesSink()
 
             def on_records(records):
+                records = analysis.process(records)
                 count(records)
                 sink.write(records)
 
             loop = WatchLoop(water, on_records, interval_s=interval, duration_s=duration,
                              readers=readers)
             loop.run(stopper)
+            last = analysis.finish()
+            count(last)
+            sink.write(last)
+            sink.write(_Summaries(analysis))
         else:
             with LiveView(f"otelwater watch: {what}", rows=rows) as view:
-                loop = WatchLoop(water, count, lambda: view.show(board), interval_s=interval,
+                loop = WatchLoop(water, lambda rs: count(analysis.process(rs)),
+                                 lambda: view.show(board), interval_s=interval,
                                  duration_s=duration, readers=readers)
                 loop.run(stopper)
+                count(analysis.finish())
+                view.show(board)
         if readers is not None:
             st = readers.stats()
-            reads = (f", {st.reads} Go reads ({st.blocked} blocked, mean "
-                     f"{st.mean_latency_ns / 1e3:.0f} us)")
+            reads = (f", {st.reads} Go reads ({st.blocked} blocked, {st.queue_slow} found "
+                     f"data that waited; mean {st.mean_latency_ns / 1e3:.0f} us)")
+            if verdicts:
+                reads += "; slow reads: " + ", ".join(
+                    f"{n} {v}" for v, n in sorted(verdicts.items(), key=lambda x: -x[1]))
         else:
             reads = ""
     print(f"otelwater: {board.records} snapshots{reads}, {board.lost} lost records; "
           f"{own_cost()}", file=sys.stderr)
+
+
+class _Summary:
+    def __init__(self, d: dict):
+        self.d = d
+
+    def to_json(self) -> dict:
+        return self.d
+
+
+def _Summaries(analysis) -> list:
+    """The per-socket and per-reader summaries, as records for the JSON Lines sink."""
+    return [_Summary(d) for d in analysis.socket_summaries() + analysis.reader_summaries()]
 
 
 def own_cost() -> str:

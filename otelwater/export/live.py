@@ -14,10 +14,11 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from otelwater.alerts.rules import AlertRules
 from otelwater.events.model import ReadRecord, WaterSnapshot
 
-ALERT_MARKS = {"water_level": "L", "fill_ratio": "F", "surge": "S"}
+ALERT_MARKS = {"water_level": "L", "fill_ratio": "F", "surge": "S", "read_skew": "K"}
+VERDICT_CODES = {"peer-starved": "PEER", "runtime-starved": "RUN", "consumer-lagging": "LAG",
+                 "unknown": "?"}
 
 
 def human_bytes(n: int) -> str:
@@ -60,6 +61,19 @@ class ReaderSummary:
     max_ns: int = 0
     caller: str = ""
     last_end_ns: int = 0
+    verdicts: dict[str, int] = field(default_factory=dict)
+    last_verdict: str = ""
+    last_split: str = ""      # the last slow read's figures: peer/run waits, or queue delay
+
+    def add_verdict(self, v) -> None:
+        self.verdicts[v.verdict] = self.verdicts.get(v.verdict, 0) + 1
+        self.last_verdict = v.verdict
+        if v.wait_peer_ns is not None and v.wait_run_ns is not None:
+            self.last_split = f"p{ms(v.wait_peer_ns)} r{ms(v.wait_run_ns)}"
+        elif v.queue_delay_ns is not None:
+            self.last_split = f"q{ms(v.queue_delay_ns)}"
+        else:
+            self.last_split = ""
 
     def add(self, rec: ReadRecord) -> None:
         self.blocked += 1
@@ -75,37 +89,54 @@ class ReaderSummary:
 class WaterBoard:
     """Latest state per socket, recent closes, alert marks and counters: what the view shows."""
 
-    alerts: AlertRules = field(default_factory=AlertRules)
+    alerts: dict[int, dict[str, str]] = field(default_factory=dict)  # sock_key -> rule -> sev
+    process_alerts: dict[int, dict[str, str]] = field(default_factory=dict)  # pid -> ...
     sockets: dict[int, WaterSnapshot] = field(default_factory=dict)
     closes: deque = field(default_factory=lambda: deque(maxlen=5))
     records: int = 0
     started: float = field(default_factory=time.monotonic)
     readers: dict[tuple[int, int], "ReaderSummary"] = field(default_factory=dict)
     lost_by_probe: dict[str, int] = field(default_factory=dict)  # probe -> lost_total
+    legend: str = "alerts: L level>100  F fill>80%  S level surge (var>50)  K read skew"
 
     @property
     def lost(self) -> int:
         return sum(self.lost_by_probe.values())
 
     def add_read(self, rec: ReadRecord) -> None:
+        self._reader(rec).add(rec)
+
+    def _reader(self, rec: ReadRecord) -> "ReaderSummary":
         key = (rec.pid, rec.goid if rec.goid is not None else -rec.fd)
         r = self.readers.get(key)
         if r is None:
             r = self.readers[key] = ReaderSummary(rec.pid, rec.goid, rec.fd, rec.sock_key)
-        r.add(rec)
+        return r
 
-    def add(self, snap: WaterSnapshot) -> list[tuple[str, str, float]]:
+    def add_verdict(self, v) -> None:
+        self._reader(v.read).add_verdict(v)
+
+    def add_alert(self, t) -> None:
+        """An AlertTransition from the alert stage (the one place rules are evaluated)."""
+        table = self.alerts if t.sock_key else self.process_alerts
+        key = t.sock_key or t.pid
+        active = table.setdefault(key, {})
+        if t.state == "fired":
+            active[t.rule] = t.severity
+        else:
+            active.pop(t.rule, None)
+            if not active:
+                table.pop(key, None)
+
+    def add(self, snap: WaterSnapshot) -> None:
         self.records += 1
         closed = snap.trigger == "close"
-        changes = self.alerts.update(snap.sock_key, snap.level, snap.volume, snap.capacity,
-                                     closed=closed)
         if closed:
             self.sockets.pop(snap.sock_key, None)
             if snap.unread_bytes:
                 self.closes.append(snap)
         else:
             self.sockets[snap.sock_key] = snap
-        return changes
 
     def top(self, n: int) -> list[WaterSnapshot]:
         return sorted(self.sockets.values(), key=lambda s: (s.unread_bytes, s.volume),
@@ -120,7 +151,7 @@ def render(board: WaterBoard, rows: int = 15, title: str = "") -> Group:
                        ("DROP", "right"), ("!", "left")):
         t.add_column(name, justify=just, no_wrap=True)
     for s in board.top(rows):
-        marks = "".join(ALERT_MARKS[a] for a in sorted(board.alerts.active(s.sock_key)))
+        marks = "".join(ALERT_MARKS.get(a, "?") for a in sorted(board.alerts.get(s.sock_key, {})))
         t.add_row(str(s.pid or "-"), (s.comm or "?")[:8], str(s.lport),
                   endpoint(s.raddr, s.rport)[:21], str(s.level), human_bytes(s.volume),
                   human_bytes(s.unread_bytes), human_bytes(s.capacity),
@@ -137,23 +168,28 @@ def render(board: WaterBoard, rows: int = 15, title: str = "") -> Group:
     if board.readers:
         r = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1, 0, 0))
         for name, just in (("PID", "right"), ("GOID", "right"), ("FD", "right"),
-                           ("PORT", "right"), ("BLK", "right"), ("LAST", "right"),
-                           ("MAX", "right"), ("CALLER", "left")):
+                           ("PORT", "right"), ("SLOW", "right"), ("MAX", "right"),
+                           ("WHY", "left"), ("WAIT", "left"), ("CALLER", "left")):
             r.add_column(name, justify=just, no_wrap=True)
         recent = sorted(board.readers.values(), key=lambda x: x.last_end_ns, reverse=True)
         for x in recent[:rows]:
             sock = board.sockets.get(x.sock_key)
+            why = VERDICT_CODES.get(x.last_verdict, "")
+            skew = board.process_alerts.get(x.pid, {}).get("read_skew")
             r.add_row(str(x.pid), str(x.goid) if x.goid is not None else "-", str(x.fd),
-                      str(sock.lport) if sock else "-", str(x.blocked), ms(x.last_ns),
-                      ms(x.max_ns), x.caller[:38])
-        parts.append(Text("Go readers (blocked reads):", style="bold"))
+                      str(sock.lport) if sock else "-", str(x.blocked), ms(x.max_ns),
+                      Text(why + ("!" if skew else ""), style="bold" if why else ""),
+                      x.last_split[:15], x.caller[:24])
+        parts.append(Text("Go readers (slow reads; WHY: PEER waited for the peer, RUN data "
+                          "came but it did not run, LAG data stood in the queue, ? unknown)",
+                          style="bold"))
         parts.append(r)
     if board.closes:
         parts.append(Text("water left at close:", style="bold"))
         for c in board.closes:
             parts.append(Text(f"  {c.pid or '-'} {c.comm[:12]} {endpoint(c.laddr, c.lport)} -> "
                               f"{endpoint(c.raddr, c.rport)}  {c.unread_bytes} bytes unread"))
-    parts.append(Text("alerts: L level>100  F fill>80%  S level surge (var>50)", style="dim"))
+    parts.append(Text(board.legend, style="dim"))
     return Group(*parts)
 
 

@@ -47,6 +47,7 @@ class WaterOptions:
     low_water: int | None = None            # default: half of high water
     ringbuf_pages: int = 64                 # ring buffer size in pages (power of two)
     max_sockets: int = 65536
+    seed: bool = True                       # report standing water from sock_diag at start
 
 
 def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool,
@@ -153,6 +154,8 @@ class WaterProbe:
         self._owners = OwnerResolver()
         self._inodes: set[int] = set()
         self._generation = 0
+        self._standing = None
+        self._seeded = False
         from otelwater.probes.btf import drop_reasons, kernel_offsets
         btf = running_kernel_btf()
         self.offsets = kernel_offsets(btf)
@@ -179,6 +182,10 @@ class WaterProbe:
             raise
 
     def _configure(self) -> None:
+        if self.opts.seed:
+            from otelwater.sockdiag import StandingWater
+
+            self._standing = StandingWater(self.opts.ports, self.opts.pids, self.opts.cgroups)
         b = self._bpf
         if self.opts.ports:
             t = b["watch_ports"]
@@ -209,7 +216,13 @@ class WaterProbe:
             finally:
                 self._close_bpf()
 
+    def _close_standing(self) -> None:
+        if self._standing is not None:
+            self._standing.close()
+            self._standing = None
+
     def _close_bpf(self) -> None:
+        self._close_standing()
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()
@@ -261,6 +274,11 @@ class WaterProbe:
         self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
         self.backlogged = len(out) >= max_records
+        if self._standing is not None and not self._seeded:
+            # sockets already holding water when we started make no event while their
+            # reader is stuck: the kernel's socket table tells them at once
+            self._seeded = True
+            out = self._standing.scan(time.monotonic_ns()) + out
         return out
 
     def sweep(self, all_sockets: bool = False) -> list[WaterSnapshot]:
@@ -269,16 +287,21 @@ class WaterProbe:
         now = time.monotonic_ns()
         out = []
         seen = {}
+        keys = set()
         for k, ws in self._bpf["socks"].items():
             st = ws.s
             if not st.watched:
                 continue
             seen[k.value] = st.changes
+            keys.add(st.sock_key)
             if not all_sockets and self._seen_changes.get(k.value) == st.changes:
                 continue
             owner = self._owners.owner(st.ino) if not st.pid else None
             out.append(snapshot_from_state(st, now, 0, TRIGGER_PERIODIC, self.drop_names, owner))
         self._seen_changes = seen
+        if self._standing is not None and self._seeded:
+            # standing water the probe has seen no event of: reported again on every sweep
+            out += self._standing.sweep(now, self._standing.keys - keys)
         return out
 
     def lost_total(self) -> int:

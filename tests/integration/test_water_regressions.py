@@ -221,3 +221,28 @@ def test_follow_under_load_keeps_output_signals_and_duration_on_schedule(tmp_pat
     finally:
         load.kill()
         load.wait()
+
+
+def test_watch_reports_a_stuck_socket_at_once_and_on_every_sweep():
+    # Given a socket holding 50 KB that nobody reads and nothing moves, before the watch
+    pair = Pair().connect()
+    pair.client.sendall(b"s" * 50_000)
+    inq = pair.wait_still()
+    assert inq == 50_000
+    key = fd_sock_keys(os.getpid())[pair.server.fileno()]
+    try:
+        # When otelwater watches its port for 2.5 s with 0.5 s sweeps
+        out = subprocess.run(OTELWATER + ["watch", "-P", str(pair.port), "--json", "-d", "2.5",
+                                          "-i", "0.5"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60)
+        assert out.returncode == 0, out.stderr
+        recs = [json.loads(ln) for ln in out.stdout.splitlines()]
+        standing = [r for r in recs if r.get("trigger") == "standing"]
+        # Then the first record says so, with SIOCINQ's bytes and the socket's real key
+        first = next(r for r in recs if r["type"] == "snapshot")
+        assert first["trigger"] == "standing"
+        assert first["sock_key"] == f"{key:016x}" and first["unread_bytes"] == inq
+        # and every sweep says it again while nothing moves
+        assert len([r for r in standing if r["sock_key"] == f"{key:016x}"]) >= 4
+    finally:
+        pair.close()
