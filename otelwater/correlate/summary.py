@@ -1,0 +1,232 @@
+"""Per-socket and per-reader summaries of the correlated reads, in bounded memory.
+
+Percentiles come from ``LogSketch``: log-linear buckets, 16 per power of two (values below 32
+exact), so a reported percentile is the top of the bucket holding it: at most 1/16 (6.25%)
+above the exact value, never below, and never above the largest value seen. At most ~1,000
+buckets per sketch, whatever the number of values.
+
+A socket's (or reader's) verdict is the cause of at least ``dominance`` (default 0.6) of its
+slow reads, ``mixed`` when no cause reaches it, ``None`` with no slow reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from otelwater.events.model import ReadRecord, WaterSnapshot
+from otelwater.events.verdict import VERDICTS
+from otelwater.sockkey import format_key
+
+MIXED = "mixed"
+_SUB = 4                     # 2**4 sub-buckets per power of two
+_EXACT = 1 << (_SUB + 1)     # values below this have their own bucket
+
+
+def _bucket(v: int) -> int:
+    if v < _EXACT:
+        return v
+    shift = v.bit_length() - _SUB - 1
+    return _EXACT + (shift - 1) * (1 << _SUB) + ((v >> shift) - (1 << _SUB))
+
+
+def _bucket_top(i: int) -> int:
+    if i < _EXACT:
+        return i
+    shift, m = divmod(i - _EXACT, 1 << _SUB)
+    shift += 1
+    return (((1 << _SUB) + m + 1) << shift) - 1
+
+
+class LogSketch:
+    """Counts of non-negative integers in log-linear buckets; quantiles within +6.25%."""
+
+    __slots__ = ("counts", "n", "max")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.n = 0
+        self.max = 0
+
+    def add(self, v: int) -> None:
+        if v < 0:
+            v = 0
+        b = _bucket(v)
+        self.counts[b] = self.counts.get(b, 0) + 1
+        self.n += 1
+        if v > self.max:
+            self.max = v
+
+    def quantile(self, q: float) -> int | None:
+        if not self.n:
+            return None
+        rank = max(1, math.ceil(round(q * self.n, 9)))    # nearest-rank, at least 1
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= rank:
+                return min(_bucket_top(b), self.max)
+        return self.max
+
+    def to_json(self) -> dict:
+        return {"count": self.n, "p50": self.quantile(0.5), "p90": self.quantile(0.9),
+                "p99": self.quantile(0.99), "max": self.max if self.n else None}
+
+
+def dominant(counts: dict[str, int], dominance: float) -> str | None:
+    total = sum(counts.values())
+    if not total:
+        return None
+    cause, n = max(counts.items(), key=lambda kv: kv[1])
+    return cause if n >= dominance * total else MIXED
+
+
+class _Figures:
+    """What socket and reader summaries share: read counts, verdicts, delay sketches."""
+
+    __slots__ = ("reads", "slow_reads", "verdicts", "queue_delay", "wait_run", "wait_peer")
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.slow_reads = 0
+        self.verdicts = dict.fromkeys(VERDICTS, 0)
+        self.queue_delay = LogSketch()
+        self.wait_run = LogSketch()
+        self.wait_peer = LogSketch()
+
+    def add_read(self, read: ReadRecord, verdict: str | None, wait_peer: int | None,
+                 wait_run: int | None) -> None:
+        self.reads += 1
+        if verdict is not None:
+            self.slow_reads += 1
+            self.verdicts[verdict] += 1
+        if read.queue_delay_ns is not None:
+            self.queue_delay.add(read.queue_delay_ns)
+        if wait_run is not None:
+            self.wait_run.add(wait_run)
+            self.wait_peer.add(wait_peer)
+
+    def figures_json(self, dominance: float) -> dict:
+        return {"reads": self.reads, "slow_reads": self.slow_reads,
+                "verdicts": dict(self.verdicts),
+                "verdict": dominant(self.verdicts, dominance),
+                "queue_delay_ns": self.queue_delay.to_json(),
+                "wait_run_ns": self.wait_run.to_json(),
+                "wait_peer_ns": self.wait_peer.to_json()}
+
+
+class SocketSummary(_Figures):
+    __slots__ = ("sock_key", "last", "snapshots", "peak_volume", "peak_level",
+                 "first_drops", "max_drops")
+
+    def __init__(self, sock_key: int) -> None:
+        super().__init__()
+        self.sock_key = sock_key
+        self.last: WaterSnapshot | None = None    # identity (ports, pid, comm) for display
+        self.snapshots = 0
+        self.peak_volume = 0
+        self.peak_level = 0
+        self.first_drops: int | None = None
+        self.max_drops = 0
+
+    def add_snapshot(self, s: WaterSnapshot) -> None:
+        self.snapshots += 1
+        self.last = s
+        if s.volume > self.peak_volume:
+            self.peak_volume = s.volume
+        if s.level > self.peak_level:
+            self.peak_level = s.level
+        if self.first_drops is None:
+            self.first_drops = self.max_drops = s.drops
+        elif s.drops > self.max_drops:
+            self.max_drops = s.drops
+
+    @property
+    def drops(self) -> int:
+        """Drops while watched: the largest ``sk_drops`` seen minus the first."""
+        return 0 if self.first_drops is None else self.max_drops - self.first_drops
+
+    def to_json(self, dominance: float = 0.6) -> dict:
+        d = {"type": "socket_summary", "sock_key": format_key(self.sock_key)}
+        if self.last is not None:
+            s = self.last
+            d.update(pid=s.pid, comm=s.comm, laddr=s.laddr, lport=s.lport, raddr=s.raddr,
+                     rport=s.rport)
+        d.update(snapshots=self.snapshots, peak_volume=self.peak_volume,
+                 peak_level=self.peak_level, drops=self.drops)
+        d.update(self.figures_json(dominance))
+        return d
+
+
+class ReaderSummary(_Figures):
+    __slots__ = ("pid", "goid", "comm", "last_sock_key")
+
+    def __init__(self, pid: int, goid: int | None) -> None:
+        super().__init__()
+        self.pid = pid
+        self.goid = goid
+        self.comm = ""
+        self.last_sock_key = 0
+
+    def to_json(self, dominance: float = 0.6) -> dict:
+        d = {"type": "reader_summary", "pid": self.pid, "goid": self.goid, "comm": self.comm,
+             "last_sock_key": format_key(self.last_sock_key)}
+        d.update(self.figures_json(dominance))
+        return d
+
+
+class Summaries:
+    """Socket and reader summaries, each table capped at ``max_entries`` (LRU, counted)."""
+
+    def __init__(self, max_entries: int = 65536, dominance: float = 0.6) -> None:
+        self.max_entries = max_entries
+        self.dominance = dominance
+        self.sockets: OrderedDict[int, SocketSummary] = OrderedDict()
+        self.readers: OrderedDict[tuple[int, int | None], ReaderSummary] = OrderedDict()
+        self.sockets_evicted = 0
+        self.readers_evicted = 0
+
+    def socket(self, key: int) -> SocketSummary:
+        s = self.sockets.get(key)
+        if s is None:
+            s = self.sockets[key] = SocketSummary(key)
+            if len(self.sockets) > self.max_entries:
+                self.sockets.popitem(last=False)
+                self.sockets_evicted += 1
+        else:
+            self.sockets.move_to_end(key)
+        return s
+
+    def keep_socket(self, s: SocketSummary) -> SocketSummary:
+        """Mark ``s`` used; if it was evicted meanwhile, the socket's summary now in the table
+        (``s`` put back, or the newer one a read made since)."""
+        now = self.sockets.get(s.sock_key)
+        if now is None:
+            self.sockets[s.sock_key] = now = s
+            if len(self.sockets) > self.max_entries:
+                self.sockets.popitem(last=False)
+                self.sockets_evicted += 1
+        else:
+            self.sockets.move_to_end(s.sock_key)
+        return now
+
+    def reader(self, pid: int, goid: int | None) -> ReaderSummary:
+        k = (pid, goid)
+        r = self.readers.get(k)
+        if r is None:
+            r = self.readers[k] = ReaderSummary(pid, goid)
+            if len(self.readers) > self.max_entries:
+                self.readers.popitem(last=False)
+                self.readers_evicted += 1
+        else:
+            self.readers.move_to_end(k)
+        return r
+
+    def add_read(self, read: ReadRecord, verdict: str | None, wait_peer: int | None,
+                 wait_run: int | None) -> None:
+        if read.sock_key:
+            self.socket(read.sock_key).add_read(read, verdict, wait_peer, wait_run)
+        r = self.reader(read.pid, read.goid)
+        r.comm = read.comm or r.comm
+        r.last_sock_key = read.sock_key
+        r.add_read(read, verdict, wait_peer, wait_run)
