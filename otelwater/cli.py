@@ -1,14 +1,121 @@
-"""Command line: argument parsing and exit codes only; the work lives in the stage modules."""
+"""Command line: argument parsing and exit codes only; the work lives in the stage modules.
+
+Every value is checked here, before anything is attached: a bad one is one line
+``otelwater: <problem>; <fix>`` and exit 2 (usage) or 4 (bad target), click's own usage
+errors included. Anything else escaping a command is a bug: one line naming it and where to
+report it, exit 1; OTELWATER_DEBUG=1 or --verbose shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import sys
 
 import click
 
 from otelwater import __version__
-from otelwater.errors import NoSuchProcess, OtelwaterError, UsageError
+from otelwater.errors import (BinaryError, NoSuchProcess, OtelwaterError, TargetError,
+                              UsageError)
+
+CGROUP2_SUPER_MAGIC = 0x63677270
+MAX_BLOCKED_MS = 86_400_000          # a day; the kernel's threshold is u64 nanoseconds
+MAX_HIGH_WATER = 2**32 - 1           # u32 in the kernel
+VERBOSE = "otelwater.verbose"        # ctx.meta key (meta is shared by every context)
+
+
+def issues_url() -> str:
+    """Where bugs go: the package's Issues/Source URL when its metadata has one."""
+    try:
+        from importlib.metadata import metadata
+
+        urls = metadata("otelwater").get_all("Project-URL") or []
+    except Exception:  # noqa: BLE001 - not installed: no URL to name
+        urls = []
+    for label in ("issues", "bug", "source", "repository", "homepage"):
+        for entry in urls:
+            name, _, url = entry.partition(",")
+            if label in name.lower() and url.strip():
+                return url.strip()
+    return "the otelwater issue tracker"
+
+
+def debugging(ctx: click.Context | None) -> bool:
+    return (os.environ.get("OTELWATER_DEBUG", "") not in ("", "0")
+            or bool(ctx is not None and ctx.meta.get(VERBOSE)))
+
+
+def _set_verbose(ctx, _param, value):
+    if value:
+        ctx.meta[VERBOSE] = True
+
+
+def verbose_option(f):
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
+                        callback=_set_verbose,
+                        help="On a failure, print the details: BCC's whole compiler/verifier "
+                        "output and the cflags when a BPF program does not load, and the "
+                        "traceback of an internal error (also: OTELWATER_DEBUG=1).")(f)
+
+
+class _OneLine(click.ClickException):
+    """An error already worded for the user: shown as `otelwater: <line>`."""
+
+    def __init__(self, line: str, exit_code: int):
+        super().__init__(line)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"otelwater: {self.message}", err=True)
+
+
+def _usage_line(e: click.UsageError) -> _OneLine:
+    msg = " ".join(e.format_message().split()).rstrip(".")
+    msg = msg[:1].lower() + msg[1:]
+    path = e.ctx.command_path if e.ctx is not None else "otelwater"
+    fix = getattr(e, "fix", None) or f"see '{path} --help'"
+    return _OneLine(f"{msg}; {fix}", e.exit_code)
+
+
+def _bad(message: str, fix: str | None, param, ctx) -> click.BadParameter:
+    e = click.BadParameter(message, ctx=ctx, param=param)
+    e.fix = fix
+    return e
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (nan compares False with every bound)."""
+
+    def __init__(self, *args, fix: str | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.fix = fix
+
+    def convert(self, value, param, ctx):
+        try:
+            rv = super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            e.fix = self.fix
+            raise
+        if not math.isfinite(rv):
+            raise _bad(f"{value!r} is not a finite number", self.fix, param, ctx)
+        return rv
+
+
+class IntRangeFix(click.IntRange):
+    """An IntRange whose error carries a fix."""
+
+    def __init__(self, *args, fix: str | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.fix = fix
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            e.fix = self.fix
+            raise
+
 
 WATCH_EPILOG = """
 \b
@@ -32,28 +139,54 @@ fd, sock_key, requested, returned, stack, source).
 
 
 class Group(click.Group):
-    """Turns every OtelwaterError into one line on stderr and its exit code."""
+    """Turns every OtelwaterError and click usage error into one line on stderr and its exit
+    code, and any other exception into one line naming it (exit 1) unless debugging."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:  # the group's own options
+            raise _usage_line(e) from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except OtelwaterError as e:
-            click.echo(f"otelwater: {e.one_line()}", err=True)
-            ctx.exit(e.exit_code)
+            if e.details and debugging(ctx):
+                click.echo(e.details, err=True)
+            raise _OneLine(e.one_line(), e.exit_code) from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:  # a command's options and arguments
+            raise _usage_line(e) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise
+        except Exception as e:
+            if debugging(ctx):
+                raise
+            text = " ".join(str(e).split())
+            raise _OneLine(f"internal error: {type(e).__name__}" + (f": {text}" if text else "")
+                           + f"; report this at {issues_url()} with the traceback "
+                           "(rerun with --verbose)", 1) from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
                                           "max_content_width": 100})
 @click.version_option(__version__, prog_name="otelwater")
+@verbose_option
 def main():
     """Why are a Go service's TCP reads slow? otelwater watches every TCP socket's kernel
     receive queue (its "water level") with eBPF and the Go reads that drain it.
 
-    Start with `otelwater doctor`, then `otelwater watch`.
+    Start with `otelwater doctor`, then `otelwater watch`. Errors are one line with the fix;
+    add --verbose (here or after a command) for the details.
     """
 
 
 @main.command()
+@verbose_option
 def doctor():
     """Check that this host can run otelwater's probes, and say how to fix what is missing.
 
@@ -76,8 +209,81 @@ def doctor():
 
 def _check_pids(pids):
     for pid in pids:
-        if not os.path.exists(f"/proc/{pid}"):
+        if pid < 1 or not os.path.exists(f"/proc/{pid}"):
             raise NoSuchProcess(f"no process with pid {pid}", "check the pid with ps or pgrep")
+
+
+def _fs_magic(path: str) -> int:
+    """statfs(2)'s f_type: which filesystem a path lives on."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(512)  # struct statfs: 120 bytes on x86-64, f_type first
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def cgroup2_mounts() -> list[str]:
+    """Mount points of the cgroup v2 hierarchy in this mount namespace."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields, _, fs = line.partition(" - ")
+                if fs.split()[:1] == ["cgroup2"]:
+                    out.append(fields.split()[4].replace("\\040", " "))
+    except OSError:
+        pass
+    return out
+
+
+def _check_cgroups(cgroups):
+    for d in cgroups:
+        mounts = cgroup2_mounts()
+        fix = (f"give a directory under {mounts[0]} (the cgroup v2 hierarchy), e.g. "
+               f"{mounts[0]}/my.slice" if mounts else
+               "this host has no cgroup v2 hierarchy: mount one "
+               "(mount -t cgroup2 none /sys/fs/cgroup/unified) or leave --cgroup out")
+        if not os.path.exists(d):
+            raise TargetError(f"cgroup {d} does not exist", fix)
+        if not os.path.isdir(d):
+            raise TargetError(f"cgroup {d} is not a directory", fix)
+        try:
+            magic = _fs_magic(d)
+        except OSError as e:
+            raise TargetError(f"cannot check cgroup {d} ({e.strerror})", fix) from None
+        if magic != CGROUP2_SUPER_MAGIC:
+            raise TargetError(f"{d} is not a cgroup v2 directory", fix)
+
+
+def _check_go_targets(go_binary, go_pids, probes):
+    """What the Go read sampler will refuse, refused now (before the water probe attaches)."""
+    if not go_binary and not go_pids:
+        return
+    from otelwater.probes import goelf
+    from otelwater.probes.goread import _pid_exe
+
+    if go_binary and go_pids:
+        raise UsageError("give --go-binary or --go-pid, not both",
+                         "to trace several processes of one binary, --go-binary is enough")
+    if go_binary:
+        if not os.path.isfile(go_binary):
+            raise BinaryError(f"{go_binary}: no such file", "give the path of a Go executable")
+        def has_symbols(path):
+            try:
+                return goelf.Symbolizer(path) is not None
+            except BinaryError:
+                return False
+
+        try:
+            goelf.locate(go_binary)
+        except BinaryError:  # uprobes need Go; read-syscall tracepoints, any ELF with symbols
+            if probes == "uprobe" or not has_symbols(go_binary):
+                raise
+    for pid in go_pids:
+        exe = _pid_exe(pid)
+        if probes == "uprobe":
+            goelf.locate(exe)
 
 
 @main.command(epilog=WATCH_EPILOG)
@@ -87,10 +293,12 @@ def _check_pids(pids):
               help="Watch sockets whose local or remote port is this (repeatable).")
 @click.option("--cgroup", "cgroups", multiple=True, metavar="DIR",
               help="Watch sockets read by processes of this cgroup v2 directory (repeatable).")
-@click.option("-d", "--duration", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="SECONDS", help="Stop by itself after this long.  [default: run until "
-              "Ctrl-C]")
-@click.option("-i", "--interval", type=click.FloatRange(min=0.05), default=1.0,
+@click.option("-d", "--duration", default=None, metavar="SECONDS",
+              type=FiniteFloat(min=0, min_open=True, fix="give seconds > 0, e.g. -d 30, or "
+                               "leave -d out to run until Ctrl-C"),
+              help="Stop by itself after this long.  [default: run until Ctrl-C]")
+@click.option("-i", "--interval", default=1.0,
+              type=FiniteFloat(min=0.05, fix="give seconds >= 0.05, e.g. -i 1"),
               show_default=True, metavar="SECONDS",
               help="How often the socket table is swept and the view redrawn.")
 @click.option("--json", "as_json", is_flag=True,
@@ -100,11 +308,13 @@ def _check_pids(pids):
 @click.option("--follow", is_flag=True,
               help="A record for every arrival and read on the watched sockets (use with "
               "--pid/--port: costs a ring-buffer record per event).")
-@click.option("--high-water", type=click.IntRange(min=1), default=65536, show_default=True,
+@click.option("--high-water", default=65536, show_default=True,
+              type=IntRangeFix(1, MAX_HIGH_WATER, fix=f"give bytes from 1 to {MAX_HIGH_WATER} "
+                               "(a u32 in the kernel), e.g. 65536"),
               metavar="BYTES", help="Volume at which a socket's rise is recorded at once "
               "(below it, the periodic sweep reports it).")
-@click.option("--ringbuf-pages", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Ring buffer size in 4 KiB pages (a power of two).")
+@click.option("--ringbuf-pages", type=int, default=64, show_default=True,
+              help="Ring buffer size in 4 KiB pages (a power of two, at most 524288: 2 GiB).")
 @click.option("--rows", type=click.IntRange(min=1), default=15, show_default=True,
               help="Sockets shown in the live view.")
 @click.option("--go-binary", type=click.Path(dir_okay=False), default=None, metavar="PATH",
@@ -117,11 +327,14 @@ def _check_pids(pids):
               help="How Go reads are traced: read-syscall tracepoints (cheap: ~1-2 us a "
               "parking read) or uprobes on net.(*conn).Read (exact Go-level latency of every "
               "Read, ~13 us a hit each way here).")
-@click.option("--blocked-ms", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--blocked-ms", default=1.0, show_default=True,
+              type=FiniteFloat(0, MAX_BLOCKED_MS, fix=f"give milliseconds from 0 to "
+                               f"{MAX_BLOCKED_MS} (a day), e.g. --blocked-ms 5"),
               help="A Go read lasting this long is a blocked read, recorded in full; shorter "
               "ones are counted.")
 @click.option("--wait", is_flag=True,
               help="Accept --port values no socket uses yet (a service about to start).")
+@verbose_option
 def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water, ringbuf_pages,
           rows, go_binary, go_pids, probes, blocked_ms, wait):
     """Watch TCP receive queues: the sockets holding the most water, live.
@@ -130,9 +343,13 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
     Stop with Ctrl-C (or --duration); every probe is detached on exit.
     """
     from otelwater.hostsockets import ports_in_use
+    from otelwater.probes.loader import check_ringbuf_pages
 
+    check_ringbuf_pages(ringbuf_pages)
     _check_pids(pids)
     _check_pids(go_pids)
+    _check_cgroups(cgroups)
+    _check_go_targets(go_binary, go_pids, probes)
     if ports and not wait:
         used = ports_in_use()
         idle = [p for p in ports if p not in used]
@@ -144,12 +361,12 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
     run_watch(pids=pids, ports=ports, cgroups=cgroups, duration=duration, interval=interval,
               as_json=as_json, follow=follow, high_water=high_water,
               ringbuf_pages=ringbuf_pages, rows=rows, go_binary=go_binary,
-              go_pids=go_pids, probes=probes, blocked_ns=int(blocked_ms * 1e6))
+              go_pids=go_pids, probes=probes, blocked_ns=round(blocked_ms * 1_000_000))
 
 
 from otelwater.cli_locate import locate_command  # noqa: E402
 
-main.add_command(locate_command)
+main.add_command(verbose_option(locate_command))
 
 if __name__ == "__main__":
     main()

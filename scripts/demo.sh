@@ -3,26 +3,56 @@
 # its clients (examples/slowreader fed by examples/loadgen), and runs the live watch on it.
 #   sudo scripts/demo.sh              # 30 s live view
 #   sudo scripts/demo.sh --json -d 5  # any `otelwater watch` options replace the defaults
+# Everything it starts is stopped when it ends, however it ends (the end of the watch, Ctrl-C,
+# SIGTERM, an error): every process is a job of this shell, killed and reaped on exit.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
 BIN="$ROOT/examples/bin"
 work="$(mktemp -d)"
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
+watcher=""
+cleanup() {
+    trap - EXIT INT TERM HUP
+    local pids
+    if [ -n "$watcher" ]; then  # the watch first, so it does not see its targets vanish
+        kill "$watcher" 2>/dev/null || true
+        wait "$watcher" 2>/dev/null || true
+    fi
+    pids="$(jobs -p)"
+    if [ -n "$pids" ]; then
+        kill $pids 2>/dev/null || true
+        wait $pids 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
-start_server() {  # $1 = log name, rest = slowreader flags; prints "addr pid"
+# Starts a slowreader as a job of this shell (not in a subshell: cleanup must see it) and sets
+# $addr and $pid from its first line. $1 = log name, rest = slowreader flags.
+start_server() {
     local out="$work/$1.json"; shift
     "$BIN/slowreader" "$@" >"$out" 2>/dev/null &
-    for _ in $(seq 50); do grep -q listening "$out" 2>/dev/null && break; sleep 0.1; done
-    echo "$(sed -n 's/.*"listening": *"\([^"]*\)".*/\1/p' "$out" | head -n1)" \
-         "$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$out" | head -n1)"
+    pid=$!
+    addr=""
+    for _ in $(seq 50); do
+        addr="$(sed -n 's/.*"listening": *"\([^"]*\)".*/\1/p' "$out" | head -n1)"
+        [ -n "$addr" ] && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "demo: slowreader $* did not start (see $BIN/slowreader -h)" >&2
+    exit 1
 }
 # consumer-lagging: a service that sleeps 5 ms after every 4 KiB read, three clients streaming
-read -r lag_addr lag_pid < <(start_server lagging -mode sink -delay 5ms -readsize 4096)
+start_server lagging -mode sink -delay 5ms -readsize 4096
+lag_addr=$addr lag_pid=$pid
 "$BIN/loadgen" -addr "$lag_addr" -conns 3 -size 16384 -mode stream -duration 600s >/dev/null 2>&1 &
 # peer-starved: a fast echo service whose two clients pause 20 ms between requests
-read -r starve_addr starve_pid < <(start_server starved -mode echo)
+start_server starved -mode echo
+starve_addr=$addr starve_pid=$pid
 "$BIN/loadgen" -addr "$starve_addr" -conns 2 -size 64 -mode pingpong -pause 20ms \
     -duration 600s >/dev/null 2>&1 &
 
@@ -30,5 +60,12 @@ echo "demo: slowreader pid $lag_pid lags behind 3 streaming clients (water stand
      "queues); slowreader pid $starve_pid waits on 2 slow clients (its reads block)" >&2
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(-d 30)
+# A job too, so that a SIGTERM to this script is handled at once (bash runs traps only between
+# commands, and `wait` is interruptible where a foreground command is not). otelwater handles
+# SIGINT itself (Ctrl-C reaches the whole process group) and stops cleanly on SIGTERM.
 "$ROOT/.venv/bin/otelwater" watch -p "$lag_pid" -p "$starve_pid" \
-    --go-pid "$lag_pid" --go-pid "$starve_pid" "${args[@]}"
+    --go-pid "$lag_pid" --go-pid "$starve_pid" "${args[@]}" &
+watcher=$!
+status=0
+wait "$watcher" || status=$?
+exit "$status"
