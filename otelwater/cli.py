@@ -327,16 +327,25 @@ def _check_go_targets(go_binary, go_pids, probes):
               help="How Go reads are traced: read-syscall tracepoints (cheap: ~1-2 us a "
               "parking read) or uprobes on net.(*conn).Read (exact Go-level latency of every "
               "Read, ~13 us a hit each way here).")
-@click.option("--blocked-ms", default=1.0, show_default=True,
+@click.option("--blocked-ms", default=None,
               type=FiniteFloat(0, MAX_BLOCKED_MS, fix=f"give milliseconds from 0 to "
                                f"{MAX_BLOCKED_MS} (a day), e.g. --blocked-ms 5"),
-              help="A Go read lasting this long is a blocked read, recorded in full; shorter "
-              "ones are counted.")
+              help="A Go read that blocked this long, or whose bytes waited this long in the "
+              "queue, is a slow read: recorded in full and given a verdict; shorter ones are "
+              "counted.  [default: 1, or correlate.threshold_ms of the config]")
+@click.option("--window-ms", default=None,
+              type=FiniteFloat(0, 60_000, fix="give milliseconds, e.g. --window-ms 5"),
+              help="Snapshots of a read's socket within this of its start or end are its "
+              "evidence.  [default: 5, or correlate.window_ms of the config]")
+@click.option("--config", "config_file", default=None, metavar="FILE",
+              help="YAML file of thresholds (alerts, correlation; examples/otelwater.yaml). "
+              "Precedence: defaults < this file (or $OTELWATER_CONFIG) < OTELWATER_* "
+              "variables < flags.")
 @click.option("--wait", is_flag=True,
               help="Accept --port values no socket uses yet (a service about to start).")
 @verbose_option
 def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water, ringbuf_pages,
-          rows, go_binary, go_pids, probes, blocked_ms, wait):
+          rows, go_binary, go_pids, probes, blocked_ms, window_ms, config_file, wait):
     """Watch TCP receive queues: the sockets holding the most water, live.
 
     Traces arrivals (rain), reads (drain), drops (overflow) and closes with eBPF tracepoints.
@@ -358,10 +367,14 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
                              "start the service first, or pass --wait to watch for it")
     from otelwater.watch import run_watch
 
+    from otelwater.config import load_config
+
+    config = load_config(config_file, flags={"correlate.threshold_ms": blocked_ms,
+                                             "correlate.window_ms": window_ms})
     run_watch(pids=pids, ports=ports, cgroups=cgroups, duration=duration, interval=interval,
               as_json=as_json, follow=follow, high_water=high_water,
               ringbuf_pages=ringbuf_pages, rows=rows, go_binary=go_binary,
-              go_pids=go_pids, probes=probes, blocked_ns=round(blocked_ms * 1_000_000))
+              go_pids=go_pids, probes=probes, config=config)
 
 
 from otelwater.cli_locate import locate_command  # noqa: E402
