@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import bisect
 import io
+import os
 import re
+import stat
 import struct
 from dataclasses import asdict, dataclass
 
@@ -96,6 +98,8 @@ class _GoELF:
         self.path = path
         try:
             with open(path, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero, a fifo: never ends
+                    raise BinaryError(f"{path} is not a regular file", FIX_GO)
                 self.data = f.read()
         except OSError as e:
             raise BinaryError(f"cannot read {path}: {e.strerror}", "give the path of a readable Go executable") from None

@@ -240,3 +240,13 @@ def test_first_error_picks_the_compiler_error():
     assert first_error("could not open bpf map: events, error: Invalid argument\n") == (
         "could not open bpf map: events, error: Invalid argument")
     assert first_error("1 warning generated.\n") is None
+
+
+def test_locate_on_a_device_is_one_line_not_a_hang():
+    from click.testing import CliRunner
+
+    from otelwater.cli import main
+
+    r = CliRunner().invoke(main, ["locate", "/dev/zero"])
+    assert r.exit_code == 4
+    assert "not a regular file" in r.output
