@@ -73,6 +73,7 @@ struct goread_event {
 #define OTW_EV_EXACT 4         /* ...exactly (else a lower bound: the byte came before the
                                 * arrivals remembered) */
 #define OTW_EV_QSLOW_OK 8      /* a queue-delay slow read within its socket's records a second */
+#define OTW_EV_PARKED 16       /* the reader parked (a -EAGAIN on the socket) before this read */
 
 /* tracepoint sampler: one entry per watched process in the `procs` hash, written by Python */
 struct goread_proc {
@@ -124,11 +125,12 @@ struct goread_inflight {
 #define OTW_AF_INET6 10
 #define OTW_IPPROTO_TCP 6
 
-/* The socket key of the current task's fd: task->files->fdt->fd[fd]->private_data (struct
- * socket) ->sk, every offset from BTF. Returns 0, or -1 when the fd is not a TCP/IP socket:
+/* The struct sock of the current task's fd: task->files->fdt->fd[fd]->private_data (struct
+ * socket) ->sk, every offset from BTF (otw_fd_sock_key: its socket key). Returns 0, or -1 when
+ * the fd is not a TCP/IP socket:
  * the struct socket must point back at the same file (so private_data of a pipe or a
  * regular file is never taken for a socket), its sk must be AF_INET/AF_INET6 and TCP. */
-static __always_inline int otw_fd_sock_key(long fd, u64 *key)
+static __always_inline int otw_fd_sock(long fd, const char **skp)
 {
     if (fd < 0)
         return -1;
@@ -163,6 +165,15 @@ static __always_inline int otw_fd_sock_key(long fd, u64 *key)
     u16 proto = 0;
     bpf_probe_read_kernel(&proto, SIZE_SK_PROTOCOL, sk + OFF_SK_PROTOCOL);
     if (proto != OTW_IPPROTO_TCP)
+        return -1;
+    *skp = sk;
+    return 0;
+}
+
+static __always_inline int otw_fd_sock_key(long fd, u64 *key)
+{
+    const char *sk = 0;
+    if (otw_fd_sock(fd, &sk) < 0)
         return -1;
     struct otw_tuple t = {};
     if (otw_sock_tuple(sk, &t) < 0)

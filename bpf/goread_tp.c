@@ -36,7 +36,9 @@
 #ifndef OTW_TP_RET_OFF
 #define OTW_TP_RET_OFF 16      /* sys_exit_read's `long ret` (tracefs format) */
 #endif
+#ifndef OTW_EAGAIN
 #define OTW_EAGAIN 11
+#endif
 #define OTW_NO_SLOT 0xffffffff
 
 BPF_HASH(procs, u32, struct goread_proc, OTW_MAX_PROCS * 4);

@@ -20,6 +20,9 @@
 #include <linux/sched.h>
 #include "sockkey.h"
 #include "goread.h"
+#ifndef OTW_WATER_EMBED
+#define OTW_WATER_EMBED 0   /* 1 when bpf/water.c compiles this file in (socks is its map) */
+#endif
 
 #ifndef OTW_RINGBUF_PAGES
 #define OTW_RINGBUF_PAGES 64
@@ -84,8 +87,11 @@ int otw_up_read_return(struct pt_regs *ctx)
     u64 start = f->start_ns;
     f->start_ns = 0;
     u64 dur = now - start;
-    if (!otw_count_read(c, dur))
+    int blocked = otw_count_read(c, dur);
+#if !OTW_WATER_EMBED
+    if (!blocked)
         return 0;
+#endif
 
     /* fd from the receiver: conn.fd (*netFD) -> netFD.pfd (poll.FD) .Sysfd (int) */
     u64 netfd = 0;
@@ -94,10 +100,44 @@ int otw_up_read_return(struct pt_regs *ctx)
     if (netfd)
         bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + OFF_NETFD_PFD + OFF_FD_SYSFD));
     u64 key = 0;
+    u32 evf = 0;
+    u64 arrival = 0, qdelay = 0;
+#if OTW_WATER_EMBED
+    /* compiled into the water probe: this Read's last read(2) just returned on the socket,
+     * and the water probe noted its evidence there (otw_note_read) */
+    const char *sk = 0;
+    if (otw_fd_sock(fd, &sk) < 0) {
+        if (blocked)
+            c->n[OTW_CNT_NOT_SOCKET] += 1;
+        return 0;
+    }
+    u64 skey = (u64)sk;
+    struct water_sock *ws = socks.lookup(&skey);
+    if (ws && ws->s.watched && ws->a.ev_read_ns >= start && ws->a.ev_read_ns <= now) {
+        evf = ws->a.ev_flags;
+        arrival = ws->a.ev_arrival_ns;
+        qdelay = ws->a.ev_qdelay_ns;
+    }
+    if (!blocked) {
+        /* not blocked: still a slow read if the bytes it found had waited the threshold */
+        if ((evf & OTW_EV_PARKED) || !(evf & OTW_EV_QDELAY) || qdelay < OTW_THRESHOLD_NS)
+            return 0;
+        if (!(evf & OTW_EV_QSLOW_OK)) {
+            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
+            return 0;
+        }
+        c->n[OTW_CNT_QSLOW] += 1;
+    }
+    if (ws && ws->s.watched)
+        key = ws->s.sock_key;
+    else if (otw_fd_sock_key(fd, &key) < 0)
+        return 0;
+#else
     if (otw_fd_sock_key(fd, &key) < 0) {
         c->n[OTW_CNT_NOT_SOCKET] += 1;
         return 0;
     }
+#endif
     struct goread_event *e = read_events.ringbuf_reserve(sizeof(struct goread_event));
     if (!e) {
         c->n[OTW_CNT_LOST] += 1;
@@ -117,10 +157,10 @@ int otw_up_read_return(struct pt_regs *ctx)
     if (k.g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(k.g + OTW_GOID_OFF)) == 0)
         e->has_goid = 1;
     e->caller_ip = 0;
-    e->arrival_ns = 0;      /* no queue evidence for uprobe reads (the water probe runs apart) */
-    e->queue_delay_ns = 0;
-    e->parked = 0;
-    e->evidence = 0;
+    e->arrival_ns = arrival;        /* 0 and no evidence when the water probe runs apart */
+    e->queue_delay_ns = (evf & OTW_EV_QDELAY) ? qdelay : 0;
+    e->parked = (evf & OTW_EV_PARKED) ? 1 : 0;
+    e->evidence = (u8)evf;
     bpf_probe_read_user(&e->caller_ip, sizeof(e->caller_ip), (void *)ctx->sp);
     long n = bpf_get_stack(ctx, e->ips, sizeof(e->ips), BPF_F_USER_STACK);
     e->stack_len = n > 0 ? n / sizeof(u64) : 0;

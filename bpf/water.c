@@ -23,6 +23,7 @@
  */
 #include "water.h"
 #include "sockkey.h"
+#include "goread.h"
 
 #ifndef OTW_MAX_SOCKETS
 #define OTW_MAX_SOCKETS 65536
@@ -56,10 +57,13 @@ BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
 #endif
 #define OTW_MSG_PEEK 2
 
+/* `otelwater watch --go-*`: the Go read sampler is compiled into this program (the loader
+ * inlines the file), so it reads each read's evidence from this program's maps: the
+ * tracepoint sampler through its task storage (sock_recv_length runs inside the same
+ * read(2)), the uprobe sampler from the socket's entry (its fd walk finds the socket) */
+#define OTW_READ_EVIDENCE (OTW_GO_TP || OTW_GO_UPROBE)
+#define OTW_EAGAIN 11
 #if OTW_GO_TP
-/* `otelwater watch --go-*` with the tracepoint sampler: both probes in one program, so the
- * read sampler gets each read's socket key and queue evidence from sock_recv_length (which
- * runs inside the same read(2)) through its task storage, with no map shared across programs */
 #include "goread_tp.c"
 #endif
 
@@ -274,6 +278,11 @@ static __always_inline void otw_after_flow(struct water_state *st, u8 trigger, u
         otw_emit(st, trigger, now);
 }
 
+#if OTW_GO_UPROBE
+#define OTW_WATER_EMBED 1
+#include "goread_uprobe.c"
+#endif
+
 TRACEPOINT_PROBE(sock, sk_data_ready)
 {
     if (args->protocol != OTW_IPPROTO_TCP)
@@ -303,22 +312,31 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
     return 0;
 }
 
-#if OTW_GO_TP
-/* Inside a traced Go process's read(2) (it has the sampler's task storage): hand the sampler
- * the socket key, the last arrival onto an empty queue, and the queue delay of the oldest byte
- * this read returned, found among the socket's last OTW_ARRIVALS arrivals. */
-static __always_inline void otw_read_evidence(struct water_state *st, int ret, int flags,
-                                              u64 now)
+#if OTW_READ_EVIDENCE
+/* A read on a watched socket returned (sock_recv_length: inside the reader's read(2)). Keep,
+ * in the socket's kernel-only part, what the Go read sampler asks about it: whether the
+ * reader parked since its last read (a -EAGAIN), the arrival that woke it (the last arrival
+ * onto an empty queue, when after the park), and the queue delay of the oldest byte this read
+ * returned, found among the socket's last OTW_ARRIVALS arrivals. */
+static __always_inline void otw_note_read(struct water_state *st, int ret, int flags, u64 now)
 {
-    struct goread_task *ts = tasks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (!ts || !ts->enter_ns)
+    struct water_arrivals *a = otw_arrivals(st);
+    if (ret == -OTW_EAGAIN) {
+        if (!a->park_ns)
+            a->park_ns = now;
+        return;
+    }
+    if (ret < 0)
         return;
     u32 evf = OTW_EV_SOCKET;
-    ts->ev_sock_key = st->sock_key;
-    ts->ev_empty_arrival_ns = st->empty_arrival_ns;
-    ts->ev_qdelay_ns = 0;
+    u64 arrival = 0, qd = 0;
+    if (a->park_ns) {
+        evf |= OTW_EV_PARKED;
+        if (st->empty_arrival_ns >= a->park_ns)
+            arrival = st->empty_arrival_ns;
+        a->park_ns = 0;
+    }
     if (ret > 0 && !(flags & OTW_MSG_PEEK)) {
-        struct water_arrivals *a = otw_arrivals(st);
         u32 oldest = st->copied_seq - (u32)ret;   /* the first byte this read returned */
         u32 n = a->head < OTW_ARRIVALS ? a->head : OTW_ARRIVALS;
         u64 arrived = 0;
@@ -335,9 +353,8 @@ static __always_inline void otw_read_evidence(struct water_state *st, int ret, i
             }
         }
         if (arrived && now >= arrived) {
-            u64 qd = now - arrived;
+            qd = now - arrived;
             evf |= OTW_EV_QDELAY | (exact ? OTW_EV_EXACT : 0);
-            ts->ev_qdelay_ns = qd;
             if (qd >= OTW_THRESHOLD_NS) {
                 if (now - a->qslow_window_ns >= 1000000000ULL) {
                     a->qslow_window_ns = now;
@@ -350,7 +367,20 @@ static __always_inline void otw_read_evidence(struct water_state *st, int ret, i
             }
         }
     }
-    ts->ev_flags = evf;
+    a->ev_read_ns = now;
+    a->ev_arrival_ns = arrival;
+    a->ev_qdelay_ns = qd;
+    a->ev_flags = evf;
+#if OTW_GO_TP
+    /* the tracepoint sampler's sys_exit_read of this same read(2) takes it from the thread */
+    struct goread_task *ts = tasks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (ts && ts->enter_ns) {
+        ts->ev_sock_key = st->sock_key;
+        ts->ev_empty_arrival_ns = st->empty_arrival_ns;
+        ts->ev_qdelay_ns = qd;
+        ts->ev_flags = evf;
+    }
+#endif
 }
 #endif
 
@@ -371,8 +401,8 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
         st->ino = otw_sock_ino(sk);
     otw_refresh(sk, st);
     u64 now = bpf_ktime_get_ns();
-#if OTW_GO_TP
-    otw_read_evidence(st, args->ret, args->flags, now);
+#if OTW_READ_EVIDENCE
+    otw_note_read(st, args->ret, args->flags, now);
 #endif
     otw_after_flow(st, OTW_TRIGGER_READ, now);
     return 0;

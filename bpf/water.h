@@ -72,11 +72,18 @@ struct water_state {
 struct water_arrivals {
     u64 ts_ns[OTW_ARRIVALS];   /* when (sk_data_ready) */
     u64 qslow_window_ns;       /* start of the current second of queue-delay slow reads */
+    /* the last read of the socket, for the Go read sampler (with Go readers only) */
+    u64 park_ns;               /* first -EAGAIN read since the last read that returned */
+    u64 ev_read_ns;            /* when the last read that returned data (or EOF) did */
+    u64 ev_arrival_ns;         /* it had parked: the arrival that woke it (0: unknown) */
+    u64 ev_qdelay_ns;          /* the queue delay of the oldest byte it returned */
     u32 seq[OTW_ARRIVALS];     /* rcv_nxt after it */
     u32 from[OTW_ARRIVALS];    /* rcv_nxt before it when the queue was empty then, else = seq:
                                 * a byte in [from, seq) arrived exactly then */
     u32 head;                  /* arrivals pushed so far; slot head % OTW_ARRIVALS is next */
     u32 qslow_count;           /* queue-delay slow reads recorded in that second */
+    u32 ev_flags;              /* OTW_EV_* (bpf/goread.h) of that last read */
+    u32 _pad;
 };
 
 /* the `socks` map's value: the state (copied into snapshots) and the arrival ring (kernel-only) */

@@ -4,6 +4,7 @@ JSON Lines."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 import time
 
@@ -14,6 +15,11 @@ from otelwater.alerts.stage import AlertTransition
 from otelwater.events.verdict import Verdict
 from otelwater.pipeline import Analysis, Stopper, WatchLoop
 from otelwater.probes.kernel import WaterOptions, WaterProbe
+
+
+# `watch --record FILE` and `otelwater record` (otelwater/cli_record.py) run watch's own command
+# with (recording Writer, headless) set here. Headless (`record`): no live view, no analysis.
+RECORDING: contextvars.ContextVar = contextvars.ContextVar("otelwater_recording", default=None)
 
 
 def describe(pids, ports, cgroups) -> str:
@@ -32,17 +38,19 @@ def open_readers(go_binary, go_pids, probes, blocked_ns):
         return contextlib.nullcontext(None)
     from otelwater.probes.goread import GoReadOptions, GoReadSampler
 
-    # the tracepoint sampler is compiled into the water probe's program, which hands it each
-    # read's socket and queue evidence; the uprobe sampler runs as its own program
+    # the sampler is compiled into the water probe's program, which hands it each read's
+    # socket and queue evidence (the uprobe sampler only when one binary is traced)
     return GoReadSampler(GoReadOptions(binary=go_binary, pids=frozenset(go_pids),
-                                       mechanism=probes, threshold_ns=blocked_ns,
-                                       embed=probes == "tracepoint"))
+                                       mechanism=probes, threshold_ns=blocked_ns, embed=True))
 
 
 def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high_water,
               ringbuf_pages, rows, go_binary=None, go_pids=(), probes="tracepoint",
-              blocked_ns=None, config=None) -> None:
+              blocked_ns=None, config=None, recorder=None, headless=False) -> None:
     from otelwater.config import Config
+
+    if recorder is None and RECORDING.get() is not None:
+        recorder, headless = RECORDING.get()   # the caller closes it (the end record)
 
     config = config or Config()
     if blocked_ns is None:
@@ -54,15 +62,27 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
     board = WaterBoard()
     with Stopper() as stopper, \
             open_readers(go_binary, go_pids, probes, blocked_ns) as readers, \
-            WaterProbe(opts, readers=readers if probes == "tracepoint" else None) as water:
+            WaterProbe(opts, readers=readers if readers and readers.embedded else None) \
+            as water:
         # reads that began before this moment are "unknown": their start was not seen
-        analysis = Analysis(config, start_ns=time.monotonic_ns())
+        start_ns = time.monotonic_ns()
+        analysis = Analysis(config, start_ns=start_ns)
+        if recorder is not None:
+            recorder.start(start_ns, config=config.to_dict(), pids=(*pids, *go_pids))
+
+        def analyse(records):
+            if recorder is not None:  # raw records, before analysis, so correlate can redo it
+                recorder.write(records)
+            return analysis.process(records)
+
         if readers is not None:
             target = go_binary or "pid " + ",".join(map(str, go_pids))
             what += f"; Go reads of {target} by {probes}"
         print(f"Tracing TCP receive queues ({what}) with eBPF tracepoints"
               + (f" for {duration:g}s" if duration else "") + ". Ctrl-C to stop.",
               file=sys.stderr, flush=True)
+        if recorder is not None:
+            print(f"Recording to {recorder.path}.", file=sys.stderr, flush=True)
         verdicts: dict[str, int] = {}
 
         def count(records):
@@ -81,11 +101,15 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                 elif isinstance(r, Notice):
                     print(f"otelwater: {r.text}", file=sys.stderr, flush=True)
 
-        if as_json:
+        if headless:
+            loop = WatchLoop(water, lambda rs: (recorder.write(rs), count(rs)),
+                             interval_s=interval, duration_s=duration, readers=readers)
+            loop.run(stopper)
+        elif as_json:
             sink = JsonLinesSink()
 
             def on_records(records):
-                records = analysis.process(records)
+                records = analyse(records)
                 count(records)
                 sink.write(records)
 
@@ -98,7 +122,7 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
             sink.write(_Summaries(analysis))
         else:
             with LiveView(f"otelwater watch: {what}", rows=rows) as view:
-                loop = WatchLoop(water, lambda rs: count(analysis.process(rs)),
+                loop = WatchLoop(water, lambda rs: count(analyse(rs)),
                                  lambda: view.show(board), interval_s=interval,
                                  duration_s=duration, readers=readers)
                 loop.run(stopper)

@@ -245,11 +245,15 @@ class GoReadSampler:
         from otelwater.probes.btf import kernel_offsets
 
         self.offsets = kernel_offsets(btf)
+        # compiled into the water probe's program (for each read's evidence): the tracepoint
+        # sampler always can; the uprobe sampler when one binary is traced (one set of offsets)
+        self.embedded = opts.embed and (opts.mechanism == "tracepoint"
+                                        or len(self._uprobe_groups()) == 1)
         try:
             if opts.mechanism == "tracepoint":
-                if not opts.embed:
+                if not self.embedded:
                     self._bind_tracepoint(self._load("goread_tp.c", self.embed_cflags()))
-            else:
+            elif not self.embedded:
                 self._start_uprobe()
         except BaseException:
             self._cleanup()
@@ -266,8 +270,6 @@ class GoReadSampler:
                              "give --go-binary PATH or --go-pid PID")
         if o.binary and o.pids:
             raise UsageError("give a binary path or pids, not both")
-        if o.embed and o.mechanism != "tracepoint":
-            raise UsageError("only the tracepoint sampler can be compiled into the water probe")
         check_ringbuf_pages(o.ringbuf_pages)
         if o.threshold_ns < 0:
             raise UsageError(f"the blocked-read threshold must be >= 0, got {o.threshold_ns} ns")
@@ -316,11 +318,19 @@ class GoReadSampler:
             raise ProbeLoadError(f"cannot open the read ring buffer: {one_line(e)}") from e
         return b
 
+    @property
+    def embed_source(self) -> str:
+        return "goread_tp.c" if self.opts.mechanism == "tracepoint" else "goread_uprobe.c"
+
     def embed_cflags(self) -> list[str]:
-        """The -D flags of bpf/goread_tp.c (alone, or compiled into bpf/water.c)."""
+        """The -D flags of bpf/goread_tp.c or goread_uprobe.c (alone, or compiled into
+        bpf/water.c, which then defines OTW_GO_TP or OTW_GO_UPROBE)."""
         o = self.opts
+        if o.mechanism == "uprobe":
+            (binary, _pids), = self._uprobe_groups().values()
+            return self._uprobe_cflags(binary) + ["-DOTW_GO_UPROBE=1"]
         flags = self._cflags() + [f"-DOTW_MAX_PROCS={o.max_procs}", f"-DOTW_MAX_FDS={o.max_fds}",
-                                  f"-DOTW_TP_RET_OFF={_tp_ret_offset()}"]
+                                  f"-DOTW_TP_RET_OFF={_tp_ret_offset()}", "-DOTW_GO_TP=1"]
         if o.binary:
             flags += ["-DOTW_EXEC_WATCH=1", f"-DOTW_EXEC_GOID_OFF={self._main_binary.goid_off}"]
             flags += [f"-D{k}={v}" for k, v in exec_offsets(self._btf).items()]
@@ -329,7 +339,7 @@ class GoReadSampler:
     def bind(self, b) -> None:
         """Embedded: take the read sampler's maps in the water probe's program `b` (which the
         water probe owns and detaches), set them up and attach the read tracepoints."""
-        if not self.opts.embed or self._bpfs:
+        if not self.embedded or self._bpfs:
             raise ProbeLoadError("bind() is for a sampler made with embed=True, once")
         self._bpfs.append(b)
         self._owned = False
@@ -337,7 +347,11 @@ class GoReadSampler:
             b["read_events"].open_ring_buffer(self._on_event)
         except Exception as e:
             raise ProbeLoadError(f"cannot open the read ring buffer: {one_line(e)}") from e
-        self._bind_tracepoint(b)
+        if self.opts.mechanism == "tracepoint":
+            self._bind_tracepoint(b)
+        else:
+            (binary, pids), = self._uprobe_groups().values()
+            self._attach_uprobes(b, binary, pids)
 
     def _bind_tracepoint(self, b) -> None:
         o = self.opts
@@ -358,8 +372,11 @@ class GoReadSampler:
                 raise ProbeLoadError(f"cannot attach to {tp}: {one_line(e)}",
                                      "run 'otelwater doctor'") from e
 
-    def _start_uprobe(self) -> None:
-        # one program per distinct binary (each has its own struct offsets)
+    def _uprobe_groups(self) -> dict[int, tuple[_Binary, list[int]]]:
+        """One program per distinct binary (each has its own struct offsets): id -> (binary,
+        pids to attach to, -1 for every process of it)."""
+        if self.opts.mechanism != "uprobe":
+            return {}
         groups: dict[int, tuple[_Binary, list[int]]] = {}
         if self.opts.binary:
             groups[id(self._main_binary)] = (self._main_binary, [-1])
@@ -367,29 +384,36 @@ class GoReadSampler:
             for pid, binary in self._targets.items():
                 groups.setdefault(id(binary), (binary, []))[1].append(pid)
                 self._pid_binary[pid] = binary
-        for binary, pids in groups.values():
-            info = binary.info
-            fn = info.functions[READ_FUNCTION]
-            off = info.offsets
-            flags = self._cflags() + [
-                f"-DOTW_GOID_OFF={off['runtime.g.goid']}",
-                f"-DOFF_CONN_FD={off['net.conn.fd']}",
-                f"-DOFF_NETFD_PFD={off['net.netFD.pfd']}",
-                f"-DOFF_FD_SYSFD={off['internal/poll.FD.Sysfd']}",
-            ]
-            b = self._load("goread_uprobe.c", flags)
-            b._otw_binary = binary  # which binary this program's records come from
-            for pid in pids:
-                sites = [(fn.address, "otw_up_read_entry")]
-                sites += [(fn.address + r, "otw_up_read_return") for r in fn.return_offsets]
-                for addr, fname in sites:
-                    try:
-                        b.attach_uprobe(name=binary.path, addr=addr, fn_name=fname, pid=pid)
-                    except Exception as e:
-                        who = "every process of it" if pid == -1 else f"pid {pid}"
-                        raise ProbeLoadError(
-                            f"cannot attach a uprobe at {addr:#x} in {binary.path} "
-                            f"({who}): {one_line(e)}", "run 'otelwater doctor'") from e
+        return groups
+
+    def _uprobe_cflags(self, binary: _Binary) -> list[str]:
+        off = binary.info.offsets
+        return self._cflags() + [
+            f"-DOTW_GOID_OFF={off['runtime.g.goid']}",
+            f"-DOFF_CONN_FD={off['net.conn.fd']}",
+            f"-DOFF_NETFD_PFD={off['net.netFD.pfd']}",
+            f"-DOFF_FD_SYSFD={off['internal/poll.FD.Sysfd']}",
+        ]
+
+    def _start_uprobe(self) -> None:
+        for binary, pids in self._uprobe_groups().values():
+            b = self._load("goread_uprobe.c", self._uprobe_cflags(binary))
+            self._attach_uprobes(b, binary, pids)
+
+    def _attach_uprobes(self, b, binary: _Binary, pids: list[int]) -> None:
+        b._otw_binary = binary  # which binary this program's records come from
+        fn = binary.info.functions[READ_FUNCTION]
+        for pid in pids:
+            sites = [(fn.address, "otw_up_read_entry")]
+            sites += [(fn.address + r, "otw_up_read_return") for r in fn.return_offsets]
+            for addr, fname in sites:
+                try:
+                    b.attach_uprobe(name=binary.path, addr=addr, fn_name=fname, pid=pid)
+                except Exception as e:
+                    who = "every process of it" if pid == -1 else f"pid {pid}"
+                    raise ProbeLoadError(
+                        f"cannot attach a uprobe at {addr:#x} in {binary.path} "
+                        f"({who}): {one_line(e)}", "run 'otelwater doctor'") from e
 
     # -- tracepoint process set ------------------------------------------------------------
     def _watch(self, pid: int, binary: _Binary) -> None:
@@ -513,7 +537,8 @@ class GoReadSampler:
             requested=e.requested, returned=e.returned, stack=stack,
             source=SOURCES.get(e.source, str(e.source)),
             comm=e.comm.decode(errors="replace"),
-            parked=bool(e.parked) if e.source == _D["OTW_SOURCE_TRACEPOINT"] else None,
+            parked=(bool(e.parked) if e.source == _D["OTW_SOURCE_TRACEPOINT"]
+                    or e.evidence & _D["OTW_EV_SOCKET"] else None),
             ts_arrival_ns=int(e.arrival_ns) or None,
             queue_delay_ns=int(e.queue_delay_ns) if e.evidence & _D["OTW_EV_QDELAY"] else None,
             queue_delay_exact=(bool(e.evidence & _D["OTW_EV_EXACT"])

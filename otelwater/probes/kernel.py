@@ -164,14 +164,13 @@ class WaterProbe:
         self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk(),
                                    sock_done_bit(btf))
         if readers is not None:
-            self.cflags += ["-DOTW_GO_TP=1"] + [
-                f for f in readers.embed_cflags() if f not in self.cflags]
+            self.cflags += [f for f in readers.embed_cflags() if f not in self.cflags]
         self._load()
 
     # -- lifecycle -------------------------------------------------------------------------
     def _load(self) -> None:
         self._bpf = load_bpf("water.c", self.cflags, "the kernel probe",
-                             embed=("goread_tp.c",) if self.readers is not None else ())
+                             embed=(self.readers.embed_source,) if self.readers else ())
         try:
             self._configure()
             self._bpf["events"].open_ring_buffer(self._on_event)
