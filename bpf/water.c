@@ -348,7 +348,9 @@ static __always_inline void otw_note_read(struct water_state *st, int ret, int f
             u32 i = (a->head - n + k) & (OTW_ARRIVALS - 1);
             if ((s32)(a->seq[i] - oldest) > 0) {   /* the first arrival that brought it */
                 arrived = a->ts_ns[i];
-                exact = (s32)(oldest - a->from[i]) >= 0;
+                /* exact when what came before this arrival is known: the previous arrival
+                 * is remembered (its seq is at or below the byte), or the queue was empty */
+                exact = k > 0 || (s32)(oldest - a->from[i]) >= 0;
                 break;
             }
         }

@@ -3,9 +3,17 @@
 //
 //	loadgen -addr 127.0.0.1:9000 -conns 8 -size 64 -mode pingpong -count 1000
 //	loadgen -addr 127.0.0.1:9000 -conns 1 -size 65536 -mode stream -duration 5s -pause 1ms
+//
+// With -log FILE, every message sent is one JSON line, the sender's ground truth (written at
+// the end, so logging costs nothing while sending): the connection's local port, the message's
+// sequence number on it (0, 1, ...), its bytes, and CLOCK_MONOTONIC ns (the clock of
+// bpf_ktime_get_ns and of slowreader's log) just before the Write and just after it returned:
+//
+//	{"port":41234,"seq":0,"bytes":64,"send_ns":123,"done_ns":456}
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -13,8 +21,11 @@ import (
 	"net"
 	"os"
 	"sort"
+	"strconv"
 	"sync"
+	"syscall"
 	"time"
+	"unsafe"
 )
 
 var (
@@ -25,12 +36,46 @@ var (
 	count    = flag.Int("count", 100, "messages per connection (ignored with -duration)")
 	duration = flag.Duration("duration", 0, "send for this long instead of -count messages (writes block while a slow server lags)")
 	pause    = flag.Duration("pause", 0, "sender pause between messages")
+	logPath  = flag.String("log", "", "JSON Lines file of every message sent (ground truth); empty = none")
 )
+
+// Monotonic time, as slowreader takes it: Go's runtime clock is CLOCK_MONOTONIC (vDSO), but
+// time.Time hides its base. Calibrate once against clock_gettime(CLOCK_MONOTONIC) so each later
+// reading is a cheap time.Since plus a fixed offset, comparable with bpf_ktime_get_ns.
+var (
+	monoBase  int64
+	monoStart time.Time
+)
+
+func clockMonotonic() int64 {
+	var ts syscall.Timespec
+	syscall.RawSyscall(syscall.SYS_CLOCK_GETTIME, 1 /* CLOCK_MONOTONIC */, uintptr(unsafe.Pointer(&ts)), 0)
+	return ts.Nano()
+}
+
+func calibrate() {
+	best := time.Duration(1 << 62)
+	for i := 0; i < 16; i++ {
+		t0 := time.Now()
+		m := clockMonotonic()
+		t1 := time.Now()
+		if gap := t1.Sub(t0); gap < best {
+			best, monoStart, monoBase = gap, t0, m-int64(gap/2)
+		}
+	}
+}
+
+func monoNs() int64 { return monoBase + int64(time.Since(monoStart)) }
+
+// sent is one message's ground truth (-log).
+type sent struct{ sendNs, doneNs int64 }
 
 type result struct {
 	messages, sent, received int64
 	rtts                     []time.Duration
 	err                      error
+	port                     int
+	log                      []sent // with -log: every message, in order
 }
 
 func runConn(res *result) {
@@ -40,6 +85,8 @@ func runConn(res *result) {
 		return
 	}
 	defer c.Close()
+	res.port = c.LocalAddr().(*net.TCPAddr).Port
+	logging := *logPath != ""
 	msg := make([]byte, *size)
 	for i := range msg {
 		msg[i] = byte('a' + i%26)
@@ -60,8 +107,16 @@ func runConn(res *result) {
 			break
 		}
 		t0 := time.Now()
+		var s sent
+		if logging {
+			s.sendNs = monoNs()
+		}
 		if _, res.err = c.Write(msg); res.err != nil {
 			return
+		}
+		if logging {
+			s.doneNs = monoNs()
+			res.log = append(res.log, s)
 		}
 		res.sent += int64(len(msg))
 		if *mode == "pingpong" {
@@ -89,12 +144,43 @@ func pct(d []time.Duration, p float64) float64 {
 	return float64(d[int(p*float64(len(d)-1))].Nanoseconds()) / 1e3
 }
 
+func writeLog(path string, results []result) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	w := bufio.NewWriterSize(f, 1<<20)
+	b := make([]byte, 0, 128)
+	for _, r := range results {
+		for i, s := range r.log {
+			b = append(b[:0], `{"port":`...)
+			b = strconv.AppendInt(b, int64(r.port), 10)
+			b = append(b, `,"seq":`...)
+			b = strconv.AppendInt(b, int64(i), 10)
+			b = append(b, `,"bytes":`...)
+			b = strconv.AppendInt(b, int64(*size), 10)
+			b = append(b, `,"send_ns":`...)
+			b = strconv.AppendInt(b, s.sendNs, 10)
+			b = append(b, `,"done_ns":`...)
+			b = strconv.AppendInt(b, s.doneNs, 10)
+			b = append(b, "}\n"...)
+			w.Write(b)
+		}
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
 func main() {
 	flag.Parse()
 	if *addr == "" || (*mode != "pingpong" && *mode != "stream") || *size <= 0 || *conns <= 0 {
 		fmt.Fprintln(os.Stderr, "loadgen: need -addr, -mode pingpong|stream, -size > 0, -conns > 0")
 		os.Exit(2)
 	}
+	calibrate()
 	results := make([]result, *conns)
 	var wg sync.WaitGroup
 	start := time.Now()
@@ -112,6 +198,12 @@ func main() {
 		rtts = append(rtts, r.rtts...)
 		if r.err != nil {
 			errs = append(errs, r.err.Error())
+		}
+	}
+	if *logPath != "" {
+		if err := writeLog(*logPath, results); err != nil {
+			fmt.Fprintln(os.Stderr, "loadgen:", err)
+			os.Exit(1)
 		}
 	}
 	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })

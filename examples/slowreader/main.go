@@ -6,6 +6,13 @@
 // {"listening": "127.0.0.1:PORT", "pid": N}. SIGTERM/SIGINT flush the log and exit 0.
 //
 //	slowreader -listen 127.0.0.1:9000 -delay 2ms -readsize 64 -mode echo -log reads.jsonl
+//
+// A starved runtime (data arrives on time, the reading goroutines cannot run): -burn N starts N
+// goroutines that spin on the CPU forever; with GOMAXPROCS=1 in the environment they hold the
+// only P, so a reader woken by its data waits for the scheduler (sysmon's netpoll and its
+// 10 ms preemption):
+//
+//	GOMAXPROCS=1 slowreader -burn 2 -log reads.jsonl
 package main
 
 import (
@@ -31,7 +38,18 @@ var (
 	readSize = flag.Int("readsize", 4096, "bytes requested per Read")
 	mode     = flag.String("mode", "echo", "echo (write back what was read) or sink (just read)")
 	logPath  = flag.String("log", "", "JSON Lines file of every Read (ground truth); empty = none")
+	burn     = flag.Int("burn", 0, "CPU-bound goroutines spinning forever (a starved runtime, with GOMAXPROCS=1)")
 )
+
+// spins counts the burners' loops (kept in a global so the loop is real work).
+var spins [64]uint64
+
+//go:noinline
+func burner(i int) {
+	for {
+		spins[i%len(spins)]++
+	}
+}
 
 // Monotonic time: Go's runtime clock is CLOCK_MONOTONIC (vDSO), but time.Time hides its base.
 // Calibrate once against clock_gettime(CLOCK_MONOTONIC) so each later reading is a cheap
@@ -176,6 +194,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, "slowreader: -mode must be echo or sink")
 		os.Exit(2)
 	}
+	if *burn < 0 {
+		fmt.Fprintln(os.Stderr, "slowreader: -burn must be >= 0")
+		os.Exit(2)
+	}
 	calibrate()
 	var log *readLog
 	if *logPath != "" {
@@ -197,6 +219,9 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Printf("{\"listening\": %q, \"pid\": %d}\n", ln.Addr().String(), os.Getpid())
+	for i := 0; i < *burn; i++ {
+		go burner(i)
+	}
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
