@@ -12,6 +12,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+# what only the benchmarks need (the rivals of the offline correlation: pandas, polars)
+"$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,bench]"
 
 group=""   # the process group (= pid) of the benchmark running now
 stop_group() {
