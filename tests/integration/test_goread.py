@@ -215,8 +215,12 @@ def test_100k_reads_under_both_samplers_at_once(tmp_path, build):
     server = Server(BINARIES[build], tmp_path / "reads.jsonl")
     conns, per_conn = 8, 12_500
     try:
-        tp = open_sampler(GoReadOptions(pids=frozenset({server.pid}), mechanism="tracepoint"))
-        up = open_sampler(GoReadOptions(pids=frozenset({server.pid}), mechanism="uprobe"))
+        # a busy machine makes many of the 100k reads block >= 1 ms (all recorded): ring
+        # buffers of 2 MiB hold a poll's worth even then (this test is about pairing)
+        tp = open_sampler(GoReadOptions(pids=frozenset({server.pid}), mechanism="tracepoint",
+                                        ringbuf_pages=512))
+        up = open_sampler(GoReadOptions(pids=frozenset({server.pid}), mechanism="uprobe",
+                                        ringbuf_pages=512))
         with tp, up:
             # When 8 connections ping-pong 100,000 short messages as fast as they can, beside
             # 2 connections pausing 2 ms (blocked reads for the two samplers to agree on)
