@@ -343,9 +343,27 @@ def _check_go_targets(go_binary, go_pids, probes):
               "variables < flags.")
 @click.option("--wait", is_flag=True,
               help="Accept --port values no socket uses yet (a service about to start).")
+@click.option("--otlp-endpoint", default=None, metavar="URL",
+              help="Export slow reads as spans and the water as metrics over OTLP to this "
+              "Collector, e.g. http://localhost:4317. Precedence: this flag > "
+              "OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT > off.  [default: off]")
+@click.option("--otlp-protocol", type=click.Choice(["grpc", "http/protobuf"]), default=None,
+              help="OTLP transport. Precedence: this flag > OTEL_EXPORTER_OTLP_PROTOCOL > "
+              "grpc (port 4317; http/protobuf: 4318). Headers, certificates, compression and "
+              "timeout: the standard OTEL_EXPORTER_OTLP_* variables.")
+@click.option("--prometheus-port", type=IntRangeFix(1, 65535, fix="give a port from 1 to "
+                                                    "65535, e.g. --prometheus-port 9464"),
+              default=None, metavar="PORT",
+              help="Serve the metrics for Prometheus to scrape at "
+              "http://ADDRESS:PORT/metrics (no Collector needed).  [default: off]")
+@click.option("--prometheus-address", default="127.0.0.1", show_default=True,
+              metavar="ADDRESS",
+              help="Address --prometheus-port listens on (0.0.0.0: every interface).")
 @verbose_option
 def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water, ringbuf_pages,
-          rows, go_binary, go_pids, probes, blocked_ms, window_ms, config_file, wait):
+          rows, go_binary, go_pids, probes, blocked_ms, window_ms, config_file, wait,
+          otlp_endpoint=None, otlp_protocol=None, prometheus_port=None,
+          prometheus_address="127.0.0.1"):
     """Watch TCP receive queues: the sockets holding the most water, live.
 
     Traces arrivals (rain), reads (drain), drops (overflow) and closes with eBPF tracepoints.
@@ -354,6 +372,12 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
     from otelwater.hostsockets import ports_in_use
     from otelwater.probes.loader import check_ringbuf_pages
 
+    otlp = None
+    if otlp_endpoint or otlp_protocol or any(k.startswith("OTEL_EXPORTER_OTLP_")
+                                             and k.endswith("ENDPOINT") for k in os.environ):
+        from otelwater.export.otlp import resolve_options
+
+        otlp = resolve_options(otlp_endpoint, otlp_protocol)  # bad values: exit 2, now
     check_ringbuf_pages(ringbuf_pages)
     _check_pids(pids)
     _check_pids(go_pids)
@@ -371,15 +395,32 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
 
     config = load_config(config_file, flags={"correlate.threshold_ms": blocked_ms,
                                              "correlate.window_ms": window_ms})
-    run_watch(pids=pids, ports=ports, cgroups=cgroups, duration=duration, interval=interval,
-              as_json=as_json, follow=follow, high_water=high_water,
-              ringbuf_pages=ringbuf_pages, rows=rows, go_binary=go_binary,
-              go_pids=go_pids, probes=probes, config=config)
+    endpoint = None
+    if prometheus_port is not None:  # bound now: a taken port fails before anything attaches
+        from otelwater.export.prometheus import PrometheusEndpoint
+
+        endpoint = PrometheusEndpoint(prometheus_port, prometheus_address)
+        click.echo(f"Serving metrics for Prometheus at {endpoint.url}.", err=True)
+    try:
+        run_watch(pids=pids, ports=ports, cgroups=cgroups, duration=duration,
+                  interval=interval, as_json=as_json, follow=follow, high_water=high_water,
+                  ringbuf_pages=ringbuf_pages, rows=rows, go_binary=go_binary,
+                  go_pids=go_pids, probes=probes, config=config, otlp=otlp,
+                  prometheus=endpoint)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 from otelwater.cli_locate import locate_command  # noqa: E402
 
 main.add_command(verbose_option(locate_command))
+
+from otelwater.cli_record import correlate_command, record_command_from, with_record_option  # noqa: E402,E501
+
+main.add_command(with_record_option(watch))            # watch --record FILE [--force]
+main.add_command(record_command_from(watch))
+main.add_command(verbose_option(correlate_command))
 
 if __name__ == "__main__":
     main()

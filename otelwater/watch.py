@@ -46,7 +46,8 @@ def open_readers(go_binary, go_pids, probes, blocked_ns):
 
 def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high_water,
               ringbuf_pages, rows, go_binary=None, go_pids=(), probes="tracepoint",
-              blocked_ns=None, config=None, recorder=None, headless=False) -> None:
+              blocked_ns=None, config=None, recorder=None, headless=False,
+              otlp=None, prometheus=None) -> None:
     from otelwater.config import Config
 
     if recorder is None and RECORDING.get() is not None:
@@ -60,6 +61,13 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                         ringbuf_pages=ringbuf_pages)
     what = describe(pids, ports, cgroups)
     board = WaterBoard()
+    exporter = None
+    if (otlp is not None or prometheus is not None) and not headless:
+        # OTLP and/or --prometheus-port: the records after analysis, in every mode
+        from otelwater.export.prometheus import export_sink
+
+        exporter = export_sink(otlp, prometheus, traced_pids=go_pids,
+                               window_ns=config.correlate.window_ns)
     with Stopper() as stopper, \
             open_readers(go_binary, go_pids, probes, blocked_ns) as readers, \
             WaterProbe(opts, readers=readers if readers and readers.embedded else None) \
@@ -83,9 +91,14 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
               file=sys.stderr, flush=True)
         if recorder is not None:
             print(f"Recording to {recorder.path}.", file=sys.stderr, flush=True)
+        if exporter is not None and otlp is not None:
+            print(f"Exporting over OTLP ({otlp.protocol}) to {otlp.target}.", file=sys.stderr,
+                  flush=True)
         verdicts: dict[str, int] = {}
 
         def count(records):
+            if exporter is not None:
+                exporter.write(records)
             for r in records:
                 if isinstance(r, WaterSnapshot):
                     board.add(r)
@@ -137,6 +150,8 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                     f"{n} {v}" for v, n in sorted(verdicts.items(), key=lambda x: -x[1]))
         else:
             reads = ""
+    if exporter is not None:
+        exporter.close()   # within its deadline, the probes already detached
     print(f"otelwater: {board.records} snapshots{reads}, {board.lost} lost records; "
           f"{own_cost()}", file=sys.stderr)
 

@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-APT_PKGS=(python3-bpfcc bpftool clang linux-headers-amd64 golang-go gcc python3-venv python3-pip iproute2 procps)
+APT_PKGS=(python3-bpfcc bpftool clang linux-headers-amd64 golang-go gcc python3-venv python3-pip iproute2 procps prometheus)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,118 @@
+"""Every name otelwater exports: metric instruments (name, kind, unit, description), attribute
+keys and span and event names, in one place. The OTLP sink and the Prometheus endpoint use
+these and nothing else.
+
+OpenTelemetry semantic-convention names where one exists (network.*, process.*, thread.id,
+code.*, service.*, host.name); everything else under `otelwater.`. Units are UCUM as the
+conventions use them: "By" bytes, "s" seconds, "1" a ratio, "{skb}" a count of things.
+The Prometheus names are what the OpenTelemetry Prometheus exporter derives from these
+(otelwater_socket_water_volume_bytes, otelwater_read_duration_seconds_bucket,
+otelwater_read_verdicts_total, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Instrument:
+    name: str
+    kind: str          # gauge, counter, histogram, updowncounter
+    unit: str
+    description: str
+
+
+# -- metrics ---------------------------------------------------------------------------------
+WATER_LEVEL = Instrument("otelwater.socket.water.level", "gauge", "{skb}",
+                         "Water level: skbs queued in the socket's receive queue "
+                         "(sk_receive_queue.qlen).")
+WATER_VOLUME = Instrument("otelwater.socket.water.volume", "gauge", "By",
+                          "Water volume: bytes charged to the receive queue (sk_rmem_alloc, "
+                          "ss -tm r).")
+WATER_UNREAD = Instrument("otelwater.socket.water.unread", "gauge", "By",
+                          "Unread payload bytes (rcv_nxt - copied_seq: SIOCINQ, ss Recv-Q).")
+CAPACITY = Instrument("otelwater.socket.capacity", "gauge", "By",
+                      "Receive buffer capacity (sk_rcvbuf, ss -tm rb).")
+FILL_RATIO = Instrument("otelwater.socket.fill_ratio", "gauge", "1",
+                        "Fill ratio: water volume / capacity.")
+DROPS = Instrument("otelwater.socket.drops", "counter", "{packet}",
+                   "Packets the socket dropped (increase of the kernel's sk_drops).")
+READ_DURATION = Instrument("otelwater.read.duration", "histogram", "s",
+                           "Duration of slow Go reads (net.(*conn).Read); exemplars point at "
+                           "each read's span.")
+READ_VERDICTS = Instrument("otelwater.read.verdicts", "counter", "{read}",
+                           "Slow Go reads by verdict.")
+ALERTS_ACTIVE = Instrument("otelwater.alerts.active", "updowncounter", "{alert}",
+                           "Alert rules firing now, by rule and severity.")
+RECORDS_LOST = Instrument("otelwater.records.lost", "counter", "{record}",
+                          "Records the kernel's ring buffer could not take, by probe.")
+
+INSTRUMENTS = (WATER_LEVEL, WATER_VOLUME, WATER_UNREAD, CAPACITY, FILL_RATIO, DROPS,
+               READ_DURATION, READ_VERDICTS, ALERTS_ACTIVE, RECORDS_LOST)
+
+# read.duration bucket boundaries, seconds: 1 ms (the slow-read threshold) to 10 s
+READ_DURATION_BOUNDS_S = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                          2.5, 5.0, 10.0)
+
+# -- attributes ------------------------------------------------------------------------------
+# resource (the traced service)
+SERVICE_NAME = "service.name"
+SERVICE_INSTANCE_ID = "service.instance.id"
+HOST_NAME = "host.name"
+PROCESS_PID = "process.pid"
+PROCESS_EXECUTABLE_NAME = "process.executable.name"
+PROCESS_EXECUTABLE_PATH = "process.executable.path"
+
+# per socket (semantic conventions + the socket key)
+NETWORK_TRANSPORT = "network.transport"        # "tcp"
+NETWORK_TYPE = "network.type"                  # "ipv4" | "ipv6"
+NETWORK_LOCAL_ADDRESS = "network.local.address"
+NETWORK_LOCAL_PORT = "network.local.port"
+NETWORK_PEER_ADDRESS = "network.peer.address"
+NETWORK_PEER_PORT = "network.peer.port"
+SOCKET_KEY = "otelwater.socket.key"            # 16 hex digits, or OTHER_SOCKETS
+OTHER_SOCKETS = "other"                        # sockets beyond the top N, per (pid, local port)
+
+# per read (span attributes)
+THREAD_ID = "thread.id"
+CODE_FUNCTION = "code.function"                # the caller of net.(*conn).Read
+CODE_STACKTRACE = "code.stacktrace"            # the stack, innermost first, newline-joined
+GOROUTINE_ID = "otelwater.goroutine.id"
+FD = "otelwater.fd"
+VERDICT = "otelwater.verdict"
+VERDICT_REASON = "otelwater.verdict.reason"
+WAIT_PEER_NS = "otelwater.wait.peer_ns"
+WAIT_RUN_NS = "otelwater.wait.run_ns"
+QUEUE_DELAY_NS = "otelwater.queue.delay_ns"
+READ_REQUESTED = "otelwater.read.requested"
+READ_RETURNED = "otelwater.read.returned"
+
+# water span events
+WATER_LEVEL_ATTR = "otelwater.water.level"
+WATER_VOLUME_ATTR = "otelwater.water.volume"
+WATER_UNREAD_ATTR = "otelwater.water.unread"
+WATER_CAPACITY_ATTR = "otelwater.water.capacity"
+WATER_FILL_RATIO_ATTR = "otelwater.water.fill_ratio"
+WATER_DROPS_ATTR = "otelwater.water.drops"
+TRIGGER = "otelwater.trigger"
+
+# alerts (metric attributes and span events)
+ALERT_RULE = "otelwater.alert.rule"
+ALERT_SEVERITY = "otelwater.alert.severity"
+ALERT_STATE = "otelwater.alert.state"
+ALERT_VALUE = "otelwater.alert.value"
+ALERT_THRESHOLD = "otelwater.alert.threshold"
+ALERT_PREVIOUS = "otelwater.alert.previous"
+ALERT_REASON = "otelwater.alert.reason"
+
+# lost records
+PROBE = "otelwater.probe"                      # "water" | "reads"
+
+# -- spans and events ------------------------------------------------------------------------
+READ_SPAN = "net.(*conn).Read"                 # kind INTERNAL; the verdict is an attribute
+WATER_EVENT = "otelwater.water"
+ALERT_EVENT = "otelwater.alert"
+SCOPE = "otelwater"                            # instrumentation scope of tracers and meters
+OWN_SERVICE = "otelwater"                      # service.name of what belongs to no traced
+                                               # process (lost records, untraced sockets)

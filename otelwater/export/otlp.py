@@ -1,0 +1,836 @@
+"""OTLP export: the records after Analysis (snapshots, reads, verdicts, alerts, lost records)
+as OpenTelemetry traces and metrics, through opentelemetry-sdk.
+
+    sink = OtlpSink.for_options(resolve_options(flag_endpoint, flag_protocol))  # live
+    sink.write(records)            # each batch, the same records the JSON Lines sink gets
+    sink.close()                   # flush, within a deadline, and say what was not delivered
+
+    export_offline(records, header, endpoint=..., protocol=...)   # `otelwater correlate`
+
+Resource = the traced service. One TracerProvider and one MeterProvider per traced process
+(a pid seen in a Go read or verdict, or named by the recording), created when it first
+appears: service.name from its own OTEL_SERVICE_NAME, else service.name of its
+OTEL_RESOURCE_ATTRIBUTES (all of which are kept), else its executable's basename; plus
+process.pid, process.executable.name/path, host.name and service.instance.id. Sockets of
+processes that are not traced, and lost records, go under otelwater's own resource
+(service.name "otelwater").
+
+Traces: one span per Verdict, "net.(*conn).Read", kind INTERNAL, from the read's start to its
+end in wall-clock time (otelwater.export.clock: CLOCK_MONOTONIC + an offset measured once);
+its evidence snapshots and the alert transitions of its socket within the evidence window are
+span events at their own times. Names: otelwater.export.names.
+
+Metrics: water gauges are observable: each collection reads the latest snapshot of every
+socket. Cardinality is bounded: the top N sockets by water volume (default 50) get their own
+series, the rest are summed per (process.pid, network.local.port) with
+otelwater.socket.key="other". Drops (increase of sk_drops), verdicts, lost records are
+counters, alerts firing an up-down counter, and slow-read durations a histogram in seconds
+recorded inside the read's span context, so its exemplars carry that span's trace and span id.
+
+Endpoint and protocol, highest precedence first: --otlp-endpoint / --otlp-protocol; the
+standard variables (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / _METRICS_ENDPOINT, then
+OTEL_EXPORTER_OTLP_ENDPOINT; OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]PROTOCOL); then the
+defaults: grpc to http://localhost:4317, http/protobuf to http://localhost:4318. Export is off
+unless a flag or one of those endpoint variables is set. Headers, certificates, compression and
+timeout come from the OTEL_EXPORTER_OTLP_* variables, read by the SDK's exporters themselves.
+
+A slow or absent Collector never holds the probes: ending a span only appends to the bounded
+queue of a BatchSpanProcessor (max_queue_size 2048; a full queue drops the span and counts it),
+metrics are exported by a PeriodicExportingMetricReader on its own thread, and the SDK's
+exporters retry by themselves. Failures are counted; the first is said once on stderr, and
+again when export works again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import socket as socketlib
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import IO, Callable, Iterable
+
+from otelwater.errors import UsageError
+from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
+from otelwater.export import names as N
+from otelwater.export.clock import WallClock
+from otelwater.sockkey import format_key
+
+GRPC, HTTP = "grpc", "http/protobuf"
+PROTOCOLS = (GRPC, HTTP)
+DEFAULT_ENDPOINTS = {GRPC: "http://localhost:4317", HTTP: "http://localhost:4318"}
+TOP_N = 50                      # sockets with their own series; the rest summed
+MAX_QUEUE = 2048                # spans waiting for export, per service
+WINDOW_NS = 5_000_000           # alert transitions this near a read are its span events
+METRIC_INTERVAL_S = 10.0        # unless OTEL_METRIC_EXPORT_INTERVAL says otherwise
+CLOSE_TIMEOUT_S = 5.0           # the most close() waits for the last export
+IDLE_NS = 600 * 10**9           # a socket with no snapshot for this long is forgotten
+MAX_SOCKETS = 65536             # sockets whose latest snapshot is kept
+RANK_EVERY_S = 0.5              # the top-N ranking is recomputed at most this often
+MAX_SERVICES = 256              # providers kept; the least recently used is shut down beyond
+INSTANCE_NS = uuid.UUID("6f74656c-7761-7465-7200-000000000001")  # uuid5 namespace
+
+
+# -- where to export -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportOptions:
+    protocol: str                   # grpc | http/protobuf
+    endpoint: str | None            # from the flag; None: the SDK reads OTEL_EXPORTER_OTLP_*
+    target: str                     # what messages call it
+
+    def exporters(self):
+        """A new (span exporter, metric exporter) pair for this destination."""
+        if self.protocol == GRPC:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import \
+                OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            return (OTLPSpanExporter(endpoint=self.endpoint),
+                    OTLPMetricExporter(endpoint=self.endpoint))
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        if self.endpoint is None:   # the SDK appends /v1/traces to OTEL_EXPORTER_OTLP_ENDPOINT
+            return OTLPSpanExporter(), OTLPMetricExporter()
+        base = self.endpoint.rstrip("/")  # an explicit endpoint is taken as-is by the SDK
+        return (OTLPSpanExporter(endpoint=base + "/v1/traces"),
+                OTLPMetricExporter(endpoint=base + "/v1/metrics"))
+
+
+ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_ENDPOINT")
+PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+                 "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def check_endpoint(url: str, where: str) -> str:
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise UsageError(f"{where} {url!r} is not an http:// or https:// URL",
+                         "give the Collector's URL, e.g. http://localhost:4317 (grpc) or "
+                         "http://localhost:4318 (http/protobuf)")
+    try:
+        u.port
+    except ValueError:
+        raise UsageError(f"{where} {url!r} has a bad port",
+                         "give a port from 1 to 65535, e.g. http://localhost:4317") from None
+    return url
+
+
+def resolve_options(endpoint: str | None, protocol: str | None,
+                    environ=os.environ) -> ExportOptions | None:
+    """Where to export, or None when export is off (precedence: module docstring)."""
+    env_endpoint = next((environ[v] for v in ENDPOINT_VARS if environ.get(v)), None)
+    if endpoint is None and env_endpoint is None:
+        if protocol is not None:
+            raise UsageError("--otlp-protocol without an endpoint",
+                             "add --otlp-endpoint URL or set OTEL_EXPORTER_OTLP_ENDPOINT")
+        return None
+    where = "--otlp-protocol"
+    if protocol is None:
+        var = next((v for v in PROTOCOL_VARS if environ.get(v)), None)
+        protocol, where = (environ[var].strip(), var) if var else (GRPC, "")
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"{where} {protocol!r} is not supported",
+                         "give grpc or http/protobuf")
+    if endpoint is not None:
+        return ExportOptions(protocol, check_endpoint(endpoint, "--otlp-endpoint"), endpoint)
+    var = next(v for v in ENDPOINT_VARS if environ.get(v))
+    check_endpoint(env_endpoint, var)
+    return ExportOptions(protocol, None, env_endpoint)
+
+
+# -- failures, counted and said once ---------------------------------------------------------
+
+class ExportHealth:
+    """What export could not deliver, counted; the first failure of an outage is said once
+    on `out` ("failing ... still retrying"), and the first success after it ("works again")."""
+
+    def __init__(self, target: str, out: IO[str] | None = None):
+        self.target = target
+        self.out = out if out is not None else sys.stderr
+        self.lock = threading.Lock()
+        self.spans_exported = 0
+        self.spans_dropped = 0          # failed exports and a full queue
+        self.points_exported = 0
+        self.points_dropped = 0
+        self.failing = False
+        self.outages = 0
+        self.overflowed = 0             # spans dropped because the queue was full
+
+    def _say(self, text: str) -> None:
+        try:
+            print(f"otelwater: {text}", file=self.out, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    def exported(self, spans: int = 0, points: int = 0) -> None:
+        with self.lock:
+            self.spans_exported += spans
+            self.points_exported += points
+            if not self.failing:
+                return
+            self.failing = False
+            msg = (f"OTLP export to {self.target} works again ({self.spans_dropped} spans, "
+                   f"{self.points_dropped} metric points dropped so far)")
+        self._say(msg)
+
+    def overflow(self, spans: int = 1) -> None:
+        """Spans dropped at a full queue: more slow reads than export keeps up with (or a
+        Collector that is down); counted, said the first time only."""
+        with self.lock:
+            self.spans_dropped += spans
+            self.overflowed += spans
+            first = self.overflowed == spans
+        if first:
+            self._say(f"OTLP export to {self.target} cannot keep up: its queue of "
+                      f"{MAX_QUEUE} spans is full, the oldest are dropped (counted)")
+
+    def dropped(self, spans: int = 0, points: int = 0) -> None:
+        with self.lock:
+            self.spans_dropped += spans
+            self.points_dropped += points
+            if self.failing:
+                return
+            self.failing = True
+            self.outages += 1
+            msg = (f"OTLP export to {self.target} failing ({self.spans_dropped} spans, "
+                   f"{self.points_dropped} metric points dropped so far); still retrying")
+        self._say(msg)
+
+
+def _count_points(metrics_data) -> int:
+    n = 0
+    for rm in metrics_data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                n += len(m.data.data_points)
+    return n
+
+
+def _counting_span_exporter(inner, health: ExportHealth):
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class CountingSpanExporter(SpanExporter):
+        def __init__(self):
+            self.inner = inner
+
+        def export(self, spans):
+            try:
+                result = inner.export(spans)
+            except Exception:  # noqa: BLE001 - an exporter bug must not stop the worker
+                result = SpanExportResult.FAILURE
+            if result == SpanExportResult.SUCCESS:
+                health.exported(spans=len(spans))
+            else:
+                health.dropped(spans=len(spans))
+            return result
+
+        def shutdown(self, timeout_millis: float = 30_000):
+            inner.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30_000) -> bool:
+            return inner.force_flush(timeout_millis)
+
+    return CountingSpanExporter()
+
+
+def _counting_metric_exporter(inner, health: ExportHealth):
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+
+    class CountingMetricExporter(MetricExporter):
+        def __init__(self):
+            super().__init__(preferred_temporality=inner._preferred_temporality,
+                             preferred_aggregation=inner._preferred_aggregation)
+            self.inner = inner
+
+        def export(self, metrics_data, timeout_millis: float = 10_000, **kw):
+            points = _count_points(metrics_data)
+            try:
+                result = inner.export(metrics_data, timeout_millis=timeout_millis)
+            except Exception:  # noqa: BLE001
+                result = MetricExportResult.FAILURE
+            if result == MetricExportResult.SUCCESS:
+                health.exported(points=points)
+            else:
+                health.dropped(points=points)
+            return result
+
+        def force_flush(self, timeout_millis: float = 10_000) -> bool:
+            return inner.force_flush(timeout_millis)
+
+        def shutdown(self, timeout_millis: float = 30_000, **kw) -> None:
+            inner.shutdown(timeout_millis=timeout_millis)
+
+    return CountingMetricExporter()
+
+
+def _bounded_batch_processor(exporter, health: ExportHealth, max_queue: int = MAX_QUEUE):
+    """A BatchSpanProcessor whose full-queue drops are counted (the SDK only logs them)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    class Bounded(BatchSpanProcessor):
+        def on_end(self, span):
+            q = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+            if q is not None and q.maxlen is not None and len(q) >= q.maxlen:
+                health.overflow(1)   # the SDK drops the oldest queued span
+            super().on_end(span)
+
+    return Bounded(exporter, max_queue_size=max_queue)
+
+
+# -- identities ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Identity:
+    """What names a traced process: the fields of recording.ProcessInfo that export uses."""
+
+    pid: int
+    exe: str | None = None
+    comm: str | None = None
+    service_name: str | None = None
+    resource_attributes: dict | None = None
+    start_time: int | None = None
+
+
+def identity_from_proc(pid: int):
+    """The process's identity from /proc/PID (exe, environ's OTEL_* variables, start time)."""
+    from otelwater.events.recording import process_info
+
+    return process_info(pid)
+
+
+def resource_attributes(ident, pid: int, host: str) -> dict:
+    """The resource of a traced process: its own OTEL_RESOURCE_ATTRIBUTES, its service name
+    (OTEL_SERVICE_NAME > service.name of those attributes > the executable's basename), and
+    what otelwater knows of it."""
+    attrs: dict = {}
+    given = dict(getattr(ident, "resource_attributes", None) or {})
+    attrs.update(given)
+    exe = getattr(ident, "exe", None)
+    comm = getattr(ident, "comm", None)
+    attrs[N.SERVICE_NAME] = (getattr(ident, "service_name", None) or given.get(N.SERVICE_NAME)
+                             or (os.path.basename(exe) if exe else None) or comm
+                             or f"pid-{pid}")
+    attrs[N.PROCESS_PID] = pid
+    if exe:
+        attrs[N.PROCESS_EXECUTABLE_PATH] = exe
+        attrs[N.PROCESS_EXECUTABLE_NAME] = os.path.basename(exe)
+    elif comm:
+        attrs[N.PROCESS_EXECUTABLE_NAME] = comm
+    attrs[N.HOST_NAME] = host
+    if N.SERVICE_INSTANCE_ID not in given:  # the same process gives the same id, live or offline
+        start = getattr(ident, "start_time", None)
+        attrs[N.SERVICE_INSTANCE_ID] = str(uuid.uuid5(INSTANCE_NS, f"{host}/{pid}/{start}"))
+    return attrs
+
+
+def endpoints_from_proc(pid: int, key: int) -> tuple[str, int, str, int] | None:
+    """(laddr, lport, raddr, rport) of the process's TCP socket with this key, from its
+    network namespace's /proc/PID/net/tcp{,6}; None when it is gone. Live only: a slow-peer
+    socket may have no snapshot at all (its queue never rises), yet its span needs its ends."""
+    from otelwater.hostsockets import netns_inode, tcp_table
+    from otelwater.sockkey import addr_text, sock_key
+
+    try:
+        ns = netns_inode(pid)
+    except OSError:
+        return None
+    for e in tcp_table(pid).values():
+        if sock_key(ns, e.laddr, e.lport, e.raddr, e.rport) == key:
+            return addr_text(e.laddr), e.lport, addr_text(e.raddr), e.rport
+    return None
+
+
+# -- the sink --------------------------------------------------------------------------------
+
+def network_type(addr: str) -> str:
+    return "ipv6" if ":" in addr else "ipv4"
+
+
+def socket_attributes(s: WaterSnapshot) -> dict:
+    return endpoint_attributes(s.pid, s.sock_key, (s.laddr, s.lport, s.raddr, s.rport))
+
+
+def endpoint_attributes(pid: int, key: int, ends: tuple[str, int, str, int]) -> dict:
+    laddr, lport, raddr, rport = ends
+    return {N.PROCESS_PID: pid, N.NETWORK_TRANSPORT: "tcp", N.NETWORK_TYPE: network_type(laddr),
+            N.NETWORK_LOCAL_ADDRESS: laddr, N.NETWORK_LOCAL_PORT: lport,
+            N.NETWORK_PEER_ADDRESS: raddr, N.NETWORK_PEER_PORT: rport,
+            N.SOCKET_KEY: format_key(key)}
+
+
+def other_attributes(pid: int, lport: int) -> dict:
+    return {N.PROCESS_PID: pid, N.NETWORK_TRANSPORT: "tcp", N.NETWORK_LOCAL_PORT: lport,
+            N.SOCKET_KEY: N.OTHER_SOCKETS}
+
+
+def caller(stack) -> str | None:
+    """The function that called net.(*conn).Read (the frame above it), else the first frame
+    above the read machinery."""
+    for i, name in enumerate(stack):
+        if name == N.READ_SPAN and i + 1 < len(stack):
+            return stack[i + 1]
+    from otelwater.export.live import caller as live_caller
+
+    return live_caller(tuple(stack)) if stack else None
+
+
+def water_event_attributes(s: WaterSnapshot) -> dict:
+    return {N.WATER_LEVEL_ATTR: s.level, N.WATER_VOLUME_ATTR: s.volume,
+            N.WATER_UNREAD_ATTR: s.unread_bytes, N.WATER_CAPACITY_ATTR: s.capacity,
+            N.WATER_FILL_RATIO_ATTR: round(s.fill_ratio, 6), N.WATER_DROPS_ATTR: s.drops,
+            N.TRIGGER: s.trigger}
+
+
+def alert_event_attributes(a) -> dict:
+    d = {N.ALERT_RULE: a.rule, N.ALERT_STATE: a.state, N.ALERT_SEVERITY: a.severity,
+         N.ALERT_VALUE: float(a.value), N.ALERT_THRESHOLD: float(a.threshold)}
+    if a.previous:
+        d[N.ALERT_PREVIOUS] = a.previous
+    if a.reason:
+        d[N.ALERT_REASON] = a.reason
+    return d
+
+
+OWN = -1   # the key of otelwater's own service
+
+
+class _Service:
+    """One resource: a TracerProvider and a MeterProvider with otelwater's instruments."""
+
+    def __init__(self, key: int, attrs: dict, sink: "OtlpSink"):
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+
+        self.key = key
+        self.resource = Resource(attrs)
+        self.span_processor, self.metric_reader = sink.make_pipeline()
+        self.tracer_provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
+        self.tracer_provider.add_span_processor(self.span_processor)
+        self.meter_provider = MeterProvider(resource=self.resource,
+                                            metric_readers=[self.metric_reader,
+                                                            *sink.extra_readers()],
+                                            shutdown_on_exit=False)
+        from otelwater import __version__
+
+        self.tracer = self.tracer_provider.get_tracer(N.SCOPE, __version__)
+        meter = self.meter_provider.get_meter(N.SCOPE, __version__)
+
+        def gauge(inst, field):
+            meter.create_observable_gauge(inst.name, [lambda _o: sink._observe(key, field)],
+                                          unit=inst.unit, description=inst.description)
+
+        gauge(N.WATER_LEVEL, 0)
+        gauge(N.WATER_VOLUME, 1)
+        gauge(N.WATER_UNREAD, 2)
+        gauge(N.CAPACITY, 3)
+        gauge(N.FILL_RATIO, 4)
+        i = N.DROPS
+        self.drops = meter.create_counter(i.name, unit=i.unit, description=i.description)
+        i = N.READ_DURATION
+        self.read_duration = meter.create_histogram(
+            i.name, unit=i.unit, description=i.description,
+            explicit_bucket_boundaries_advisory=list(N.READ_DURATION_BOUNDS_S))
+        i = N.READ_VERDICTS
+        self.verdicts = meter.create_counter(i.name, unit=i.unit, description=i.description)
+        i = N.ALERTS_ACTIVE
+        self.alerts = meter.create_up_down_counter(i.name, unit=i.unit,
+                                                   description=i.description)
+        i = N.RECORDS_LOST
+        self.lost = meter.create_counter(i.name, unit=i.unit, description=i.description)
+
+    def shutdown(self, timeout_s: float) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown(timeout_millis=max(1.0, timeout_s * 1000))
+
+
+class OtlpSink:
+    """Records after Analysis in, OTLP out (module docstring). Not thread-safe for writers:
+    one thread calls write(); the SDK's reader threads call the gauges' callbacks."""
+
+    def __init__(self, *, make_pipeline: Callable[[], tuple],
+                 identity: Callable[[int], object] = identity_from_proc,
+                 clock: WallClock | None = None, host: str | None = None,
+                 traced_pids: Iterable[int] = (), top_n: int = TOP_N,
+                 window_ns: int = WINDOW_NS, health: ExportHealth | None = None,
+                 extra_readers: Callable[[], list] = list,
+                 endpoints: Callable[[int, int], tuple | None] | None = endpoints_from_proc):
+        self.make_pipeline = make_pipeline   # -> (SpanProcessor, MetricReader), per service
+        self.extra_readers = extra_readers   # -> more MetricReaders per service (Prometheus)
+        self.identity = identity
+        self.clock = clock or WallClock.measure()
+        self.host = host or socketlib.gethostname()
+        self.top_n = top_n
+        self.window_ns = window_ns
+        self.health = health
+        self.lock = threading.RLock()
+        self.services: OrderedDict[int, _Service] = OrderedDict()
+        self.traced: set[int] = set(traced_pids)
+        self.identities: dict[int, object] = {}
+        self.endpoints = endpoints          # (pid, sock_key) -> (laddr, lport, raddr, rport)
+        self.ends: OrderedDict[int, tuple | None] = OrderedDict()  # sock_key -> that, bounded
+        self.sockets: OrderedDict[int, WaterSnapshot] = OrderedDict()  # least recent first
+        self.last_drops: dict[int, int] = {}
+        self.recent_alerts: OrderedDict[tuple, deque] = OrderedDict()
+        self.active_alerts: dict[tuple, tuple[_Service, str]] = {}
+        self.lost_seen: dict[str, int] = {}
+        self.spans = 0
+        self.newest_ns = 0
+        self._rank = None
+        self._rank_at = 0.0
+        self._rank_gen = None
+        self.rank_every_s = RANK_EVERY_S
+        self._gen = 0
+        self._closed = False
+        self._retired: list[_Service] = []
+        for pid in self.traced:
+            self._identity_of(pid)
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def for_options(cls, opts: ExportOptions, *, out: IO[str] | None = None,
+                    metric_interval_s: float | None = None, **kw) -> "OtlpSink":
+        """A sink exporting to `opts`, each service with its own exporters, counted."""
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        quiet_sdk_logs()
+        health = ExportHealth(opts.target, out)
+        if metric_interval_s is None:
+            env = os.environ.get("OTEL_METRIC_EXPORT_INTERVAL")
+            metric_interval_s = float(env) / 1000 if env else METRIC_INTERVAL_S
+
+        def pipeline():
+            spans, metrics = opts.exporters()
+            return (_bounded_batch_processor(_counting_span_exporter(spans, health), health),
+                    PeriodicExportingMetricReader(
+                        _counting_metric_exporter(metrics, health),
+                        export_interval_millis=metric_interval_s * 1000))
+
+        return cls(make_pipeline=pipeline, health=health, **kw)
+
+    def _identity_of(self, pid: int):
+        if pid in self.identities:
+            return self.identities[pid]
+        try:
+            ident = self.identity(pid)
+        except Exception:  # noqa: BLE001 - an unreadable process is named by its pid
+            ident = None
+        self.identities[pid] = ident
+        return ident
+
+    def _service(self, key: int) -> _Service:
+        svc = self.services.get(key)
+        if svc is not None:
+            self.services.move_to_end(key)
+            return svc
+        if key == OWN:
+            attrs = resource_attributes(Identity(os.getpid(), exe=sys.executable,
+                                                 service_name=N.OWN_SERVICE), os.getpid(),
+                                        self.host)
+        else:
+            attrs = resource_attributes(self._identity_of(key), key, self.host)
+        svc = self.services[key] = _Service(key, attrs, self)
+        if len(self.services) > MAX_SERVICES:
+            _, old = self.services.popitem(last=False)
+            self._retired.append(old)
+            threading.Thread(target=old.shutdown, args=(CLOSE_TIMEOUT_S,), daemon=True).start()
+        return svc
+
+    def _trace(self, pid: int) -> None:
+        """A pid with Go reads is a traced service: name it now, while it runs."""
+        if pid not in self.traced:
+            self.traced.add(pid)
+            self._identity_of(pid)
+
+    def _learn_ends(self, r: ReadRecord) -> None:
+        """The ends of a read's socket, looked up once per socket while it is open."""
+        if (self.endpoints is None or not r.sock_key or r.sock_key in self.ends
+                or r.sock_key in self.sockets):
+            return
+        try:
+            self.ends[r.sock_key] = self.endpoints(r.pid, r.sock_key)
+        except Exception:  # noqa: BLE001 - the span goes out with its socket key only
+            self.ends[r.sock_key] = None
+        if len(self.ends) > MAX_SOCKETS:
+            self.ends.popitem(last=False)
+
+    def _owner(self, pid: int) -> int:
+        return pid if pid in self.traced else OWN
+
+    # -- records in ------------------------------------------------------------------------
+
+    def write(self, records: Iterable) -> None:
+        if self._closed:
+            return
+        from otelwater.alerts.stage import AlertTransition
+        from otelwater.events.verdict import Verdict
+
+        with self.lock:
+            for r in records:
+                if isinstance(r, WaterSnapshot):
+                    self._snapshot(r)
+                elif isinstance(r, Verdict):
+                    self._verdict(r)
+                elif isinstance(r, ReadRecord):
+                    self._trace(r.pid)
+                    self._learn_ends(r)
+                elif isinstance(r, AlertTransition):
+                    self._alert(r)
+                elif isinstance(r, LostEvents):
+                    self._lost(r)
+                elif hasattr(r, "service_name") and hasattr(r, "pid"):  # a ProcessInfo
+                    self.identities[r.pid] = r
+                    self.traced.add(r.pid)
+
+    def _snapshot(self, s: WaterSnapshot) -> None:
+        self._gen += 1
+        key = s.sock_key
+        self.newest_ns = max(self.newest_ns, s.ts_ns)
+        prev = self.last_drops.get(key)
+        if prev is not None and s.drops > prev:
+            svc = self._service(self._owner(s.pid))
+            svc.drops.add(s.drops - prev, self._series_attributes(s))
+        if s.trigger == "close":
+            self.sockets.pop(key, None)
+            self.last_drops.pop(key, None)
+            return
+        self.last_drops[key] = s.drops
+        self.sockets[key] = s
+        self.sockets.move_to_end(key)
+        self._service(self._owner(s.pid))   # the socket's gauges are observed there
+        while len(self.sockets) > MAX_SOCKETS:
+            old, _ = self.sockets.popitem(last=False)
+            self.last_drops.pop(old, None)
+        oldest = next(iter(self.sockets.values()))
+        if self.newest_ns - oldest.ts_ns > IDLE_NS:
+            for k in [k for k, v in self.sockets.items() if self.newest_ns - v.ts_ns > IDLE_NS]:
+                del self.sockets[k]
+                self.last_drops.pop(k, None)
+
+    def _series_attributes(self, s: WaterSnapshot) -> dict:
+        _, _, top = self._ranking()
+        if s.sock_key in top:
+            return socket_attributes(s)
+        return other_attributes(s.pid, s.lport)
+
+    def _verdict(self, v) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind
+
+        r = v.read
+        self._trace(r.pid)
+        svc = self._service(r.pid)
+        attrs = {N.SOCKET_KEY: format_key(r.sock_key)}
+        known = v.evidence[0] if v.evidence else self.sockets.get(r.sock_key)
+        if known is not None:
+            attrs.update(endpoint_attributes(r.pid, r.sock_key, (known.laddr, known.lport,
+                                                                 known.raddr, known.rport)))
+        elif self.ends.get(r.sock_key):
+            attrs.update(endpoint_attributes(r.pid, r.sock_key, self.ends[r.sock_key]))
+        else:
+            attrs[N.PROCESS_PID] = r.pid
+        attrs[N.THREAD_ID] = r.tid
+        fn = caller(r.stack)
+        if fn:
+            attrs[N.CODE_FUNCTION] = fn
+        if r.stack:
+            attrs[N.CODE_STACKTRACE] = "\n".join(r.stack)
+        if r.goid is not None:
+            attrs[N.GOROUTINE_ID] = r.goid
+        attrs[N.FD] = r.fd
+        attrs[N.VERDICT] = v.verdict
+        attrs[N.VERDICT_REASON] = v.reason
+        for k, val in ((N.WAIT_PEER_NS, v.wait_peer_ns), (N.WAIT_RUN_NS, v.wait_run_ns),
+                       (N.QUEUE_DELAY_NS, v.queue_delay_ns)):
+            if val is not None:
+                attrs[k] = val
+        attrs[N.READ_REQUESTED] = r.requested
+        attrs[N.READ_RETURNED] = r.returned
+        wall = self.clock.wall_ns
+        span = svc.tracer.start_span(N.READ_SPAN, kind=SpanKind.INTERNAL, attributes=attrs,
+                                     start_time=wall(r.ts_start_ns))
+        lo, hi = r.ts_start_ns - self.window_ns, r.ts_end_ns + self.window_ns
+        events = [(s.ts_ns, 0, N.WATER_EVENT, water_event_attributes(s)) for s in v.evidence]
+        for key in ((r.sock_key,), ("pid", r.pid)):
+            for a in self.recent_alerts.get(key, ()):
+                if lo <= a.ts_ns <= hi:
+                    events.append((a.ts_ns, 1, N.ALERT_EVENT, alert_event_attributes(a)))
+        events.sort(key=lambda e: (e[0], e[1]))
+        for ts, _, name, ev in events:
+            span.add_event(name, ev, timestamp=wall(ts))
+        with trace.use_span(span, end_on_exit=False):  # exemplars take this span's ids
+            label = {N.VERDICT: v.verdict}
+            svc.read_duration.record(r.duration_ns / 1e9, label)
+            svc.verdicts.add(1, label)
+        span.end(end_time=wall(r.ts_end_ns))
+        self.spans += 1
+
+    def _alert(self, a) -> None:
+        key = (a.sock_key,) if a.sock_key else ("pid", a.pid)
+        q = self.recent_alerts.get(key)
+        if q is None:
+            q = self.recent_alerts[key] = deque(maxlen=16)
+            if len(self.recent_alerts) > MAX_SOCKETS:
+                self.recent_alerts.popitem(last=False)
+        else:
+            self.recent_alerts.move_to_end(key)
+        q.append(a)
+        active = (key, a.rule)
+        if a.state == "fired":
+            old = self.active_alerts.pop(active, None)
+            if old is not None:
+                old[0].alerts.add(-1, {N.ALERT_RULE: a.rule, N.ALERT_SEVERITY: old[1]})
+            svc = self._service(self._owner(a.pid))
+            svc.alerts.add(1, {N.ALERT_RULE: a.rule, N.ALERT_SEVERITY: a.severity})
+            self.active_alerts[active] = (svc, a.severity)
+        else:
+            old = self.active_alerts.pop(active, None)
+            if old is not None:
+                old[0].alerts.add(-1, {N.ALERT_RULE: a.rule, N.ALERT_SEVERITY: old[1]})
+
+    def _lost(self, r: LostEvents) -> None:
+        prev = self.lost_seen.get(r.probe, 0)
+        if r.lost_total > prev:
+            self._service(OWN).lost.add(r.lost_total - prev, {N.PROBE: r.probe})
+        self.lost_seen[r.probe] = max(prev, r.lost_total)
+
+    # -- gauges (called on the metric readers' threads) --------------------------------------
+
+    def _ranking(self):
+        """(per-owner series, per-owner "other" sums, set of top keys), cached briefly."""
+        now = time.monotonic()
+        gen = (self._gen, len(self.traced))
+        if self._rank is not None and (self._rank_gen == gen
+                                       or now - self._rank_at < self.rank_every_s):
+            return self._rank
+        socks = list(self.sockets.values())
+        top = heapq.nlargest(self.top_n, socks,
+                             key=lambda s: (s.volume, s.unread_bytes, s.level, s.sock_key))
+        top_keys = {s.sock_key for s in top}
+        series: dict[int, list] = {}
+        for s in top:
+            series.setdefault(self._owner(s.pid), []).append(
+                (socket_attributes(s), (s.level, s.volume, s.unread_bytes, s.capacity)))
+        sums: dict[tuple[int, int], list[int]] = {}
+        for s in socks:
+            if s.sock_key in top_keys:
+                continue
+            t = sums.setdefault((s.pid, s.lport), [0, 0, 0, 0])
+            t[0] += s.level
+            t[1] += s.volume
+            t[2] += s.unread_bytes
+            t[3] += s.capacity
+        for (pid, lport), t in sums.items():
+            series.setdefault(self._owner(pid), []).append(
+                (other_attributes(pid, lport), tuple(t)))
+        self._rank = (series, sums, top_keys)
+        self._rank_at, self._rank_gen = now, gen
+        return self._rank
+
+    def _observe(self, key: int, field: int):
+        from opentelemetry.metrics import Observation
+
+        with self.lock:
+            series, _, _ = self._ranking()
+            out = []
+            for attrs, values in series.get(key, ()):
+                if field == 4:
+                    v = values[1] / values[3] if values[3] else 0.0
+                else:
+                    v = values[field]
+                out.append(Observation(v, attrs))
+            return out
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S, out: IO[str] | None = None) -> None:
+        """Export what is left within `timeout_s` (a Collector that is down does not hold the
+        exit: what is still queued then is given up and said), then stop every provider."""
+        if self._closed:
+            return
+        self._closed = True
+        services = list(self.services.values()) + self._retired
+        deadline = time.monotonic() + timeout_s
+        threads = [threading.Thread(target=s.shutdown, args=(timeout_s,), daemon=True)
+                   for s in services]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):  # interrupt the exporters' retries
+            for s in services:
+                for exp in _inner_exporters(s):
+                    try:
+                        exp.shutdown()
+                    except Exception:  # noqa: BLE001
+                        pass
+            for t in threads:
+                t.join(0.5)
+        h = self.health
+        if h is not None:
+            unsent = self.spans - h.spans_exported - h.spans_dropped
+            if h.spans_dropped or h.points_dropped or unsent > 0:
+                h._say(f"OTLP export to {h.target}: {h.spans_exported} spans and "
+                       f"{h.points_exported} metric points delivered; "
+                       f"{h.spans_dropped + max(0, unsent)} spans and {h.points_dropped} "
+                       "metric points not delivered")
+
+
+def _inner_exporters(svc: _Service) -> list:
+    out = []
+    bp = getattr(svc.span_processor, "_batch_processor", None)
+    exp = getattr(bp, "_exporter", None)
+    if exp is not None:
+        out.append(getattr(exp, "inner", exp))
+    exp = getattr(svc.metric_reader, "_exporter", None)
+    if exp is not None:
+        out.append(getattr(exp, "inner", exp))
+    return out
+
+
+def quiet_sdk_logs() -> None:
+    """The SDK logs every retry and failure; otelwater counts them and says each outage once
+    (OTELWATER_DEBUG=1 keeps the SDK's own log)."""
+    if os.environ.get("OTELWATER_DEBUG", "") in ("", "0"):
+        logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC core's own stderr lines
+
+
+# -- offline ---------------------------------------------------------------------------------
+
+def export_offline(records: Iterable, header, *, endpoint: str | None = None,
+                   protocol: str | None = None, out: IO[str] | None = None,
+                   timeout_s: float = 30.0) -> OtlpSink | None:
+    """Re-export a recording's records after Analysis (verdicts, alerts, snapshots, lost)
+    over OTLP with the service identities and clock offset the recording kept. None when
+    export is off (no --otlp-endpoint and no OTEL_EXPORTER_OTLP_*ENDPOINT).
+
+    `header` is an otelwater.events.recording.Header (processes, clock, host). Spans keep the
+    recording's times; metric points carry the time of the export (the SDK cannot date them
+    otherwise), so offline metrics are the run's totals, not its time series."""
+    opts = resolve_options(endpoint, protocol)
+    if opts is None:
+        return None
+    processes = dict(getattr(header, "processes", {}) or {})
+    host = (getattr(header, "host", None) or {}).get("name") or socketlib.gethostname()
+
+    def identity(pid):
+        return processes.get(pid) or Identity(pid)
+
+    sink = OtlpSink.for_options(opts, out=out, identity=identity, endpoints=None,
+                                clock=WallClock.from_recording(header.clock), host=host,
+                                traced_pids=processes.keys())
+    sink.write(records)
+    sink.close(timeout_s=timeout_s, out=out)
+    return sink
