@@ -195,9 +195,11 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
     Runs FILE (from `otelwater record` or `watch --record`) through the same analysis as
     `watch`: the ±window join of snapshots to reads, the verdict rules, alerts and
     per-socket summaries; then a report (worst sockets and reads, verdicts with their
-    figures, what was lost or unknown and why), or --json, and --plot.
+    figures, what was lost or unknown and why), or --json, and --plot. FILE may also be
+    the OTLP JSON a Collector's file exporter wrote of otelwater's spans (detected): the
+    same verdicts, from the slow reads and their evidence the spans carry.
     """
-    from otelwater.events.recording import Reader
+    from otelwater.events.otlpjson import open_input
     from otelwater.export.jsonl import JsonLinesSink
     from otelwater import report
 
@@ -208,7 +210,7 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
         from otelwater.export.otlp import resolve_options
 
         otlp = resolve_options(otlp_endpoint, otlp_protocol)  # bad values: exit 2, now
-    with Reader(file) as probe:           # the header (and its errors) before any work
+    with open_input(file) as probe:       # the header (and its errors) before any work
         recorded = probe.header.config
         header = probe.header
     config = offline_config(recorded, config_file, flags)
@@ -236,8 +238,11 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
     if otlp is not None:
         from otelwater.export.otlp import export_offline
 
-        export_offline(exported, header, endpoint=otlp_endpoint, protocol=otlp_protocol,
-                       out=sys.stderr)
+        import dataclasses  # every process the file named (OTLP JSON: from its resources)
+
+        export_offline(exported, dataclasses.replace(header, processes=dict(col.processes)),
+                       endpoint=otlp_endpoint, protocol=otlp_protocol, out=sys.stderr,
+                       config=config)
     if col.error is not None:
         raise col.error
 

@@ -27,7 +27,7 @@ from typing import Callable
 from otelwater.alerts.stage import AlertTransition
 from otelwater.errors import OtelwaterError, RecordingError, UsageError
 from otelwater.events.model import LostEvents, Notice, ReadRecord, WaterSnapshot
-from otelwater.events.recording import Header, ProcessInfo, Reader
+from otelwater.events.recording import Header, ProcessInfo
 from otelwater.events.verdict import (CONSUMER_LAGGING, PEER_STARVED, RUNTIME_STARVED,
                                       UNKNOWN, VERDICTS, Verdict)
 from otelwater.export.live import caller, endpoint, human_bytes
@@ -124,11 +124,14 @@ class Collection:
 
 def correlate(path: str, config, *, emit: Callable[[list], None] | None = None,
               plot: bool = False, top: int = 10) -> Collection:
-    """Run the recording at `path` through the analysis; RecordingError for a file that has no
-    valid header, otherwise a Collection (its `error` set when the file broke later)."""
+    """Run the recording (or OTLP JSON file, otelwater.events.otlpjson) at `path` through the
+    analysis; RecordingError for a file that has no valid header, otherwise a Collection (its
+    `error` set when the file broke later)."""
+    from otelwater.events.otlpjson import open_input
     from otelwater.pipeline import Analysis
 
-    reader = Reader(path)
+    reader = open_input(path)
+    amend = getattr(reader, "amend", None)   # OTLP JSON: the evidence counts as recorded
     col = Collection(path, reader.header, config, top=top)
     col.processes.update(reader.header.processes)
     if plot:
@@ -140,6 +143,8 @@ def correlate(path: str, config, *, emit: Callable[[list], None] | None = None,
         col.raw(batch)
         out = analysis.process(batch)
         out = [r for r in out if type(r) in wanted]
+        if amend is not None:
+            out = amend(out)
         col.analysed(out)
         if emit is not None and out:
             emit(out)
@@ -163,6 +168,8 @@ def correlate(path: str, config, *, emit: Callable[[list], None] | None = None,
     if batch:
         run(batch)
     last = analysis.finish()
+    if amend is not None:
+        last = amend(last)
     col.analysed(last)
     if emit is not None and last:
         emit(last)

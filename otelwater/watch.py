@@ -75,6 +75,8 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
         # reads that began before this moment are "unknown": their start was not seen
         start_ns = time.monotonic_ns()
         analysis = Analysis(config, start_ns=start_ns)
+        if exporter is not None:   # on its resources: the spans alone give the same verdicts
+            exporter.started(start_ns, config)
         if recorder is not None:
             recorder.start(start_ns, config=config.to_dict(), pids=(*pids, *go_pids))
 

@@ -87,6 +87,17 @@ WAIT_RUN_NS = "otelwater.wait.run_ns"
 QUEUE_DELAY_NS = "otelwater.queue.delay_ns"
 READ_REQUESTED = "otelwater.read.requested"
 READ_RETURNED = "otelwater.read.returned"
+# what rebuilds the read exactly (otelwater.events.otlpjson): CLOCK_MONOTONIC times and the
+# kernel's stamps, each left out where it is None
+THREAD_NAME = "thread.name"                    # the reader's comm
+READ_SOURCE = "otelwater.read.source"          # "tracepoint" | "uprobe"
+READ_START_NS = "otelwater.read.start_ns"      # CLOCK_MONOTONIC
+READ_END_NS = "otelwater.read.end_ns"          # CLOCK_MONOTONIC
+READ_PARKED = "otelwater.read.parked"          # bool
+READ_ARRIVAL_NS = "otelwater.read.arrival_ns"  # CLOCK_MONOTONIC
+READ_QUEUE_DELAY_EXACT = "otelwater.read.queue_delay_exact"  # bool
+EVIDENCE_TOTAL = "otelwater.evidence.total"    # snapshots that joined the read
+EVIDENCE_COMPLETE = "otelwater.evidence.complete"  # bool
 
 # water span events
 WATER_LEVEL_ATTR = "otelwater.water.level"
@@ -96,6 +107,18 @@ WATER_CAPACITY_ATTR = "otelwater.water.capacity"
 WATER_FILL_RATIO_ATTR = "otelwater.water.fill_ratio"
 WATER_DROPS_ATTR = "otelwater.water.drops"
 TRIGGER = "otelwater.trigger"
+# ... and the rest of the snapshot, so the evidence is rebuilt exactly
+WATER_PID_ATTR = "otelwater.water.pid"          # the socket's last reader
+WATER_TID_ATTR = "otelwater.water.tid"
+WATER_COMM_ATTR = "otelwater.water.comm"
+WATER_NETNS_ATTR = "otelwater.water.netns"
+WATER_INODE_ATTR = "otelwater.water.inode"
+WATER_BACKLOG_ATTR = "otelwater.water.backlog"
+WATER_DROP_EVENTS_ATTR = "otelwater.water.drop_events"
+WATER_DROP_REASON_ATTR = "otelwater.water.drop_reason"
+WATER_BYTES_ARRIVED_ATTR = "otelwater.water.bytes_arrived"
+WATER_BYTES_READ_ATTR = "otelwater.water.bytes_read"
+WATER_TCP_STATE_ATTR = "otelwater.water.tcp_state"
 
 # alerts (metric attributes and span events)
 ALERT_RULE = "otelwater.alert.rule"
@@ -108,11 +131,22 @@ ALERT_REASON = "otelwater.alert.reason"
 
 # lost records
 PROBE = "otelwater.probe"                      # "water" | "reads"
+LOST_TOTAL = "otelwater.lost.total"            # the probe's lost_total (a LOST_SPAN's)
+LOST_NS = "otelwater.lost.ts_ns"               # CLOCK_MONOTONIC of the lost record
+
+# the run, on every resource otelwater exports: what turns the spans back into the records
+CLOCK_OFFSET_NS = "otelwater.clock.offset_ns"  # CLOCK_REALTIME - CLOCK_MONOTONIC used
+START_NS = "otelwater.start_ns"                # CLOCK_MONOTONIC when the probes attached
+THRESHOLD_MS = "otelwater.correlate.threshold_ms"
+RUN_THRESHOLD_MS = "otelwater.correlate.run_threshold_ms"
+WINDOW_MS = "otelwater.correlate.window_ms"
 
 # -- spans and events ------------------------------------------------------------------------
 READ_SPAN = "net.(*conn).Read"                 # kind INTERNAL; the verdict is an attribute
 WATER_EVENT = "otelwater.water"
 ALERT_EVENT = "otelwater.alert"
+LOST_SPAN = "otelwater.lost"                   # a zero-length span per rise of a probe's
+                                               # lost_total, under otelwater's own resource
 SCOPE = "otelwater"                            # instrumentation scope of tracers and meters
 OWN_SERVICE = "otelwater"                      # service.name of what belongs to no traced
                                                # process (lost records, untraced sockets)

@@ -18,7 +18,12 @@ processes that are not traced, and lost records, go under otelwater's own resour
 Traces: one span per Verdict, "net.(*conn).Read", kind INTERNAL, from the read's start to its
 end in wall-clock time (otelwater.export.clock: CLOCK_MONOTONIC + an offset measured once);
 its evidence snapshots and the alert transitions of its socket within the evidence window are
-span events at their own times. Names: otelwater.export.names.
+span events at their own times. Names: otelwater.export.names. The spans alone rebuild the
+records exactly (otelwater.events.otlpjson, `otelwater correlate` of the Collector's OTLP JSON
+file): each span also carries the read's CLOCK_MONOTONIC times and kernel stamps, each water
+event the whole snapshot, every resource the run (clock offset, attach time, the verdict
+thresholds: started()), and each rise of a probe's lost records is a zero-length span
+"otelwater.lost" under otelwater's own resource.
 
 Metrics: water gauges are observable: each collection reads the latest snapshot of every
 socket. Cardinality is bounded: the top N sockets by water volume (default 50) get their own
@@ -388,7 +393,13 @@ def water_event_attributes(s: WaterSnapshot) -> dict:
     return {N.WATER_LEVEL_ATTR: s.level, N.WATER_VOLUME_ATTR: s.volume,
             N.WATER_UNREAD_ATTR: s.unread_bytes, N.WATER_CAPACITY_ATTR: s.capacity,
             N.WATER_FILL_RATIO_ATTR: round(s.fill_ratio, 6), N.WATER_DROPS_ATTR: s.drops,
-            N.TRIGGER: s.trigger}
+            N.TRIGGER: s.trigger,
+            # the rest of the snapshot, so otelwater.events.otlpjson rebuilds it exactly
+            N.WATER_PID_ATTR: s.pid, N.WATER_TID_ATTR: s.tid, N.WATER_COMM_ATTR: s.comm,
+            N.WATER_NETNS_ATTR: s.netns, N.WATER_INODE_ATTR: s.ino,
+            N.WATER_BACKLOG_ATTR: s.backlog, N.WATER_DROP_EVENTS_ATTR: s.drop_events,
+            N.WATER_DROP_REASON_ATTR: s.drop_reason, N.WATER_BYTES_ARRIVED_ATTR: s.bytes_arrived,
+            N.WATER_BYTES_READ_ATTR: s.bytes_read, N.WATER_TCP_STATE_ATTR: s.tcp_state}
 
 
 def alert_event_attributes(a) -> dict:
@@ -493,6 +504,7 @@ class OtlpSink:
         self._gen = 0
         self._closed = False
         self._retired: list[_Service] = []
+        self.run: dict = {N.CLOCK_OFFSET_NS: self.clock.offset_ns}  # on every resource
         for pid in self.traced:
             self._identity_of(pid)
 
@@ -519,6 +531,16 @@ class OtlpSink:
 
         return cls(make_pipeline=pipeline, health=health, **kw)
 
+    def started(self, start_ns: int, config=None) -> None:
+        """The run's attach time and analysis settings, put on every resource created after
+        this (call it before the first write), so the spans alone give the same verdicts."""
+        self.run[N.START_NS] = int(start_ns)
+        c = getattr(config, "correlate", None)
+        if c is not None:
+            self.run.update({N.THRESHOLD_MS: float(c.threshold_ms),
+                             N.RUN_THRESHOLD_MS: float(c.run_threshold_ms),
+                             N.WINDOW_MS: float(c.window_ms)})
+
     def _identity_of(self, pid: int):
         if pid in self.identities:
             return self.identities[pid]
@@ -540,6 +562,7 @@ class OtlpSink:
                                         self.host)
         else:
             attrs = resource_attributes(self._identity_of(key), key, self.host)
+        attrs.update(self.run)
         svc = self.services[key] = _Service(key, attrs, self)
         if len(self.services) > MAX_SERVICES:
             _, old = self.services.popitem(last=False)
@@ -657,6 +680,18 @@ class OtlpSink:
                 attrs[k] = val
         attrs[N.READ_REQUESTED] = r.requested
         attrs[N.READ_RETURNED] = r.returned
+        # the rest of the read, exact (otelwater.events.otlpjson rebuilds it from these)
+        if r.comm:
+            attrs[N.THREAD_NAME] = r.comm
+        attrs[N.READ_SOURCE] = r.source
+        attrs[N.READ_START_NS] = r.ts_start_ns
+        attrs[N.READ_END_NS] = r.ts_end_ns
+        for k, val in ((N.READ_PARKED, r.parked), (N.READ_ARRIVAL_NS, r.ts_arrival_ns),
+                       (N.READ_QUEUE_DELAY_EXACT, r.queue_delay_exact)):
+            if val is not None:
+                attrs[k] = val
+        attrs[N.EVIDENCE_TOTAL] = v.evidence_total
+        attrs[N.EVIDENCE_COMPLETE] = v.evidence_complete
         wall = self.clock.wall_ns
         span = svc.tracer.start_span(N.READ_SPAN, kind=SpanKind.INTERNAL, attributes=attrs,
                                      start_time=wall(r.ts_start_ns))
@@ -702,7 +737,12 @@ class OtlpSink:
     def _lost(self, r: LostEvents) -> None:
         prev = self.lost_seen.get(r.probe, 0)
         if r.lost_total > prev:
-            self._service(OWN).lost.add(r.lost_total - prev, {N.PROBE: r.probe})
+            svc = self._service(OWN)
+            svc.lost.add(r.lost_total - prev, {N.PROBE: r.probe})
+            # and as a span, so the spans alone say which reads a loss makes unknown
+            t = self.clock.wall_ns(r.ts_ns)
+            svc.tracer.start_span(N.LOST_SPAN, start_time=t, attributes={
+                N.PROBE: r.probe, N.LOST_TOTAL: r.lost_total, N.LOST_NS: r.ts_ns}).end(t)
         self.lost_seen[r.probe] = max(prev, r.lost_total)
 
     # -- gauges (called on the metric readers' threads) --------------------------------------
@@ -811,7 +851,7 @@ def quiet_sdk_logs() -> None:
 
 def export_offline(records: Iterable, header, *, endpoint: str | None = None,
                    protocol: str | None = None, out: IO[str] | None = None,
-                   timeout_s: float = 30.0) -> OtlpSink | None:
+                   timeout_s: float = 30.0, config=None) -> OtlpSink | None:
     """Re-export a recording's records after Analysis (verdicts, alerts, snapshots, lost)
     over OTLP with the service identities and clock offset the recording kept. None when
     export is off (no --otlp-endpoint and no OTEL_EXPORTER_OTLP_*ENDPOINT).
@@ -831,6 +871,7 @@ def export_offline(records: Iterable, header, *, endpoint: str | None = None,
     sink = OtlpSink.for_options(opts, out=out, identity=identity, endpoints=None,
                                 clock=WallClock.from_recording(header.clock), host=host,
                                 traced_pids=processes.keys())
+    sink.started(header.start_ns, config)
     sink.write(records)
     sink.close(timeout_s=timeout_s, out=out)
     return sink

@@ -99,8 +99,14 @@ def test_one_span_per_verdict_at_its_exact_wall_clock_times():
         "otelwater.verdict": "peer-starved",
         "otelwater.verdict.reason": "waited 2.0ms for the peer",
         "otelwater.wait.peer_ns": 2 * MS, "otelwater.wait.run_ns": 4 * MS + 6 - 2 * MS,
-        "otelwater.read.requested": 4096, "otelwater.read.returned": 64}
+        "otelwater.read.requested": 4096, "otelwater.read.returned": 64,
+        # what rebuilds the read exactly (otelwater.events.otlpjson)
+        "thread.name": "svc", "otelwater.read.source": "tracepoint",
+        "otelwater.read.start_ns": 100 * MS + 3, "otelwater.read.end_ns": 104 * MS + 9,
+        "otelwater.read.parked": True, "otelwater.read.arrival_ns": 102 * MS + 3,
+        "otelwater.evidence.total": 2, "otelwater.evidence.complete": True}
     assert "otelwater.queue.delay_ns" not in a  # null figures are left out
+    assert "otelwater.read.queue_delay_exact" not in a
 
 
 def test_evidence_and_alerts_are_events_at_their_own_times_in_order():
@@ -120,7 +126,13 @@ def test_evidence_and_alerts_are_events_at_their_own_times_in_order():
     assert w == {"otelwater.water.level": 2, "otelwater.water.volume": 900,
                  "otelwater.water.unread": 100, "otelwater.water.capacity": 1 << 17,
                  "otelwater.water.fill_ratio": round(900 / (1 << 17), 6),
-                 "otelwater.water.drops": 1, "otelwater.trigger": "arrival"}
+                 "otelwater.water.drops": 1, "otelwater.trigger": "arrival",
+                 "otelwater.water.pid": PID, "otelwater.water.tid": PID,
+                 "otelwater.water.comm": "svc", "otelwater.water.netns": 1,
+                 "otelwater.water.inode": 9, "otelwater.water.backlog": 0,
+                 "otelwater.water.drop_events": 0, "otelwater.water.drop_reason": "",
+                 "otelwater.water.bytes_arrived": 0, "otelwater.water.bytes_read": 0,
+                 "otelwater.water.tcp_state": "ESTABLISHED"}
     assert dict(span.events[1].attributes)["otelwater.alert.rule"] == "fill_ratio"
     assert dict(span.events[2].attributes)["otelwater.alert.severity"] == "high"
 
@@ -162,6 +174,22 @@ def test_resource_is_the_traced_service():
     assert r["service.instance.id"]
     assert by_pid[7]["service.name"] == "payments"    # else the executable
     assert set(h.sink.services) == {PID, 7}
+    assert r["otelwater.clock.offset_ns"] == OFFSET   # the run: how to undo the wall clock
+    assert "otelwater.start_ns" not in r              # not told: left out
+
+
+def test_resources_carry_the_run_the_verdicts_came_from():
+    from otelwater.config import load_config
+
+    h = Harness()
+    h.sink.started(5 * MS, load_config(None, flags={"correlate.threshold_ms": 2.5,
+                                                   "correlate.run_threshold_ms": 3}))
+    h.sink.write([verdict(10 * MS, 20 * MS)])
+    (span,) = h.spans.get_finished_spans()
+    r = span.resource.attributes
+    assert (r["otelwater.clock.offset_ns"], r["otelwater.start_ns"]) == (OFFSET, 5 * MS)
+    assert (r["otelwater.correlate.threshold_ms"], r["otelwater.correlate.run_threshold_ms"],
+            r["otelwater.correlate.window_ms"]) == (2.5, 3.0, 5.0)
 
 
 def test_resource_read_from_a_real_process_environment():
@@ -243,6 +271,13 @@ def test_untraced_sockets_and_lost_records_go_under_otelwaters_own_resource():
     assert [p.value for _, p in m["otelwater.socket.water.volume"]] == [500]
     lost = {a["otelwater.probe"]: p.value for a, p in m["otelwater.records.lost"]}
     assert lost == {"water": 10, "reads": 1}
+    # each rise is also a zero-length span at the lost record's own time
+    spans = [(s.name, s.start_time - OFFSET, s.end_time - OFFSET, dict(s.attributes))
+             for s in h.spans.get_finished_spans()]
+    assert spans == [
+        ("otelwater.lost", t, t, {"otelwater.probe": p, "otelwater.lost.total": n,
+                                  "otelwater.lost.ts_ns": t})
+        for t, p, n in ((2 * MS, "water", 3), (3 * MS, "water", 10), (3 * MS, "reads", 1))]
     res = h.sink.services[OWN].resource.attributes
     assert res["service.name"] == "otelwater" and res["process.pid"] == os.getpid()
 
@@ -335,9 +370,11 @@ def test_close_with_no_collector_returns_within_its_timeout(protocol):
     t0 = time.monotonic()
     for i in range(50):
         sink.write([read(0, 2 * MS), snap(MS, volume=100), verdict(i * MS, i * MS + 2 * MS)])
-    assert time.monotonic() - t0 < 0.5      # the probes' side never waits for the network
+    # the probes' side never waits for the network (a connect timeout would be seconds; the
+    # bound is loose so a busy machine's scheduling does not fail it)
+    assert time.monotonic() - t0 < 2.0
     sink.close(timeout_s=1.0)
-    assert time.monotonic() - t0 < 4.0
+    assert time.monotonic() - t0 < 6.0
     text = out.getvalue()
     assert "failing" in text or "not delivered" in text
     assert "50 spans" in text.splitlines()[-1] and "not delivered" in text.splitlines()[-1]
