@@ -22,6 +22,11 @@ Conditions, interleaved round-robin within each round (the order rotates every r
   tp        GoReadSampler(mechanism="tracepoint") on the server's pid
   up-empty  empty uprobes at the entry and every `ret` of net.(*conn).Read (bench/empty_uprobe.c)
   up        GoReadSampler(mechanism="uprobe") on the server's pid
+  watch     what `otelwater watch -p PID --go-pid PID` loads: the water probe filtered to the
+            pid with the tracepoint sampler compiled into it (each read's evidence); its floor
+            column is the read tracepoints' alone (the water tracepoints add theirs)
+During the sampler and watch rows the kernel's BPF statistics are on (bpf_stats_enabled), and
+each program's run_time_ns / run_cnt gives its cost per hit (`bpf_ns_per_hit` in the JSON).
 During the sampler rows a thread calls poll() every 0.1 s, as the real tool does. Added cost
 and ratios are per round against that round's "off" run (and floor run); the table gives the
 median over rounds.
@@ -45,15 +50,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-CONDITIONS = ("off", "tp-empty", "tp", "up-empty", "up")
+CONDITIONS = ("off", "tp-empty", "tp", "watch", "up-empty", "up")
 CONDITION_TEXT = {
     "off": "probes off",
     "tp-empty": "empty read tracepoints (floor)",
     "tp": "tracepoint sampler",
+    "watch": "watch --go-pid (water probe + sampler)",
     "up-empty": "empty entry+ret uprobes (floor)",
     "up": "uprobe sampler",
 }
-FLOOR = {"tp": "tp-empty", "up": "up-empty"}
+FLOOR = {"tp": "tp-empty", "up": "up-empty", "watch": "tp-empty"}
 READ_FUNCTION = "net.(*conn).Read"
 POLL_S = 0.1
 # Targets (issue): tracepoint sampler adds <= 2 us per parking Read, <= 0.5 us per Read that
@@ -141,13 +147,59 @@ def run_loadgen(loadgen: str, args: list[str], cpu: int) -> dict:
 
 # -- conditions ---------------------------------------------------------------------------
 class Poller(threading.Thread):
-    def __init__(self, sampler):
+    def __init__(self, sampler, water=None):
         super().__init__(daemon=True)
         self.sampler, self.stop, self.records = sampler, threading.Event(), 0
+        self.water = water
 
     def run(self):
+        sweep = time.monotonic() + 1.0
         while not self.stop.wait(POLL_S):
             self.records += len(self.sampler.poll())
+            if self.water is not None:
+                self.water.poll()
+                if time.monotonic() >= sweep:
+                    sweep += 1.0
+                    self.water.sweep()
+                    self.water.refresh_filters()
+
+
+def bpf_stats(enable: bool) -> None:
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write("1" if enable else "0")
+    except OSError:
+        pass
+
+
+def prog_stats(ids: set[int]) -> dict[str, list[int]]:
+    """name -> [run_time_ns, run_cnt] of these BPF programs (bpftool, with stats on)."""
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True)
+    res: dict[str, list[int]] = {}
+    try:
+        for p in json.loads(out.stdout):
+            if p.get("id") in ids:
+                r = res.setdefault(p.get("name", str(p["id"])), [0, 0])
+                r[0] += p.get("run_time_ns", 0)
+                r[1] += p.get("run_cnt", 0)
+    except ValueError:
+        pass
+    return res
+
+
+def own_prog_ids() -> set[int]:
+    ids = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf-prog":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
 
 
 class Floors:
@@ -192,7 +244,8 @@ def run_one(cond: str, wl: dict, floors: Floors, args) -> dict:
     from otelwater.probes.goread import GoReadOptions, GoReadSampler
 
     server = Server(args.binary, wl["server"], args.cpu)
-    sampler = poller = None
+    sampler = poller = water = None
+    stats0: dict = {}
     try:
         if cond == "tp-empty":
             floors.attach_tp()
@@ -203,6 +256,17 @@ def run_one(cond: str, wl: dict, floors: Floors, args) -> dict:
             sampler = GoReadSampler(GoReadOptions(pids=frozenset({server.pid}), mechanism=mech))
             poller = Poller(sampler)
             poller.start()
+        elif cond == "watch":
+            from otelwater.probes.kernel import WaterOptions, WaterProbe
+
+            sampler = GoReadSampler(GoReadOptions(pids=frozenset({server.pid}), embed=True))
+            water = WaterProbe(WaterOptions(pids=frozenset({server.pid}), seed=False),
+                               readers=sampler)
+            poller = Poller(sampler, water)
+            poller.start()
+        if sampler is not None:
+            bpf_stats(True)
+            stats0 = prog_stats(own_prog_ids())
         time.sleep(0.05)
         ns0, t0, n0 = server_cpu(server.pid)
         io0 = proc_io(server.pid)
@@ -214,9 +278,19 @@ def run_one(cond: str, wl: dict, floors: Floors, args) -> dict:
         io1 = proc_io(server.pid)
         foreign = foreign_bpf()
         stats = None
+        per_hit = {}
         if sampler is not None:
+            stats1 = prog_stats(own_prog_ids())
+            bpf_stats(False)
+            for name, (t1, c1) in stats1.items():
+                t0_, c0_ = stats0.get(name, [0, 0])
+                if c1 > c0_:
+                    per_hit[name] = {"ns_per_hit": round((t1 - t0_) / (c1 - c0_), 1),
+                                     "hits": c1 - c0_}
             poller.stop.set()
             poller.join()
+            if water is not None:
+                water.close()   # closes the sampler compiled into it too
             sampler.close()
             stats = sampler.stats()
     finally:
@@ -226,8 +300,11 @@ def run_one(cond: str, wl: dict, floors: Floors, args) -> dict:
             floors.detach_up(server.pid)
         if poller is not None:
             poller.stop.set()
+        if water is not None:
+            water.close()
         if sampler is not None:
             sampler.close()
+        bpf_stats(False)
         server.stop()
     reads = wl["reads"](out)
     res = {
@@ -238,6 +315,8 @@ def run_one(cond: str, wl: dict, floors: Floors, args) -> dict:
         "messages": out["messages"], "bytes_sent": out["bytes_sent"],
         "foreign_bpf": foreign,
     }
+    if per_hit:
+        res["bpf_ns_per_hit"] = per_hit
     if stats is not None:
         res.update(sampler_reads=stats.reads, sampler_parks=stats.parks,
                    sampler_orphans=stats.orphans, sampler_lost=stats.lost,
@@ -297,6 +376,11 @@ def summarize(results: dict, wls: list[dict]) -> dict:
                 row["parks_per_read"] = med([r["sampler_parks"] / max(1, r["sampler_reads"])
                                              for r in results[name][c]])
                 row["lost"] = sum(r["sampler_lost"] for r in results[name][c])
+                hits: dict[str, list[float]] = {}
+                for r in results[name][c]:
+                    for prog, h in r.get("bpf_ns_per_hit", {}).items():
+                        hits.setdefault(prog, []).append(h["ns_per_hit"])
+                row["bpf_ns_per_hit"] = {p: med(v) for p, v in sorted(hits.items())}
             row["syscalls_per_read"] = med([r["syscr"] / r["reads"] for r in results[name][c]])
             s[c] = row
         summary[name] = s
