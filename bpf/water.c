@@ -178,10 +178,21 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
          * filters, a process reading the socket shows itself */
         u32 zero = 0;
         struct water_cfg *c = cfg.lookup(&zero);
-        int again = (OTW_FILTER_PIDS || OTW_FILTER_CGROUPS) && process_ctx;
-        if (!c || (c->generation == st->generation && !again))
+        if (!c)
+            return 0;
+        int again = 0;
+        u32 tgid = 0;
+        if ((OTW_FILTER_PIDS || OTW_FILTER_CGROUPS) && process_ctx) {
+            /* a reader other than the one already turned away */
+            tgid = bpf_get_current_pid_tgid() >> 32;
+            again = tgid != st->pid;
+        }
+        if (c->generation == st->generation && !again)
             return 0;
         st->generation = c->generation;
+        if (process_ctx)
+            st->pid = tgid;  /* remembered for the check above (a watched socket's pid is
+                              * set by its reads anyway) */
         if (!st->ino)
             st->ino = otw_sock_ino(sk);
         if (!otw_decide(st, process_ctx))
@@ -291,10 +302,13 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
     struct water_state *st = otw_state(sk, 0);
     if (!st)
         return 0;
+#if OTW_READ_EVIDENCE
     u32 before = st->rcv_nxt;
     int known = st->changes != 0;   /* rcv_nxt of an earlier event is in st */
+#endif
     otw_refresh(sk, st);
     u64 now = bpf_ktime_get_ns();
+#if OTW_READ_EVIDENCE
     if (!known || st->rcv_nxt != before) {
         /* remember the arrival: what it brought ends at rcv_nxt; when the queue was empty
          * before it (everything up to the previous rcv_nxt read), it starts at that */
@@ -308,6 +322,7 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
         if (onto_empty)
             st->empty_arrival_ns = now;
     }
+#endif
     otw_after_flow(st, OTW_TRIGGER_ARRIVAL, now);
     return 0;
 }
@@ -395,9 +410,18 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
     if (!st)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (st->pid != tgid) {
+    if (st->pid != tgid || !st->comm[0]) {
         st->pid = tgid;
         bpf_get_current_comm(st->comm, sizeof(st->comm));
+    }
+    if (args->ret == -OTW_EAGAIN) {
+        /* nothing was waiting: the queue did not change (a Go reader parks next) */
+#if OTW_READ_EVIDENCE
+        struct water_arrivals *a = otw_arrivals(st);
+        if (!a->park_ns)
+            a->park_ns = bpf_ktime_get_ns();
+#endif
+        return 0;
     }
     if (!st->ino)
         st->ino = otw_sock_ino(sk);
