@@ -204,6 +204,11 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
     from otelwater import report
 
     flags = {"correlate.threshold_ms": blocked_ms, "correlate.window_ms": window_ms}
+    if plot_png:  # a PNG that cannot be written is said now, not after the whole analysis
+        where = os.path.dirname(os.path.abspath(plot_png))
+        if not os.path.isdir(where) or not os.access(where, os.W_OK):
+            raise UsageError(f"--plot {plot_png}: cannot write in {where}",
+                             "give a PNG path in a directory that exists and is writable")
     otlp = None
     if otlp_endpoint or otlp_protocol or any(k.startswith("OTEL_EXPORTER_OTLP_")
                                              and k.endswith("ENDPOINT") for k in os.environ):
@@ -240,9 +245,18 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
 
         import dataclasses  # every process the file named (OTLP JSON: from its resources)
 
-        export_offline(exported, dataclasses.replace(header, processes=dict(col.processes)),
-                       endpoint=otlp_endpoint, protocol=otlp_protocol, out=sys.stderr,
-                       config=config)
+        sink = export_offline(exported,
+                              dataclasses.replace(header, processes=dict(col.processes)),
+                              endpoint=otlp_endpoint, protocol=otlp_protocol, out=sys.stderr,
+                              config=config, timeout_s=10.0)
+        h = getattr(sink, "health", None)
+        if sink is not None and h is not None and h.spans_exported < sink.spans:
+            from otelwater.errors import ExportFailed
+
+            raise ExportFailed(f"OTLP export to {h.target} delivered {h.spans_exported} of "
+                               f"{sink.spans} spans", "check that the Collector runs and "
+                               "listens there (--otlp-endpoint, --otlp-protocol), then run "
+                               "correlate again")
     if col.error is not None:
         raise col.error
 

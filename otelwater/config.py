@@ -60,8 +60,9 @@ class ReadSkewConfig:
     warn: float = _num(0.8, above=0.0, doc="skewness above which the alert fires (warn)")
     high: float = _num(1.2, above=0.0, doc="band 2")
     avalanche: float = _num(2.0, above=0.0, doc="band 3: avalanche precursor")
-    window: int = _num(64, minimum=3, doc="reads in the sliding window")
-    min_samples: int = _num(32, minimum=3, doc="reads needed before it can fire")
+    window: int = _num(64, minimum=3, maximum=100_000, doc="reads in the sliding window")
+    min_samples: int = _num(32, minimum=3, maximum=100_000,
+                            doc="reads needed before it can fire")
     scope: str = _choice("process", ("process", "socket"),
                          doc="one window per process or per socket")
 
@@ -77,12 +78,15 @@ class AlertConfig:
     water_level: float = _num(100.0, doc="skbs queued")
     fill_ratio: float = _num(0.8, doc="volume / capacity")
     surge_variance: float = _num(50.0, doc="variance of the level over surge_window samples")
-    surge_window: int = _num(3, minimum=2, doc="consecutive samples in the surge variance")
+    surge_window: int = _num(3, minimum=2, maximum=1000,
+                             doc="consecutive samples in the surge variance")
     clear_fraction: float = _num(0.75, above=0.0, maximum=1.0,
                                  doc="an alert clears at value <= clear_fraction * threshold")
-    hold_ms: float = _num(0.0, doc="a fired alert stays at least this long")
-    idle_s: float = _num(600.0, above=0.0, doc="forget a socket or process silent this long")
-    max_sockets: int = _num(65536, minimum=1, doc="sockets (and processes) kept at most")
+    hold_ms: float = _num(0.0, maximum=86_400_000, doc="a fired alert stays at least this long")
+    idle_s: float = _num(600.0, above=0.0, maximum=31_536_000,
+                         doc="forget a socket or process silent this long")
+    max_sockets: int = _num(65536, minimum=1, maximum=16_777_216,
+                            doc="sockets (and processes) kept at most")
     read_skew: ReadSkewConfig = field(default_factory=ReadSkewConfig)
 
     @property
@@ -96,9 +100,12 @@ class AlertConfig:
 
 @dataclass(frozen=True)
 class CorrelateConfig:
-    window_ms: float = _num(5.0, doc="a snapshot joins a read within this of its start or end")
-    threshold_ms: float = _num(1.0, doc="a read blocked, or its bytes waited, this long: slow")
-    run_threshold_ms: float = _num(1.0, doc="waiting to run this long: runtime-starved")
+    window_ms: float = _num(5.0, maximum=60_000,
+                            doc="a snapshot joins a read within this of its start or end")
+    threshold_ms: float = _num(1.0, maximum=86_400_000,
+                               doc="a read blocked, or its bytes waited, this long: slow")
+    run_threshold_ms: float = _num(1.0, maximum=86_400_000,
+                                   doc="waiting to run this long: runtime-starved")
 
     @property
     def window_ns(self) -> int:
@@ -115,7 +122,8 @@ class CorrelateConfig:
 
 @dataclass(frozen=True)
 class RainWaterConfig:
-    samples: int = _num(1024, minimum=3, doc="last samples per socket the figure covers")
+    samples: int = _num(1024, minimum=3, maximum=1_000_000,
+                        doc="last samples per socket the figure covers")
     series: str = _choice("unread_bytes", ("unread_bytes", "volume", "level"),
                           doc="which water series")
 
@@ -191,8 +199,9 @@ def _check(key: str, value: Any, source: str, from_text: bool = False) -> Any:
             raise bad("not one of " + ", ".join(meta["choices"]),
                       "use one of " + ", ".join(meta["choices"]))
         return value
-    if from_text:
-        text = value.strip()
+    if from_text or (isinstance(value, str) and kind in ("int", "float")):
+        # YAML 1.1 reads 1e3 (no dot, no sign) as a string: a number written so is a number
+        text = value.strip() if isinstance(value, str) else str(value)
         try:
             value = int(text) if kind == "int" else float(text)
         except ValueError:

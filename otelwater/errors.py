@@ -10,7 +10,8 @@
     ├── TargetError                exit 4   what the user pointed at is not usable
     │   ├── NoSuchProcess                   --pid / --go-pid names no live process
     │   └── BinaryError                     not an ELF, not x86-64, not Go, no net.(*conn).Read
-    └── RecordingError             exit 5   a malformed recording / input file
+    ├── RecordingError             exit 5   a malformed recording / input file
+    └── ExportFailed               exit 6   an offline re-export that was not delivered
 
 Every command catches OtelwaterError in cli.py, prints ``otelwater: <message>; <fix>`` to stderr
 and exits with the class's code: no traceback for anything the user can fix. ``details`` holds
@@ -73,3 +74,7 @@ class BinaryError(TargetError):
 
 class RecordingError(OtelwaterError):
     exit_code = 5
+
+
+class ExportFailed(OtelwaterError):
+    exit_code = 6

@@ -246,8 +246,9 @@ def render(col: Collection) -> str:
         sel.append(f"Go binary {opts['go_binary']}")
     out += _wrap("selectors: " + ("; ".join(sel) or "all TCP sockets"), "")
     n = col.counts
+    lost = sum(col.lost.values())
     out.append(f"records: {n['snapshot']:,} snapshots, {n['read']:,} Go reads, "
-               f"{n['lost']} lost, {n['notice']} notices")
+               f"{lost:,} lost (ring buffer full), {n['notice']} notices")
     described = [p for p in col.processes.values() if p.exe or p.service_name]
     if described:
         out.append("processes:")

@@ -325,8 +325,10 @@ class Correlator:
             if lo < end:        # losses in (lo, hi] overlap [start, end]
                 if probe in unknown_probes:
                     if why is None:
-                        why = (f"{n} {probe} records were lost between {lo} and {hi} ns, "
-                               "overlapping this read")
+                        what = "Go read" if probe == "reads" else probe
+                        why = (f"{n} {what} records were lost (ring buffer full) within "
+                               f"{(hi - lo) / 1e9:.2f} s around this read: its own evidence "
+                               "may be among them")
                 else:
                     water = True
             i += 1

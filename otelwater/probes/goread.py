@@ -45,8 +45,9 @@ MECHANISMS = ("tracepoint", "uprobe")
 READ_FUNCTION = "net.(*conn).Read"
 RESCAN_S = 0.5
 NO_SLOT = 0xFFFFFFFF
-POLL_BUDGET = 4096    # ring-buffer records taken per poll()
-DRAIN_MAX = 1 << 20   # records drained at close
+POLL_BUDGET = 2048    # ring-buffer records taken per poll() ...
+POLL_TIME_S = 0.05    # ... and for at most this long: the caller's loop stays on time
+DRAIN_TIME_S = 0.3    # what close() still drains, at most this long
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,11 @@ def _pid_exe(pid: int) -> str:
         if e.errno == errno.ENOENT:
             raise NoSuchProcess(f"process {pid} has no executable (a kernel thread, or exiting)",
                                 "give the pid of a running user process") from None
+        fix = ("it may belong to another container or user namespace; give --go-binary PATH"
+               if os.geteuid() == 0 else
+               "run as root (or with CAP_SYS_PTRACE), or give --go-binary PATH")
         raise NoSuchProcess(f"cannot read the executable of process {pid} ({e.strerror})",
-                            "run as root with CAP_SYS_PTRACE, or give --go-binary PATH") from None
+                            fix) from None
     if os.path.exists(real):
         return real
     if _exe_key(f"/proc/{pid}/exe") is None:
@@ -227,6 +231,7 @@ class GoReadSampler:
         self._said: set[tuple] = set()
         self._exited: set[int] = set()
         self._budget = POLL_BUDGET
+        self._deadline = 0.0
         self.backlogged = False
         self._binaries: dict[tuple[int, int], _Binary] = {}
         self._pid_binary: dict[int, _Binary] = {}
@@ -479,7 +484,10 @@ class GoReadSampler:
         self._pending.append(self._record(e))
         # negative: libbpf stops this consume after the record (kept), so a fast producer
         # cannot hold the caller's loop
-        return -1 if len(self._pending) >= self._budget else 0
+        n = len(self._pending)
+        if n >= self._budget or (n & 255 == 0 and time.monotonic() >= self._deadline):
+            return -1
+        return 0
 
     def _say_once(self, key: tuple, text: str) -> None:
         if key not in self._said:
@@ -549,6 +557,7 @@ class GoReadSampler:
         """Blocked reads recorded since the last call, at most about max_records (never
         blocks); `backlogged` tells whether records were left for the next call."""
         self._budget = len(self._pending) + max_records
+        self._deadline = time.monotonic() + POLL_TIME_S
         if not self._closed:
             if (self.opts.mechanism == "tracepoint" and self.opts.binary
                     and time.monotonic() >= self._next_scan):
@@ -560,7 +569,8 @@ class GoReadSampler:
             for b in self._bpfs:
                 b.ring_buffer_consume()
         out, self._pending = self._pending, []
-        self.backlogged = len(out) >= max_records
+        self.backlogged = len(out) >= max_records or (
+            len(out) >= 256 and time.monotonic() >= self._deadline)
         if self._notices:
             out += self._notices
             self._notices = []
@@ -611,7 +621,8 @@ class GoReadSampler:
             return
         try:
             if self._bpfs:
-                self._budget = len(self._pending) + DRAIN_MAX
+                self._budget = len(self._pending) + (1 << 30)
+                self._deadline = time.monotonic() + DRAIN_TIME_S
                 for b in self._bpfs:
                     b.ring_buffer_consume()
                 self._final_stats = self.stats()

@@ -34,7 +34,8 @@ TRIGGER_PERIODIC = WATER_H.defines["OTW_TRIGGER_PERIODIC"]
 SPAN_FIELDS = ("OFF_SK_RCVQ_QLEN", "OFF_SK_RMEM_ALLOC", "OFF_SK_BACKLOG_LEN", "OFF_SK_RCVBUF",
                "OFF_SK_DROPS")
 MAX_SPAN = 192
-POLL_BUDGET = 4096   # ring-buffer records taken per poll(): keeps the loop's timing bounded
+POLL_BUDGET = 2048   # ring-buffer records taken per poll() ...
+POLL_TIME_S = 0.05   # ... and for at most this long: keeps the loop's timing bounded
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class WaterProbe:
         self._bpf = None
         self._pending: list[WaterSnapshot] = []
         self._budget = POLL_BUDGET
+        self._deadline = 0.0
         self.backlogged = False
         self._seen_changes: dict[int, int] = {}
         self._owners = OwnerResolver()
@@ -264,15 +266,20 @@ class WaterProbe:
             snapshot_from_state(e.s, e.ts_ns, e.tid, e.trigger, self.drop_names, owner))
         # a negative return stops libbpf's consume after this record (which is kept): a
         # producer faster than us cannot hold the loop inside one consume
-        return -1 if len(self._pending) >= self._budget else 0
+        n = len(self._pending)
+        if n >= self._budget or (n & 255 == 0 and time.monotonic() >= self._deadline):
+            return -1
+        return 0
 
     def poll(self, max_records: int = POLL_BUDGET) -> list[WaterSnapshot]:
         """What the ring buffer holds now, at most max_records (never blocks). `backlogged`
         tells whether records were left for the next call."""
         self._budget = max_records
+        self._deadline = time.monotonic() + POLL_TIME_S
         self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
-        self.backlogged = len(out) >= max_records
+        self.backlogged = len(out) >= max_records or (
+            len(out) >= 256 and time.monotonic() >= self._deadline)
         if self._standing is not None and not self._seeded:
             # sockets already holding water when we started make no event while their
             # reader is stuck: the kernel's socket table tells them at once

@@ -147,7 +147,7 @@ def test_go_pid_whose_executable_cannot_be_read_is_one_line():
     assert r.returncode == 4, r.stderr
     assert r.stderr.strip().splitlines() == [
         "otelwater: cannot read the executable of process 1 (Permission denied); "
-        "run as root with CAP_SYS_PTRACE, or give --go-binary PATH"]
+        "run as root (or with CAP_SYS_PTRACE), or give --go-binary PATH"]
 
 
 def truncated(src: str, tmp_path, size: int) -> str:

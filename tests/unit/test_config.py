@@ -56,7 +56,7 @@ def test_empty_file_is_the_defaults(tmp_path):
 @pytest.mark.parametrize("text, words", [
     ("alerts:\n  fill: 0.9\n", ["unknown key alerts.fill", "did you mean alerts.fill_ratio"]),
     ("alert:\n  fill_ratio: 0.9\n", ["unknown section alert", "did you mean alerts"]),
-    ("alerts:\n  fill_ratio: high\n", ["alerts.fill_ratio = 'high'", "expected a number"]),
+    ("alerts:\n  fill_ratio: high\n", ["alerts.fill_ratio = 'high'", "not a number"]),
     ("alerts:\n  fill_ratio: -0.1\n", ["alerts.fill_ratio", "must not be negative"]),
     ("alerts:\n  fill_ratio: .nan\n", ["alerts.fill_ratio", "not a finite number"]),
     ("correlate:\n  window_ms: .inf\n", ["correlate.window_ms", "not a finite number"]),
@@ -131,3 +131,13 @@ def test_config_round_trips_through_yaml(tmp_path):
     c = load_config(env={"OTELWATER_ALERTS_READ_SKEW_SCOPE": "socket"})
     path = write(tmp_path, yaml.safe_dump(c.to_dict()))
     assert load_config(path, env={}) == c
+
+
+def test_numbers_yaml_reads_as_strings_and_upper_bounds(tmp_path):
+    # YAML 1.1 reads 1e3 as a string; a number written so is a number
+    f = tmp_path / "c.yaml"
+    f.write_text("alerts:\n  water_level: 1e3\n")
+    assert load_config(str(f), env={}).alerts.water_level == 1000.0
+    f.write_text("correlate:\n  window_ms: 1e23\n")
+    with pytest.raises(UsageError, match="correlate.window_ms.*at most"):
+        load_config(str(f), env={})

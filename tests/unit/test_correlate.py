@@ -240,7 +240,7 @@ def test_lost_read_records_overlapping_a_read_make_it_unknown():
     out, c = run([earlier, overlapping, LostEvents(lost_at, "reads", 4)])
     by_start = {v.read.ts_start_ns: v for v in out}
     v = by_start[overlapping.ts_start_ns]
-    assert v.verdict == "unknown" and "4 reads records were lost" in v.reason
+    assert v.verdict == "unknown" and "4 Go read records were lost" in v.reason
     assert by_start[earlier.ts_start_ns].verdict == "runtime-starved"
     # a report covers only the time since the previous report of that probe
     after = read(lost_at + 10 * MS, lost_at + 20 * MS, parked=True, arrival=lost_at + 19_500_000)
