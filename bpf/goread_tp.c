@@ -94,15 +94,20 @@ static __always_inline struct goread_counts *otw_counts(void)
 
 int otw_tp_read_enter(void *ctx)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct goread_proc *p = procs.lookup(&tgid);
-    if (!p)
-        return 0;
-    struct goread_task *ts = tasks.task_storage_get(bpf_get_current_task_btf(), 0,
-                                                    BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (!ts)
-        return 0;
-    ts->proc = *p;
+    /* a thread of a watched process has task storage from its first read on: one lookup
+     * (the pid filter's hash is asked once per thread, not once per read) */
+    struct task_struct *task = bpf_get_current_task_btf();
+    struct goread_task *ts = tasks.task_storage_get(task, 0, 0);
+    if (!ts) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        struct goread_proc *p = procs.lookup(&tgid);
+        if (!p)
+            return 0;
+        ts = tasks.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+        if (!ts)
+            return 0;
+        ts->proc = *p;  /* a live process keeps its row (Python re-slots only dead pids) */
+    }
     ts->ev_flags = 0;
     ts->enter_ns = bpf_ktime_get_ns();
     struct goread_counts *c = otw_counts();

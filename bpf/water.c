@@ -2,13 +2,15 @@
  *
  * Kernels: any with BTF and these tracepoints (sock:sk_data_ready and sock:sock_recv_length
  * appeared in 6.x; raw skb:kfree_skb with rx_sk in 6.9+); built and tested on 6.18 x86_64.
- * Attaches to tracepoints only (no kprobes, no fentry: docs/kernel.md):
+ * Attaches to raw tracepoints only (no kprobes, no fentry: docs/kernel.md); raw, because they
+ * hand the program the tracepoint's arguments without filling a perf record first:
  *   sock:sk_data_ready          rain: an arrival made the socket readable
  *   sock:sock_recv_length       drain: a recvmsg/read returned
- *   raw skb:kfree_skb           overflow: a dropped skb with its receiving socket and reason
- *   raw sock:sock_rcvqueue_full overflow on the generic queueing path
+ *   skb:kfree_skb               overflow: a dropped skb with its receiving socket and reason
+ *   sock:sock_rcvqueue_full     overflow on the generic queueing path
  *   sock:inet_sock_set_state    state changes: TCP_CLOSE ends a socket (water left at close)
  *   tcp:tcp_destroy_sock        the socket is destroyed (catches closes we missed)
+ * The arguments carry no protocol: a socket is taken into the table once, if it is TCP.
  *
  * Every struct offset is an OFF_* macro the loader (otelwater/probes/kernel.py) took from the
  * running kernel's BTF; headers only make BCC compile. Per event: one in-place lookup of the
@@ -203,6 +205,11 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
         return 0;
 #endif
     }
+    /* raw tracepoints carry no protocol: a socket is taken in once, if it is TCP */
+    u16 proto = 0;
+    bpf_probe_read_kernel(&proto, SIZE_SK_PROTOCOL, (const char *)sk + OFF_SK_PROTOCOL);
+    if (proto != OTW_IPPROTO_TCP)
+        return 0;
     u8 state = 0;
     bpf_probe_read_kernel(&state, 1, (const char *)sk + OFF_SKC_STATE);
     if (state == OTW_TCP_LISTEN)
@@ -294,11 +301,10 @@ static __always_inline void otw_after_flow(struct water_state *st, u8 trigger, u
 #include "goread_uprobe.c"
 #endif
 
-TRACEPOINT_PROBE(sock, sk_data_ready)
+RAW_TRACEPOINT_PROBE(sk_data_ready)
 {
-    if (args->protocol != OTW_IPPROTO_TCP)
-        return 0;
-    const void *sk = args->skaddr;
+    /* TP_PROTO(const struct sock *sk) */
+    const void *sk = (const void *)ctx->args[0];
     struct water_state *st = otw_state(sk, 0);
     if (!st)
         return 0;
@@ -401,11 +407,12 @@ static __always_inline void otw_note_read(struct water_state *st, int ret, int f
 }
 #endif
 
-TRACEPOINT_PROBE(sock, sock_recv_length)
+RAW_TRACEPOINT_PROBE(sock_recv_length)
 {
-    if (args->protocol != OTW_IPPROTO_TCP)
-        return 0;
-    const void *sk = args->sk;
+    /* TP_PROTO(struct sock *sk, int ret, int flags) */
+    const void *sk = (const void *)ctx->args[0];
+    int ret = (int)ctx->args[1];
+    int flags = (int)ctx->args[2];
     struct water_state *st = otw_state(sk, 1);
     if (!st)
         return 0;
@@ -414,7 +421,7 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
         st->pid = tgid;
         bpf_get_current_comm(st->comm, sizeof(st->comm));
     }
-    if (args->ret == -OTW_EAGAIN) {
+    if (ret == -OTW_EAGAIN) {
         /* nothing was waiting: the queue did not change (a Go reader parks next) */
 #if OTW_READ_EVIDENCE
         struct water_arrivals *a = otw_arrivals(st);
@@ -428,7 +435,7 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
     otw_refresh(sk, st);
     u64 now = bpf_ktime_get_ns();
 #if OTW_READ_EVIDENCE
-    otw_note_read(st, args->ret, args->flags, now);
+    otw_note_read(st, ret, flags, now);
 #endif
     otw_after_flow(st, OTW_TRIGGER_READ, now);
     return 0;
@@ -504,30 +511,32 @@ static __always_inline void otw_close(const void *sk)
     socks.delete(&key);
 }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-    if (args->protocol != OTW_IPPROTO_TCP)
-        return 0;
-    const void *sk = args->skaddr;
-    if (args->newstate == OTW_TCP_CLOSE) {
+    /* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
+    const void *sk = (const void *)ctx->args[0];
+    int oldstate = (int)ctx->args[1];
+    int newstate = (int)ctx->args[2];
+    if (newstate == OTW_TCP_CLOSE) {
         /* a socket already closed (after a reset, close(2) sets CLOSE again, once the
          * port is released: lport 0) has been reported */
-        if (args->oldstate != OTW_TCP_CLOSE)
+        if (oldstate != OTW_TCP_CLOSE)
             otw_close(sk);
         return 0;
     }
     u64 key = (u64)sk;
     struct water_sock *ws = socks.lookup(&key);
     if (ws) {
-        ws->s.tcp_state = args->newstate;
+        ws->s.tcp_state = newstate;
         ws->s.fin = otw_fin(sk);
     }
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
+RAW_TRACEPOINT_PROBE(tcp_destroy_sock)
 {
-    const void *sk = args->skaddr;
+    /* TP_PROTO(struct sock *sk) */
+    const void *sk = (const void *)ctx->args[0];
     u64 key = (u64)sk;
     if (socks.lookup(&key))
         otw_close(sk);
