@@ -188,18 +188,10 @@ def prog_stats(ids: set[int]) -> dict[str, list[int]]:
 
 
 def own_prog_ids() -> set[int]:
-    ids = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf-prog":
-                continue
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                for line in f:
-                    if line.startswith("prog_id:"):
-                        ids.add(int(line.split()[1]))
-        except OSError:
-            continue
-    return ids
+    """IDs of the BPF programs this process holds (what the sampler and probe loaded)."""
+    from tests.integration.conftest import prog_ids_of
+
+    return prog_ids_of()
 
 
 class Floors:

@@ -46,18 +46,13 @@ FIX_BAD = "the file is damaged or not a recording written by `otelwater record`"
 # -- clocks, hosts, processes -------------------------------------------------------------------
 
 def measure_clock(samples: int = CLOCK_SAMPLES) -> dict:
-    """CLOCK_REALTIME minus CLOCK_MONOTONIC, from the tightest of `samples` back-to-back
-    monotonic / realtime / monotonic readings: the realtime reading happened between the two
-    monotonic ones, so the offset taken at their midpoint is off by at most half their gap."""
-    best_gap, best_off = None, 0
-    for _ in range(samples):
-        m0 = time.monotonic_ns()
-        r = time.time_ns()
-        m1 = time.monotonic_ns()
-        gap = m1 - m0
-        if best_gap is None or gap < best_gap:
-            best_gap, best_off = gap, r - (m0 + gap // 2)
-    return {"realtime_minus_monotonic_ns": best_off, "error_ns": (best_gap + 1) // 2 + 1,
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC, measured as the exporter measures it
+    (otelwater.export.clock.WallClock.measure: the tightest of `samples` back-to-back
+    monotonic / realtime / monotonic readings, the offset at their midpoint)."""
+    from otelwater.export.clock import WallClock
+
+    c = WallClock.measure(samples)
+    return {"realtime_minus_monotonic_ns": c.offset_ns, "error_ns": c.error_ns,
             "method": f"best of {samples} back-to-back CLOCK_MONOTONIC, CLOCK_REALTIME, "
                       "CLOCK_MONOTONIC readings; offset at the midpoint, error half the gap "
                       "plus 1 ns of resolution"}
