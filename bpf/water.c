@@ -342,12 +342,7 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
 static __always_inline void otw_note_read(struct water_state *st, int ret, int flags, u64 now)
 {
     struct water_arrivals *a = otw_arrivals(st);
-    if (ret == -OTW_EAGAIN) {
-        if (!a->park_ns)
-            a->park_ns = now;
-        return;
-    }
-    if (ret < 0)
+    if (ret < 0)   /* -EAGAIN never gets here: sock_recv_length marks the park itself */
         return;
     u32 evf = OTW_EV_SOCKET;
     u64 arrival = 0, qd = 0;
