@@ -21,8 +21,8 @@
 #define OTW_HIST_SLOTS 40      /* log2 latency buckets: slot i counts [2^(i-1), 2^i) ns */
 
 /* indexes of goread_counts.n (Python: GoReadStats) */
-#define OTW_CNT_ENTER 0        /* sys_enter_read / fresh uprobe entries */
-#define OTW_CNT_EXIT 1         /* sys_exit_read / uprobe returns */
+#define OTW_CNT_ENTER 0        /* sys_enter_read / fresh uprobe entries / watch: socket reads */
+#define OTW_CNT_EXIT 1         /* sys_exit_read / uprobe returns / watch: socket reads */
 #define OTW_CNT_READS 2        /* reads completed (a park + its data read count once) */
 #define OTW_CNT_BLOCKED 3      /* of those, lasting >= threshold */
 #define OTW_CNT_PARKS 4        /* tracepoint: -EAGAIN reads */
@@ -66,7 +66,7 @@ struct goread_event {
     char comm[16];
 };
 
-/* what the water probe tells the read sampler about the read in flight (goread_task.ev_flags,
+/* what the water probe tells the read sampler about the read in flight (struct otw_read_ev,
  * goread_event.evidence); only when both run in one program (the watch) */
 #define OTW_EV_SOCKET 1        /* the read was on a socket the water probe watches */
 #define OTW_EV_QDELAY 2        /* queue_delay_ns is known */
@@ -91,16 +91,12 @@ struct goread_park {
     u32 _pad;
 };
 
-/* tracepoint sampler: per-thread state, task-local storage. sys_enter_read copies the
- * process's goread_proc here, so sys_exit_read needs no second `procs` lookup. */
+/* tracepoint sampler: per-thread state, task-local storage, made at the thread's first read
+ * once the pid filter let it through (a copy of the process's goread_proc: no `procs` lookup
+ * per read afterwards) */
 struct goread_task {
-    u64 enter_ns;      /* sys_enter_read time of this thread's read in flight, 0 when none */
-    u64 ev_sock_key;   /* from the water probe (sock_recv_length, inside this read): */
-    u64 ev_qdelay_ns;
-    u64 ev_empty_arrival_ns; /* the socket's last arrival onto an empty queue */
+    u64 enter_ns;      /* alone: sys_enter_read time of this thread's read in flight, 0 when none */
     struct goread_proc proc;
-    u32 ev_flags;      /* OTW_EV_*, cleared at each sys_enter_read */
-    u32 _pad;
 };
 
 /* uprobe sampler: in-flight read per (tgid, *g), reused in place */
@@ -120,6 +116,16 @@ struct goread_inflight {
 /* ---- kernel-side helpers shared by both samplers (layout.py reads only the structs and
  * defines above; include bpf/sockkey.h before this file) ---- */
 #ifdef OTELWATER_SOCKKEY_H
+
+/* what the water probe knows of the read in flight (the watch), handed to the tracepoint
+ * sampler inside the same sock_recv_length hit; all zero when the socket is not watched */
+struct otw_read_ev {
+    u64 sock_key;
+    u64 qdelay_ns;         /* queue delay of the oldest byte returned (OTW_EV_QDELAY) */
+    u64 empty_arrival_ns;  /* the socket's last arrival onto an empty queue */
+    u32 flags;             /* OTW_EV_* */
+    u32 _pad;
+};
 
 #define OTW_AF_INET 2
 #define OTW_AF_INET6 10

@@ -2,10 +2,17 @@
  *
  * Kernels: any with BTF, the BPF ring buffer, task-local storage for tracing programs and
  * bpf_get_current_task_btf()/bpf_task_pt_regs() usable from tracepoints (5.15+); built and
- * tested on 6.18 x86_64. Attaches to tracepoints only (docs/kernel.md: no kprobes, no fentry):
- *   syscalls:sys_enter_read   otw_tp_read_enter: the start time, in task-local storage
- *   syscalls:sys_exit_read    otw_tp_read_exit: parks, returns, counts, blocked-read records
- *   raw sched:sched_process_exec  (with a binary path) watch a process that execs the binary
+ * tested on 6.18 x86_64. Tracepoints only (docs/kernel.md: no kprobes, no fentry). Two ways:
+ *   in the watch (compiled into bpf/water.c, OTW_TP_AT_RECV): no program of its own on the
+ *     read path. The water probe's sock:sock_recv_length, which runs inside every socket
+ *     read(2) at its end, calls otw_read_end with what it knows of the socket. One hit per
+ *     read instead of three (enter, exit, and the water probe's own), and no cost at all on
+ *     reads of files and pipes.
+ *   alone (GoReadSampler without the water probe):
+ *     syscalls:sys_enter_read   otw_tp_read_enter: the start time, in task-local storage
+ *     syscalls:sys_exit_read    otw_tp_read_exit: otw_read_end
+ *   either way, with a binary path: raw sched:sched_process_exec watches a process that
+ *   execs the binary.
  *
  * A Go net.(*conn).Read is read(2) on a non-blocking socket: -EAGAIN when nothing is waiting
  * (the goroutine parks in netpoll), then, after the wake-up, the read(2) that returns the
@@ -13,11 +20,12 @@
  * another thread, so a park is kept per (process, fd): in the `parks` array (row = the
  * process's slot, column = fd; written in place, never inserted or deleted), or in the
  * `parks_big` LRU hash for fds >= OTW_MAX_FDS or processes beyond OTW_MAX_PROCS (also reused in
- * place). The blocked read starts at the enter of the first -EAGAIN read and ends at the exit of
- * the read that returns data. Every read is counted with its latency (one per-CPU lookup);
- * only a read lasting >= OTW_THRESHOLD_NS pays for the goroutine id (R14 -> *(g + goid_off)),
- * the user stack (still running through net.(*conn).Read at this exit), the fd -> socket key
- * walk, and a ring-buffer record (no wakeup; Python consumes on a timer).
+ * place). The blocked read starts at the first -EAGAIN read and ends at the read that returns
+ * data. Every read is counted with its latency (one per-CPU lookup); only a read lasting
+ * >= OTW_THRESHOLD_NS (or, in the watch, one whose bytes waited that long in the queue) pays
+ * for the goroutine id (R14 -> *(g + goid_off)), the user stack (still running through
+ * net.(*conn).Read), the socket key (from the water probe, or the fd -> socket walk alone),
+ * and a ring-buffer record (no wakeup; Python consumes on a timer).
  * The pid filter is the `procs` hash, filled by Python (-D macros: see goread.py).
  */
 #include <linux/sched.h>
@@ -92,28 +100,23 @@ static __always_inline struct goread_counts *otw_counts(void)
     return counts.lookup(&zero);
 }
 
-int otw_tp_read_enter(void *ctx)
+/* The calling thread's state when its process is traced, else NULL. A thread of a traced
+ * process gets task storage at its first read: one lookup afterwards (the pid filter's hash
+ * is asked once per thread, not once per read; other processes' threads ask it each read). */
+static __always_inline struct goread_task *otw_go_task(struct task_struct *task)
 {
-    /* a thread of a watched process has task storage from its first read on: one lookup
-     * (the pid filter's hash is asked once per thread, not once per read) */
-    struct task_struct *task = bpf_get_current_task_btf();
     struct goread_task *ts = tasks.task_storage_get(task, 0, 0);
-    if (!ts) {
-        u32 tgid = bpf_get_current_pid_tgid() >> 32;
-        struct goread_proc *p = procs.lookup(&tgid);
-        if (!p)
-            return 0;
-        ts = tasks.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-        if (!ts)
-            return 0;
-        ts->proc = *p;  /* a live process keeps its row (Python re-slots only dead pids) */
-    }
-    ts->ev_flags = 0;
-    ts->enter_ns = bpf_ktime_get_ns();
-    struct goread_counts *c = otw_counts();
-    if (c)
-        c->n[OTW_CNT_ENTER] += 1;
-    return 0;
+    if (ts)
+        return ts;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct goread_proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    ts = tasks.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!ts)
+        return 0;
+    ts->proc = *p;  /* a live process keeps its row (Python re-slots only dead pids) */
+    return ts;
 }
 
 /* The park slot of (process, fd); created in parks_big on first need when create is set. */
@@ -138,16 +141,21 @@ static __always_inline struct goread_park *otw_park(const struct goread_proc *p,
 static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, struct pt_regs *regs,
                                      const struct goread_proc *p, u64 id, long fd, long ret,
                                      u64 count, u64 start, u64 end,
-                                     const struct goread_task *ts, u8 parked, u64 arrival)
+                                     const struct otw_read_ev *ev, u8 parked, u64 arrival)
 {
-    u64 key = 0;
-    u32 evf = ts->ev_flags;
-    if (evf & OTW_EV_SOCKET)
-        key = ts->ev_sock_key;  /* the water probe saw this read on its socket: no fd walk */
-    else if (otw_fd_sock_key(fd, &key) < 0) {
+    u32 evf = ev->flags;
+    u64 key = ev->sock_key;  /* the water probe's table has this socket: no fd walk */
+#ifdef OTW_TP_AT_RECV
+    if (!key) {   /* the table takes every TCP socket: this one is not TCP */
         c->n[OTW_CNT_NOT_SOCKET] += 1;
         return;
     }
+#else
+    if (!key && otw_fd_sock_key(fd, &key) < 0) {
+        c->n[OTW_CNT_NOT_SOCKET] += 1;
+        return;
+    }
+#endif
     struct goread_event *e = read_events.ringbuf_reserve(sizeof(struct goread_event));
     if (!e) {
         c->n[OTW_CNT_LOST] += 1;
@@ -160,7 +168,7 @@ static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, st
     e->requested = count;
     e->caller_ip = 0;
     e->arrival_ns = arrival;
-    e->queue_delay_ns = (evf & OTW_EV_QDELAY) ? ts->ev_qdelay_ns : 0;
+    e->queue_delay_ns = (evf & OTW_EV_QDELAY) ? ev->qdelay_ns : 0;
     e->parked = parked;
     e->evidence = (u8)evf;
     e->pid = id >> 32;
@@ -181,26 +189,22 @@ static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, st
     read_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
-int otw_tp_read_exit(void *ctx)
+/* A read of a traced thread ended at `now` with `ret`. `enter`: when its read(2) began (alone:
+ * sys_enter_read), or 0 in the watch, where this runs at sock_recv_length inside the read(2)
+ * and a read that did not park is taken to have taken no time (the syscall's own microseconds
+ * are not measured there; a parked read starts at its first -EAGAIN, all the same). */
+static __always_inline void otw_read_end(void *ctx, struct task_struct *task,
+                                         const struct goread_proc *p, u64 enter, u64 now,
+                                         long ret, const struct otw_read_ev *ev)
 {
-    /* only threads whose sys_enter_read passed the pid filter have an enter time: no
-     * second `procs` lookup (a thread of another process has no storage: a NULL check) */
-    struct task_struct *task = bpf_get_current_task_btf();
-    struct goread_task *ts = tasks.task_storage_get(task, 0, 0);
-    if (!ts || !ts->enter_ns)
-        return 0;
-    u64 now = bpf_ktime_get_ns();
-    u64 enter = ts->enter_ns;
-    ts->enter_ns = 0;
-    const struct goread_proc *p = &ts->proc;
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    long ret = *(long *)((char *)ctx + OTW_TP_RET_OFF);
     struct goread_counts *c = otw_counts();
     if (!c)
-        return 0;
-    c->n[OTW_CNT_EXIT] += 1;
-    /* the user registers at the syscall: rdi = fd, rdx = count survive to the exit */
+        return;
+    c->n[OTW_CNT_ENTER] += 1;   /* reads whose start is known: alone, those entered since */
+    c->n[OTW_CNT_EXIT] += 1;    /* attach; in the watch, every socket read */
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    /* the user registers at the syscall: rdi = fd, rdx = count (still there at its end) */
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
     long fd = regs->di;
     u64 g = p->goid_off ? regs->r14 : 0;
@@ -208,7 +212,7 @@ int otw_tp_read_exit(void *ctx)
         c->n[OTW_CNT_PARKS] += 1;
         struct goread_park *pk = otw_park(p, tgid, fd, 1);
         if (!pk)
-            return 0;
+            return;
         /* a first attempt, or a park left by another goroutine (or an earlier owner of the
          * slot): start here; a repeated -EAGAIN of the same read keeps its first start */
         if (!pk->start_ns || pk->gen != p->gen || pk->g != g) {
@@ -216,9 +220,9 @@ int otw_tp_read_exit(void *ctx)
             pk->g = g;
             pk->gen = p->gen;
         }
-        return 0;
+        return;
     }
-    u64 start = enter;
+    u64 start = enter ? enter : now;
     u8 parked = 0;
     struct goread_park *pk = otw_park(p, tgid, fd, 0);
     if (pk && pk->start_ns) {
@@ -228,24 +232,49 @@ int otw_tp_read_exit(void *ctx)
         }
         pk->start_ns = 0;
     }
-    if (!start)
-        return 0; /* entered before we attached */
     u64 dur = now - start;
-    u32 evf = ts->ev_flags;
+    u32 evf = ev->flags;
     if (!otw_count_read(c, dur)) {
         /* not blocked: still a slow read if the bytes it found had waited the threshold */
-        if (parked || !(evf & OTW_EV_QDELAY) || ts->ev_qdelay_ns < OTW_THRESHOLD_NS)
-            return 0;
+        if (parked || !(evf & OTW_EV_QDELAY) || ev->qdelay_ns < OTW_THRESHOLD_NS)
+            return;
         if (!(evf & OTW_EV_QSLOW_OK)) {
             c->n[OTW_CNT_QSLOW_LIMITED] += 1;
-            return 0;
+            return;
         }
         c->n[OTW_CNT_QSLOW] += 1;
     }
     /* a parked read was woken by the first arrival onto its empty queue after the park */
     u64 arrival = 0;
-    if (parked && (evf & OTW_EV_SOCKET) && ts->ev_empty_arrival_ns >= start)
-        arrival = ts->ev_empty_arrival_ns;
-    otw_read_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now, ts, parked, arrival);
+    if (parked && (evf & OTW_EV_SOCKET) && ev->empty_arrival_ns >= start)
+        arrival = ev->empty_arrival_ns;
+    otw_read_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now, ev, parked, arrival);
+}
+
+#ifndef OTW_TP_AT_RECV
+/* alone: the read(2) tracepoints (the watch calls otw_read_end from sock_recv_length) */
+int otw_tp_read_enter(void *ctx)
+{
+    struct goread_task *ts = otw_go_task(bpf_get_current_task_btf());
+    if (ts)
+        ts->enter_ns = bpf_ktime_get_ns();
     return 0;
 }
+
+int otw_tp_read_exit(void *ctx)
+{
+    /* only threads whose sys_enter_read passed the pid filter have an enter time: no
+     * second `procs` lookup (a thread of another process has no storage: a NULL check) */
+    struct task_struct *task = bpf_get_current_task_btf();
+    struct goread_task *ts = tasks.task_storage_get(task, 0, 0);
+    if (!ts || !ts->enter_ns)
+        return 0;   /* not traced, or entered before we attached */
+    u64 now = bpf_ktime_get_ns();
+    u64 enter = ts->enter_ns;
+    ts->enter_ns = 0;
+    long ret = *(long *)((char *)ctx + OTW_TP_RET_OFF);
+    struct otw_read_ev ev = {};
+    otw_read_end(ctx, task, &ts->proc, enter, now, ret, &ev);
+    return 0;
+}
+#endif

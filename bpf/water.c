@@ -61,11 +61,12 @@ BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
 
 /* `otelwater watch --go-*`: the Go read sampler is compiled into this program (the loader
  * inlines the file), so it reads each read's evidence from this program's maps: the
- * tracepoint sampler through its task storage (sock_recv_length runs inside the same
- * read(2)), the uprobe sampler from the socket's entry (its fd walk finds the socket) */
+ * tracepoint sampler is called by sock_recv_length itself (which runs inside the read(2)),
+ * the uprobe sampler reads the socket's entry (its fd walk finds the socket) */
 #define OTW_READ_EVIDENCE (OTW_GO_TP || OTW_GO_UPROBE)
 #define OTW_EAGAIN 11
 #if OTW_GO_TP
+#define OTW_TP_AT_RECV 1   /* its reads end in this program's sock_recv_length */
 #include "goread_tp.c"
 #endif
 
@@ -339,7 +340,8 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
  * reader parked since its last read (a -EAGAIN), the arrival that woke it (the last arrival
  * onto an empty queue, when after the park), and the queue delay of the oldest byte this read
  * returned, found among the socket's last OTW_ARRIVALS arrivals. */
-static __always_inline void otw_note_read(struct water_state *st, int ret, int flags, u64 now)
+static __always_inline void otw_note_read(struct water_state *st, int ret, int flags, u64 now,
+                                          struct otw_read_ev *ev)
 {
     struct water_arrivals *a = otw_arrivals(st);
     if (ret < 0)   /* -EAGAIN never gets here: sock_recv_length marks the park itself */
@@ -385,19 +387,16 @@ static __always_inline void otw_note_read(struct water_state *st, int ret, int f
             }
         }
     }
+    ev->sock_key = st->sock_key;
+    ev->empty_arrival_ns = st->empty_arrival_ns;
+    ev->qdelay_ns = qd;
+    ev->flags = evf;
+#if OTW_GO_UPROBE
+    /* the uprobe sampler's return probe of this Read takes it from the socket's entry */
     a->ev_read_ns = now;
     a->ev_arrival_ns = arrival;
     a->ev_qdelay_ns = qd;
     a->ev_flags = evf;
-#if OTW_GO_TP
-    /* the tracepoint sampler's sys_exit_read of this same read(2) takes it from the thread */
-    struct goread_task *ts = tasks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (ts && ts->enter_ns) {
-        ts->ev_sock_key = st->sock_key;
-        ts->ev_empty_arrival_ns = st->empty_arrival_ns;
-        ts->ev_qdelay_ns = qd;
-        ts->ev_flags = evf;
-    }
 #endif
 }
 #endif
@@ -408,9 +407,27 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
     const void *sk = (const void *)ctx->args[0];
     int ret = (int)ctx->args[1];
     int flags = (int)ctx->args[2];
+#if OTW_GO_TP
+    /* a read of a traced Go process ends here, whether or not its socket is watched */
+    struct task_struct *task = bpf_get_current_task_btf();
+    struct goread_task *ts = otw_go_task(task);
+    struct otw_read_ev ev = {};
+#endif
     struct water_state *st = otw_state(sk, 1);
-    if (!st)
+    if (!st) {
+#if OTW_GO_TP
+        if (ts) {
+            /* a socket the user's filters leave out still has its key in the table (no
+             * entry: not TCP) */
+            u64 key = (u64)sk;
+            struct water_sock *ws = socks.lookup(&key);
+            if (ws)
+                ev.sock_key = ws->s.sock_key;
+            otw_read_end(ctx, task, &ts->proc, 0, bpf_ktime_get_ns(), ret, &ev);
+        }
+#endif
         return 0;
+    }
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (st->pid != tgid || !st->comm[0]) {
         st->pid = tgid;
@@ -420,8 +437,13 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
         /* nothing was waiting: the queue did not change (a Go reader parks next) */
 #if OTW_READ_EVIDENCE
         struct water_arrivals *a = otw_arrivals(st);
+        u64 now = bpf_ktime_get_ns();
         if (!a->park_ns)
-            a->park_ns = bpf_ktime_get_ns();
+            a->park_ns = now;
+#if OTW_GO_TP
+        if (ts)
+            otw_read_end(ctx, task, &ts->proc, 0, now, ret, &ev);
+#endif
 #endif
         return 0;
     }
@@ -430,7 +452,14 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
     otw_refresh(sk, st);
     u64 now = bpf_ktime_get_ns();
 #if OTW_READ_EVIDENCE
-    otw_note_read(st, ret, flags, now);
+#if OTW_GO_TP
+    otw_note_read(st, ret, flags, now, &ev);
+    if (ts)
+        otw_read_end(ctx, task, &ts->proc, 0, now, ret, &ev);
+#else
+    struct otw_read_ev note = {};
+    otw_note_read(st, ret, flags, now, &note);
+#endif
 #endif
     otw_after_flow(st, OTW_TRIGGER_READ, now);
     return 0;

@@ -9,7 +9,9 @@ mechanisms that produce the same ReadRecord.
 
 - "tracepoint" (bpf/goread_tp.c): syscalls:sys_enter_read/sys_exit_read for the watched
   processes (the `procs` map; with a binary, /proc is re-scanned every RESCAN_S on poll() so
-  processes started later are added). Works for any process; goid needs a Go binary.
+  processes started later are added). Works for any process; goid needs a Go binary. With
+  embed=True (the watch) it attaches nothing of its own: the water probe's
+  sock:sock_recv_length ends each socket read, so a read that did not park counts as 0 ns.
 - "uprobe" (bpf/goread_uprobe.c): uprobes at the entry and at every `ret` of
   net.(*conn).Read (never a uretprobe). With a binary: pid -1, so every process of it, now and
   later; with pids: one set of probes per pid. Exact Go-level latency of every Read.
@@ -343,7 +345,9 @@ class GoReadSampler:
 
     def bind(self, b) -> None:
         """Embedded: take the read sampler's maps in the water probe's program `b` (which the
-        water probe owns and detaches), set them up and attach the read tracepoints."""
+        water probe owns and detaches) and set them up. The tracepoint sampler attaches
+        nothing of its own there (the water probe's sock_recv_length ends each read); the
+        uprobe sampler attaches its uprobes."""
         if not self.embedded or self._bpfs:
             raise ProbeLoadError("bind() is for a sampler made with embed=True, once")
         self._bpfs.append(b)
@@ -369,6 +373,8 @@ class GoReadSampler:
             self._watch(pid, binary)
         if o.binary:
             self._rescan()
+        if self.embedded:
+            return   # the water probe's sock_recv_length ends each read: nothing to attach
         for tp, fn in (("syscalls:sys_enter_read", "otw_tp_read_enter"),
                        ("syscalls:sys_exit_read", "otw_tp_read_exit")):
             try:
