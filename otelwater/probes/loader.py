@@ -5,11 +5,14 @@ turned into one-line ProbeLoadErrors. Used by the water probe and both Go read s
 BCC writes clang's diagnostics and the verifier's log straight to file descriptor 2, so a load
 runs with fd 2 captured: on failure the error line quotes the first compiler error and
 `details` (printed by --verbose) holds the whole log and the cflags; on success the log (clang
-warnings) is dropped."""
+warnings) is dropped. LLVM ends the process with exit(1) on some errors (the BPF stack limit,
+for one) without returning to Python: a C-level exit hook then puts fd 2 back and says the
+first error, so that failure is one line too, never silence."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
 import tempfile
@@ -54,6 +57,53 @@ def running_kernel_btf():
     return Btf.load(host.btf_path())
 
 
+# (saved fd 2, the capture file) while a capture runs: what the C-level exit hook restores
+_capturing: list[tuple[int, object]] = []
+
+
+def _say_on_c_exit() -> None:
+    """Run by libc's exit() (LLVM's fatal errors call it from inside BPF()): the capture would
+    otherwise swallow the only words about why the process ends."""
+    if not _capturing:
+        return
+    saved, tmp = _capturing[-1]
+    try:
+        os.dup2(saved, 2)
+        tmp.seek(0)
+        log = tmp.read().decode(errors="replace")
+        reason = first_error(log) or (log.strip().splitlines() or ["no output"])[-1]
+        os.write(2, (f"otelwater: the BPF program did not compile: {reason.strip()}\n"
+                     "  (an otelwater bug on this kernel or clang: please report it with "
+                     "--verbose's output)\n").encode())
+    except Exception:  # noqa: BLE001 - the process is ending; say nothing rather than crash
+        pass
+
+
+_EXIT_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _arg: _say_on_c_exit())
+
+
+@contextlib.contextmanager
+def _c_exit_hook():
+    """_say_on_c_exit registered with libc's exit handlers for the duration only: registered
+    under a token of our own (as a shared object's handlers are) and, at the end, run once and
+    removed by __cxa_finalize(token). It must not outlive the block: at a normal exit the
+    interpreter is gone before libc runs its handlers, and calling into it then crashes."""
+    token = ctypes.create_string_buffer(1)
+    try:
+        libc = ctypes.CDLL(None)
+        libc.__cxa_atexit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        libc.__cxa_finalize.argtypes = [ctypes.c_void_p]
+        hook = ctypes.cast(_EXIT_HOOK, ctypes.c_void_p)
+        ok = libc.__cxa_atexit(hook, None, ctypes.addressof(token)) == 0
+    except (OSError, AttributeError):   # not glibc: no hook, the capture works all the same
+        ok = False
+    try:
+        yield
+    finally:
+        if ok:
+            libc.__cxa_finalize(ctypes.addressof(token))
+
+
 @contextlib.contextmanager
 def captured_stderr_fd():
     """Everything written to file descriptor 2 meanwhile (by C code too), as .text after."""
@@ -64,11 +114,13 @@ def captured_stderr_fd():
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with tempfile.TemporaryFile() as tmp:
+        with tempfile.TemporaryFile() as tmp, _c_exit_hook():
             os.dup2(tmp.fileno(), 2)
+            _capturing.append((saved, tmp))
             try:
                 yield log
             finally:
+                _capturing.pop()
                 sys.stderr.flush()
                 os.dup2(saved, 2)
                 tmp.seek(0)
