@@ -1,15 +1,27 @@
-"""`--prometheus-port`: the OTLP sink's metrics served for Prometheus to scrape, no Collector.
+"""`--prometheus-port`: the OTLP sink's metrics served for Prometheus to scrape, no Collector,
+with the read-duration histogram's exemplars (the trace and span id of a slow read's span).
 
-One HTTP endpoint (prometheus_client's server: /metrics, text or OpenMetrics as the scraper
-asks) for any number of MeterProviders: the OTLP sink creates one provider per traced service
-and asks `PrometheusEndpoint.reader()` for a fresh OpenTelemetry `PrometheusMetricReader` to
-attach to each (a reader belongs to one provider). A scrape collects every provider through its
-reader and merges same-named metric families, so each metric appears once (a Prometheus text
-exposition may not repeat a family) with one series per service, socket and attribute set.
-Names come from otelwater/export/names.py as the exporter derives them
-(otelwater.socket.water.volume, unit By -> otelwater_socket_water_volume_bytes); the traced
-service's `service.name` becomes the label `service_name` (job and instance are the scrape's);
-target_info carries each service's whole resource.
+One HTTP endpoint (prometheus_client's server: /metrics, the Prometheus text format or
+OpenMetrics as the scraper asks; Prometheus asks for OpenMetrics, the only one of the two that
+carries exemplars) for any number of MeterProviders: the OTLP sink creates one provider per
+traced service and asks `PrometheusEndpoint.reader()` for a fresh reader to attach to each (a
+reader belongs to one provider). A scrape collects every provider through its reader,
+translates the OpenTelemetry data points into Prometheus metric families and merges
+same-named families, so each metric appears once (an exposition may not repeat a family) with
+one series per service, socket and attribute set.
+
+The translation is otelwater's own because the OpenTelemetry Prometheus exporter
+(opentelemetry-exporter-prometheus) drops exemplars; its names and labels are the exporter's,
+sample for sample (tests/unit/test_prometheus.py scrapes both): names from
+otelwater/export/names.py (otelwater.socket.water.volume, unit By ->
+otelwater_socket_water_volume_bytes; counters end in _total), every attribute a label
+(network.local.port -> network_local_port), the instrumentation scope as otel_scope_name,
+otel_scope_version and otel_scope_schema_url, the traced service's `service.name` as the label
+`service_name` (job and instance are the scrape's), and target_info carrying each service's
+whole resource. Each bucket of the read-duration histogram carries the latest exemplar that fell
+in it, as `trace_id` and `span_id` labels (the names Grafana's exemplar links and the
+Collector's prometheus exporter use); the latest is kept until a newer one replaces it, so a
+scrape does not use up what the next scraper would see.
 
 The port is bound when the endpoint is opened, before any probe is attached, so a taken port
 is one line and exit 2, not a failure minutes into a run.
@@ -17,17 +29,23 @@ is one line and exit 2, not a failure minutes into a run.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import errno
+import json
+import re
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from otelwater.errors import UsageError
 from otelwater.export.names import SERVICE_NAME
 
 DEFAULT_ADDRESS = "127.0.0.1"
-RESOURCE_LABELS = frozenset({SERVICE_NAME})
+RESOURCE_LABELS = frozenset({SERVICE_NAME})   # resource attributes that label every series
+TARGET_INFO = "target"                       # -> target_info, one sample per service
+TARGET_INFO_HELP = "Target metadata"
+TRACE_ID, SPAN_ID = "trace_id", "span_id"    # exemplar labels
 
 
 class PrometheusEndpoint:
@@ -38,7 +56,7 @@ class PrometheusEndpoint:
 
         self.port, self.address = port, address
         self._lock = threading.Lock()
-        self._registries: list = []      # one per reader: the reader's own collector
+        self._readers: list = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Merged(self))
         try:
@@ -54,32 +72,21 @@ class PrometheusEndpoint:
         return f"http://{host}:{self.port}/metrics"
 
     def reader(self):
-        """A new PrometheusMetricReader for one MeterProvider, served by this endpoint until
-        the provider shuts it down."""
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry
-
-        endpoint = self
-
-        class Reader(PrometheusMetricReader):
-            def shutdown(self, timeout_millis: float = 30_000, **kw) -> None:
-                endpoint._forget(own)
-                super().shutdown(timeout_millis, **kw)
-
-        own = CollectorRegistry(auto_describe=False)
-        reader = Reader(registry=own, resource_attribute_filter=RESOURCE_LABELS.__contains__)
+        """A new MetricReader for one MeterProvider, served by this endpoint until the provider
+        shuts it down."""
+        reader = scrape_reader(self._forget)
         with self._lock:
-            self._registries.append(own)
+            self._readers.append(reader)
         return reader
 
-    def _forget(self, registry) -> None:
+    def _forget(self, reader) -> None:
         with self._lock:
-            self._registries = [r for r in self._registries if r is not registry]
+            self._readers = [r for r in self._readers if r is not reader]
 
-    def families(self) -> Iterable:
+    def families(self) -> list:
         with self._lock:
-            registries = list(self._registries)
-        return merge_families(m for r in registries for m in r.collect())
+            readers = list(self._readers)
+        return merge_families(f for r in readers for f in r.families())
 
     def close(self) -> None:
         self._server.shutdown()
@@ -101,6 +108,35 @@ class _Merged:
 
     def collect(self):
         return self.endpoint.families()
+
+
+def scrape_reader(on_shutdown: Callable[[object], None] = lambda reader: None):
+    """A MetricReader collected when scraped (cumulative, the SDK's default for every
+    instrument): `families()` is its provider's metrics now, as Prometheus metric families,
+    the latest exemplar of each histogram bucket kept from one scrape to the next."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    class ScrapeReader(InMemoryMetricReader):
+        def __init__(self):
+            super().__init__()
+            self._families_lock = threading.Lock()
+            self._exemplars: dict = {}
+
+        def families(self) -> list:
+            if self._collect is None:   # its provider is still being made: nothing yet
+                return []
+            with self._families_lock:   # concurrent scrapes: one collection at a time
+                data = self.get_metrics_data()
+                if data is None:
+                    return []
+                families, self._exemplars = translate(data, self._exemplars)
+                return families
+
+        def shutdown(self, timeout_millis: float = 30_000, **kw) -> None:
+            on_shutdown(self)
+            super().shutdown(timeout_millis=timeout_millis, **kw)
+
+    return ScrapeReader()
 
 
 def export_sink(otlp=None, prometheus: PrometheusEndpoint | None = None, **kw):
@@ -130,6 +166,156 @@ def merge_families(families: Iterable) -> list:
         else:
             merged[key].samples.extend(family.samples)
     return list(merged.values())
+
+
+# -- OpenTelemetry metrics -> Prometheus metric families ---------------------------------------
+# The naming rules of the OpenTelemetry/Prometheus compatibility specification, as the
+# OpenTelemetry Prometheus exporter applies them (so --prometheus-port keeps the names the
+# dashboards query); tests/unit/test_prometheus.py checks them against that exporter.
+
+_NAME_INVALID = re.compile(r"[^a-zA-Z0-9:]+")
+_LABEL_INVALID = re.compile(r"[^a-zA-Z0-9]+")
+_UNIT_ANNOTATION = re.compile(r"\{.*\}")        # UCUM's {skb}, {read}: a count, no suffix
+UNIT_SUFFIXES = {
+    "ns": "nanoseconds", "us": "microseconds", "ms": "milliseconds", "s": "seconds",
+    "min": "minutes", "h": "hours", "d": "days",
+    "By": "bytes", "KBy": "kilobytes", "MBy": "megabytes", "GBy": "gigabytes",
+    "TBy": "terabytes", "KiBy": "kibibytes", "MiBy": "mebibytes", "GiBy": "gibibytes",
+    "TiBy": "tibibytes",
+    "m": "meters", "g": "grams", "V": "volts", "A": "amperes", "J": "joules", "W": "watts",
+    "Hz": "hertz", "Cel": "celsius", "%": "percent", "1": "",
+}
+PER_SUFFIXES = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "week",
+                "mo": "month", "y": "year"}
+
+
+def _sanitized(text: str, invalid: re.Pattern) -> str:
+    """A leading digit, then every run of characters Prometheus does not allow, as "_"."""
+    if text[:1].isdigit():
+        text = "_" + text[1:]
+    return invalid.sub("_", text)
+
+
+def metric_name(name: str) -> str:
+    """otelwater.socket.water.volume -> otelwater_socket_water_volume (the unit suffix and a
+    counter's _total are prometheus_client's to add)."""
+    return _sanitized(name, _NAME_INVALID)
+
+
+def label_name(key: str) -> str:
+    """network.local.port -> network_local_port."""
+    return _sanitized(key, _LABEL_INVALID)
+
+
+def label_value(value) -> str:
+    """Strings as they are, anything else as JSON (4242 -> "4242", True -> "true")."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def unit_suffix(unit: str) -> str:
+    """The Prometheus suffix of a UCUM unit: By -> bytes, s -> seconds, By/s ->
+    bytes_per_second, 1 and annotations such as {skb} -> none."""
+    unit = _UNIT_ANNOTATION.sub("", unit)
+    if unit in UNIT_SUFFIXES:
+        return UNIT_SUFFIXES[unit]
+    top, _, bottom = unit.partition("/")
+    bottom = _NAME_INVALID.sub("_", bottom)
+    if bottom:
+        top = _NAME_INVALID.sub("_", top)
+        top = UNIT_SUFFIXES.get(top, top)
+        per = f"per_{PER_SUFFIXES.get(bottom, bottom)}"
+        return f"{top}_{per}" if top else per
+    return _NAME_INVALID.sub("_", unit).strip("_")
+
+
+def scope_labels(scope) -> dict:
+    """The instrumentation scope of a metric as labels (otel_scope_name, _version,
+    _schema_url, and otel_scope_<key> for each of its attributes)."""
+    labels = {f"otel_scope_{k}": v for k, v in (scope.attributes or {}).items()}
+    labels.update(otel_scope_name=scope.name or "", otel_scope_version=scope.version or "",
+                  otel_scope_schema_url=scope.schema_url or "")
+    return labels
+
+
+def bucket_exemplars(point, kept: tuple | None = None) -> tuple:
+    """The latest exemplar of each bucket of a histogram point (len(explicit_bounds) + 1 of
+    them, None where none fell yet): the point's own exemplars, which are the measurements
+    since the last collection, over those `kept` from earlier ones. An exemplar goes to the
+    bucket that counted its value (le is inclusive); one without a span to point at is left
+    out."""
+    from prometheus_client.samples import Exemplar, Timestamp
+
+    n = len(point.explicit_bounds) + 1
+    latest = list(kept) if kept is not None and len(kept) == n else [None] * n
+    for e in point.exemplars:
+        if not e.trace_id or not e.span_id:
+            continue
+        i = bisect.bisect_left(point.explicit_bounds, e.value)
+        latest[i] = Exemplar({TRACE_ID: f"{e.trace_id:032x}", SPAN_ID: f"{e.span_id:016x}"},
+                             e.value, Timestamp(*divmod(e.time_unix_nano, 10**9)))
+    return tuple(latest)
+
+
+def cumulative_buckets(point, exemplars: tuple) -> list[tuple]:
+    """(le, count of values <= le[, exemplar]) per bucket, +Inf last: Prometheus's buckets
+    from the point's per-bucket counts."""
+    out, total = [], 0
+    for le, count, ex in zip((*point.explicit_bounds, "+Inf"), point.bucket_counts, exemplars):
+        total += count
+        out.append((f"{le}", total, ex) if ex is not None else (f"{le}", total))
+    return out
+
+
+def translate(data, kept: dict | None = None) -> tuple[list, dict]:
+    """One collection of a MeterProvider (MetricsData) as Prometheus metric families:
+    target_info first, then a family per metric in the SDK's order (same-named ones merged),
+    each point a series labelled by its service, scope and attributes (the labels a metric's
+    other points have and it does not are ""). Gauges and cumulative up-down counters are
+    gauges, monotonic sums counters, explicit-bucket histograms histograms with exemplars;
+    other kinds are not otelwater's and are left out. `kept` is the previous call's exemplars,
+    returned updated (for the series still present)."""
+    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                        HistogramMetricFamily, InfoMetricFamily)
+
+    kept = kept or {}
+    exemplars: dict = {}
+    resource: dict = {}
+    for rm in data.resource_metrics:
+        resource.update(rm.resource.attributes)
+    families = [InfoMetricFamily(TARGET_INFO, TARGET_INFO_HELP,
+                                 value={label_name(k): label_value(v)
+                                        for k, v in resource.items()})]
+    for rm in data.resource_metrics:
+        common = {k: v for k, v in rm.resource.attributes.items() if k in RESOURCE_LABELS}
+        for sm in rm.scope_metrics:
+            scope = scope_labels(sm.scope)
+            for metric in sm.metrics:
+                d = metric.data
+                if isinstance(d, Histogram):
+                    kind, cls = "histogram", HistogramMetricFamily
+                elif isinstance(d, Sum) and d.is_monotonic:
+                    kind, cls = "counter", CounterMetricFamily
+                elif isinstance(d, (Sum, Gauge)):  # the reader asks cumulative sums only
+                    kind, cls = "gauge", GaugeMetricFamily
+                else:
+                    continue
+                rows = [({label_name(k): label_value(v)
+                          for src in (common, scope, p.attributes) for k, v in src.items()}, p)
+                        for p in d.data_points]
+                keys = sorted({k for labels, _ in rows for k in labels})
+                name, unit = metric_name(metric.name), unit_suffix(metric.unit or "")
+                family = cls(name, metric.description or "", labels=keys, unit=unit)
+                families.append(family)
+                for labels, p in rows:
+                    values = [labels.get(k, "") for k in keys]
+                    if kind != "histogram":
+                        family.add_metric(values, p.value)
+                        continue
+                    series = (family.name, tuple(sorted(labels.items())))
+                    exemplars[series] = bucket_exemplars(p, kept.get(series))
+                    family.add_metric(values, cumulative_buckets(p, exemplars[series]), p.sum)
+    return merge_families(families), exemplars
 
 
 def _bind_error(address: str, port: int, e: OSError) -> tuple[str, str]:

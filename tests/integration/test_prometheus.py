@@ -5,14 +5,19 @@ One scenario serves every test of the module: a loopback socket of this test hol
 (the peer filled it, the reader stopped), a second one overflowing (its receive buffer shrunk
 after the handshake, so the kernel drops), and the example Go service (examples/bin/slowreader)
 driven by loadgen with 5 ms pauses, so each of its Reads parks ~5 ms: slow, peer-starved.
-Prometheus scrapes otelwater every second; it is stopped whatever happens.
+Prometheus scrapes otelwater every second, as OpenMetrics and with exemplar storage on; it is
+stopped whatever happens. A second watch of the same service, exporting its spans over OTLP to a
+receiver of this test as well, is scraped as job otelwater-otlp while the test of exemplars
+against spans runs: the first watch's spans end nowhere, so only the second's can be matched.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,8 +29,11 @@ from pathlib import Path
 
 import pytest
 
+from otelwater.export import names as N
+
 from .conftest import OTELWATER, ROOT
 from .loopback import Pair, ss
+from .otlp_receiver import HttpReceiver, attrs
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
@@ -33,6 +41,8 @@ PROMETHEUS = "/usr/bin/prometheus"
 BIN = ROOT / "examples" / "bin"
 SERVICE = "slowreader-prometheus-test"   # the Go service's OTEL_SERVICE_NAME
 JOB = "otelwater"
+JOB_OTLP = "otelwater-otlp"              # the second watch: Prometheus and OTLP
+READ_BUCKETS = "otelwater_read_duration_seconds_bucket"
 DASHBOARD = ROOT / "examples" / "grafana" / "dashboards" / "otelwater.json"
 # what Grafana would put in the dashboard's variables and intervals
 SUBSTITUTE = {"$job": JOB, "$pid": ".*", "$__rate_interval": "15s", "$__range": "5m"}
@@ -58,7 +68,7 @@ def wait_for(what: str, check, timeout_s: float = 30.0, every_s: float = 0.5):
 class Prometheus:
     """A Prometheus server of this test, with its own config and TSDB in a temp directory."""
 
-    def __init__(self, tmp: Path, target_port: int):
+    def __init__(self, tmp: Path, target_port: int, otlp_target_port: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp / "prometheus.yml"
@@ -70,6 +80,9 @@ scrape_configs:
   - job_name: {JOB}
     static_configs:
       - targets: ["127.0.0.1:{target_port}"]
+  - job_name: {JOB_OTLP}
+    static_configs:
+      - targets: ["127.0.0.1:{otlp_target_port}"]
 """)
         self.log = tmp / "prometheus.log"
         with open(self.log, "w") as log:
@@ -100,6 +113,12 @@ scrape_configs:
     def query(self, expr: str) -> list:
         return self.api("query", query=expr)["result"]
 
+    def exemplars(self, selector: str, seconds: int = 300) -> list[tuple[dict, dict]]:
+        """(series labels, exemplar) of every exemplar stored for the selector's series."""
+        now = time.time()
+        data = self.api("query_exemplars", query=selector, start=now - seconds, end=now)
+        return [(series["seriesLabels"], ex) for series in data for ex in series["exemplars"]]
+
     def query_range(self, expr: str, seconds: int = 60) -> list:
         now = time.time()
         return self.api("query_range", query=expr, start=now - seconds, end=now,
@@ -121,15 +140,19 @@ class Scenario:
     water: Pair
     overflow: Pair
     go_pid: int
+    go_port: str
+    tmp: Path
+    otlp_metrics_port: int           # where Prometheus scrapes job otelwater-otlp
 
 
-def start_watch(tmp: Path, metrics_port: int, *args: str) -> subprocess.Popen:
-    err = tmp / "otelwater.err"
+def start_watch(tmp: Path, metrics_port: int, *args: str, name: str = "otelwater",
+                env: dict | None = None) -> subprocess.Popen:
+    err = tmp / f"{name}.err"
     proc = subprocess.Popen(
         OTELWATER + ["watch", "--json", "-i", "0.5", "-d", "600",
                      "--prometheus-port", str(metrics_port), *args],
         stdout=subprocess.DEVNULL, stderr=open(err, "w"), cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
 
     def attached():
         assert proc.poll() is None, f"otelwater exited: {err.read_text()}"
@@ -153,9 +176,9 @@ def stop_gently(proc: subprocess.Popen, sig=signal.SIGINT):
 def scenario(tmp_path_factory):
     assert os.access(PROMETHEUS, os.X_OK), "no /usr/bin/prometheus: run scripts/setup.sh"
     tmp = tmp_path_factory.mktemp("prometheus")
-    metrics_port = free_port()
+    metrics_port, otlp_metrics_port = free_port(), free_port()
     with contextlib.ExitStack() as stack:
-        prom = Prometheus(tmp, metrics_port)
+        prom = Prometheus(tmp, metrics_port, otlp_metrics_port)
         stack.callback(prom.stop)          # whatever happens below
         water, overflow = Pair(), Pair()
         stack.callback(water.close)
@@ -184,7 +207,7 @@ def scenario(tmp_path_factory):
         overflow.fill(2_000_000, chunk=16384)
         water.wait_still()
         overflow.wait_still()
-        yield Scenario(prom, water, overflow, go_pid)
+        yield Scenario(prom, water, overflow, go_pid, go_port, tmp, otlp_metrics_port)
 
 
 def volume_series(s: Scenario, metric: str, pair: Pair) -> str:
@@ -244,6 +267,79 @@ def test_read_duration_histogram_of_the_go_service(scenario):
     assert 0.005 <= float(median[0]["value"][1]) <= 0.01, median
     verdicts = scenario.prom.query(f"otelwater_read_verdicts_total{{{sel}}}")
     assert {v["metric"]["otelwater_verdict"] for v in verdicts} >= {"peer-starved"}
+
+
+def exemplar_problems(series: dict, ex: dict) -> list[str]:
+    """What is wrong with an exemplar of a read-duration bucket: it must point at a span by
+    its ids and sit in the bucket that counted its value (le inclusive) among otelwater's."""
+    problems = []
+    ids = ex["labels"]
+    if not re.fullmatch(r"[0-9a-f]{32}", ids.get("trace_id", "")) or \
+            not int(ids["trace_id"], 16):
+        problems.append(f"bad trace_id {ids}")
+    if not re.fullmatch(r"[0-9a-f]{16}", ids.get("span_id", "")):
+        problems.append(f"bad span_id {ids}")
+    bounds = (*N.READ_DURATION_BOUNDS_S, float("inf"))
+    value = float(ex["value"])
+    if float(series["le"]) != bounds[bisect.bisect_left(bounds, value)]:
+        problems.append(f"value {value} in bucket le={series['le']}")
+    return problems
+
+
+def test_read_duration_exemplars_point_at_spans(scenario):
+    # Given the Go service's slow reads, served by --prometheus-port alone (no OTLP endpoint:
+    # the spans the exemplars point at are made, then end nowhere)
+    sel = f'{READ_BUCKETS}{{job="{JOB}", service_name="{SERVICE}"}}'
+
+    # When Prometheus, with exemplar storage, has scraped otelwater's OpenMetrics
+    def several():   # more than one scrape's: they keep coming, not once
+        got = scenario.prom.exemplars(sel)
+        return got if len({ex["timestamp"] for _, ex in got}) >= 5 else None
+
+    got = wait_for("read-duration exemplars in Prometheus", several, timeout_s=40)
+    # Then each exemplar names a span by trace and span id, and sits in its value's bucket
+    print(f"\n{len(got)} exemplars of {sel}, e.g. {got[0][1]} on le={got[0][0]['le']}")
+    for series, ex in got:
+        assert not exemplar_problems(series, ex), (series, ex)
+        # a slow read parked over the 1 ms threshold, or (consumer-lagging) returned at once
+        # bytes that had stood that long: its duration is then ~0, the syscall's own time
+        assert float(ex["value"]) >= 0.0
+    # each of a different read
+    assert len({ex["labels"]["span_id"] for _, ex in got}) == len(got)
+
+
+def test_exemplars_are_the_spans_of_the_reads(scenario):
+    # Given a second watch of the same Go service exporting to Prometheus (job otelwater-otlp)
+    # and over OTLP to a receiver of this test, which so gets the spans otelwater made
+    receiver = HttpReceiver().start()
+    sel = f'{READ_BUCKETS}{{job="{JOB_OTLP}", service_name="{SERVICE}"}}'
+    try:
+        watch = start_watch(scenario.tmp, scenario.otlp_metrics_port, "-P", scenario.go_port,
+                            "--go-pid", str(scenario.go_pid), "--otlp-endpoint",
+                            receiver.endpoint, "--otlp-protocol", "http/protobuf",
+                            name="otelwater-otlp", env={"OTEL_BSP_SCHEDULE_DELAY": "200"})
+        try:
+            def matched():
+                spans = {(span.trace_id.hex(), span.span_id.hex()): (resource, span)
+                         for resource, span in receiver.got.spans()
+                         if span.name == N.READ_SPAN}
+                return [(series, ex, *spans[key]) for series, ex in scenario.prom.exemplars(sel)
+                        if (key := (ex["labels"]["trace_id"], ex["labels"]["span_id"])) in spans]
+
+            # When Prometheus has scraped its exemplars and the receiver got its spans
+            got = wait_for("exemplars whose trace and span ids are spans received", matched,
+                           timeout_s=40)
+        finally:
+            stop_gently(watch)
+    finally:
+        receiver.stop()
+    print(f"\n{len(got)} exemplars of {sel} are spans received, e.g. {got[0][1]}")
+    # Then each is the span of the read it counts: same duration, service and verdict
+    for series, ex, resource, span in got:
+        assert not exemplar_problems(series, ex), (series, ex)
+        assert float(ex["value"]) == (span.end_time_unix_nano - span.start_time_unix_nano) / 1e9
+        assert resource[N.SERVICE_NAME] == SERVICE
+        assert attrs(span.attributes)[N.VERDICT] == series["otelwater_verdict"]
 
 
 def dashboard_targets():
