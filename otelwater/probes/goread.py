@@ -34,7 +34,8 @@ from otelwater.errors import BinaryError, NoSuchProcess, ProbeLoadError, UsageEr
 from otelwater.events.layout import header
 from otelwater.events.model import Notice, ReadRecord
 from otelwater.probes import host
-from otelwater.probes.loader import (check_ringbuf_pages, kernel_cflags, load_bpf, one_line,
+from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, check_ringbuf_pages,
+                                     kernel_cflags, load_bpf, one_line,
                                      running_kernel_btf)
 
 GOREAD_H = header("goread.h")
@@ -47,8 +48,6 @@ MECHANISMS = ("tracepoint", "uprobe")
 READ_FUNCTION = "net.(*conn).Read"
 RESCAN_S = 0.5
 NO_SLOT = 0xFFFFFFFF
-POLL_BUDGET = 2048    # ring-buffer records taken per poll() ...
-POLL_TIME_S = 0.05    # ... and for at most this long: the caller's loop stays on time
 DRAIN_TIME_S = 0.3    # what close() still drains, at most this long
 
 

@@ -22,7 +22,8 @@ from otelwater.events.layout import header
 from otelwater.events.model import TCP_STATES, TRIGGERS, WaterSnapshot
 from otelwater.hostsockets import OwnerResolver, socket_inodes
 from otelwater.probes import host
-from otelwater.probes.loader import kernel_cflags, load_bpf, running_kernel_btf
+from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, kernel_cflags, load_bpf,
+                                     running_kernel_btf)
 from otelwater.sockkey import addr_text
 
 WATER_H = header("water.h")
@@ -34,8 +35,6 @@ TRIGGER_PERIODIC = WATER_H.defines["OTW_TRIGGER_PERIODIC"]
 SPAN_FIELDS = ("OFF_SK_RCVQ_QLEN", "OFF_SK_RMEM_ALLOC", "OFF_SK_BACKLOG_LEN", "OFF_SK_RCVBUF",
                "OFF_SK_DROPS")
 MAX_SPAN = 192
-POLL_BUDGET = 2048   # ring-buffer records taken per poll() ...
-POLL_TIME_S = 0.05   # ... and for at most this long: keeps the loop's timing bounded
 
 
 @dataclass(frozen=True)

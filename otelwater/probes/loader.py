@@ -28,6 +28,12 @@ def one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# Each probe's poll() takes at most this many ring-buffer records and runs at most this long,
+# so the caller's loop (sweeps, the view, export) stays on time under a flood; the rest waits
+# in the ring buffer for the next poll.
+POLL_BUDGET = 2048
+POLL_TIME_S = 0.05
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # A BPF ring buffer's size (max_entries, u32) must be a power of two and a page multiple.
 MAX_RINGBUF_PAGES = (1 << 31) // PAGE_SIZE
