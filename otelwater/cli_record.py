@@ -183,8 +183,9 @@ def offline_config(recorded: dict, config_file: str | None, flags: dict):
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Sockets and reads listed in the report.")
 @click.option("--otlp-endpoint", default=None, metavar="URL",
-              help="Also re-export the verdicts as spans (at their recorded times, under each "
-              "traced service's recorded identity) to this OTLP endpoint.  [default: off, "
+              help="Also re-export the verdicts as spans, and the water and read metrics, at "
+              "their recorded times under each traced service's recorded identity, to this "
+              "OTLP endpoint.  [default: off, "
               "or OTEL_EXPORTER_OTLP_ENDPOINT]")
 @click.option("--otlp-protocol", type=click.Choice(["grpc", "http/protobuf"]), default=None,
               help="OTLP transport.  [default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc]")
@@ -228,8 +229,14 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
         if otlp is not None:
             exported.extend(records)
 
+    offline = None   # the metric points, at the recording's times, from every raw record
+    if otlp is not None:
+        from otelwater.export.offline_metrics import OfflineMetrics
+
+        offline = OfflineMetrics(header.start_ns, header.clock["realtime_minus_monotonic_ns"])
     gc.set_threshold(100_000, 20, 100)  # millions of small records: ~20% less time in GC
-    col = report.correlate(file, config, emit=emit, plot=bool(plot_png), top=top)
+    col = report.correlate(file, config, emit=emit, plot=bool(plot_png), top=top,
+                           raw=offline.add if offline is not None else None)
     if sink is not None:
         a = col.analysis
         for d in a.socket_summaries() + a.reader_summaries() + [report.summary_json(col)]:
@@ -248,13 +255,16 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
         sink = export_offline(exported,
                               dataclasses.replace(header, processes=dict(col.processes)),
                               endpoint=otlp_endpoint, protocol=otlp_protocol, out=sys.stderr,
-                              config=config, timeout_s=10.0)
+                              config=config, timeout_s=10.0, metrics=offline)
         h = getattr(sink, "health", None)
-        if sink is not None and h is not None and h.spans_exported < sink.spans:
+        if sink is not None and h is not None and (h.spans_exported < sink.spans
+                                                   or h.points_dropped):
             from otelwater.errors import ExportFailed
 
             raise ExportFailed(f"OTLP export to {h.target} delivered {h.spans_exported} of "
-                               f"{sink.spans} spans", "check that the Collector runs and "
+                               f"{sink.spans} spans and {h.points_exported} of "
+                               f"{h.points_exported + h.points_dropped} metric points",
+                               "check that the Collector runs and "
                                "listens there (--otlp-endpoint, --otlp-protocol), then run "
                                "correlate again")
     if col.error is not None:

@@ -123,10 +123,12 @@ class Collection:
 
 
 def correlate(path: str, config, *, emit: Callable[[list], None] | None = None,
-              plot: bool = False, top: int = 10) -> Collection:
+              plot: bool = False, top: int = 10,
+              raw: Callable[[list], None] | None = None) -> Collection:
     """Run the recording (or OTLP JSON file, otelwater.events.otlpjson) at `path` through the
     analysis; RecordingError for a file that has no valid header, otherwise a Collection (its
-    `error` set when the file broke later)."""
+    `error` set when the file broke later). `raw` gets each batch of records as read (the
+    offline metrics are built from every snapshot, not only the verdicts' evidence)."""
     from otelwater.events.otlpjson import open_input
     from otelwater.pipeline import Analysis
 
@@ -141,6 +143,8 @@ def correlate(path: str, config, *, emit: Callable[[list], None] | None = None,
 
     def run(batch: list) -> None:
         col.raw(batch)
+        if raw is not None:
+            raw(batch)
         out = analysis.process(batch)
         out = [r for r in out if type(r) in wanted]
         if amend is not None:

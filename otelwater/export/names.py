@@ -48,8 +48,13 @@ ALERTS_ACTIVE = Instrument("otelwater.alerts.active", "updowncounter", "{alert}"
 RECORDS_LOST = Instrument("otelwater.records.lost", "counter", "{record}",
                           "Records the kernel's ring buffer could not take, by probe.")
 
+SPANS_LIMITED = Instrument("otelwater.spans.limited", "counter", "{span}",
+                           "Slow reads exported without their span: beyond the span rate "
+                           "limit (otelwater.read.verdicts and otelwater.read.duration still "
+                           "count them).")
+
 INSTRUMENTS = (WATER_LEVEL, WATER_VOLUME, WATER_UNREAD, CAPACITY, FILL_RATIO, DROPS,
-               READ_DURATION, READ_VERDICTS, ALERTS_ACTIVE, RECORDS_LOST)
+               READ_DURATION, READ_VERDICTS, ALERTS_ACTIVE, RECORDS_LOST, SPANS_LIMITED)
 
 # read.duration bucket boundaries, seconds: 1 ms (the slow-read threshold) to 10 s
 READ_DURATION_BOUNDS_S = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,

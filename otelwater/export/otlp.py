@@ -39,11 +39,27 @@ defaults: grpc to http://localhost:4317, http/protobuf to http://localhost:4318.
 unless a flag or one of those endpoint variables is set. Headers, certificates, compression and
 timeout come from the OTEL_EXPORTER_OTLP_* variables, read by the SDK's exporters themselves.
 
-A slow or absent Collector never holds the probes: ending a span only appends to the bounded
-queue of a BatchSpanProcessor (max_queue_size 2048; a full queue drops the span and counts it),
-metrics are exported by a PeriodicExportingMetricReader on its own thread, and the SDK's
-exporters retry by themselves. Failures are counted; the first is said once on stderr, and
-again when export works again.
+Export never holds the probes. write() only appends the records to a bounded queue (16,384
+records; what does not fit is dropped, counted and said once) and returns: a span costs
+0.4-0.6 ms of CPU in the SDK (bench/export_cost.py), which the watch loop that drains the
+kernel's ring buffers cannot spare at 1,000 slow reads a second. One worker thread per sink
+turns the records into spans, events and metric points; close() lets it drain the queue
+within its deadline. The worker still shares the interpreter (its lock) with the loop, so
+spans are also limited to 500 a second per sink (a token bucket holding one second's worth,
+about a third of a CPU at most): beyond that
+a slow read still counts in the verdict counter and the duration histogram, but gets no span
+(otelwater.spans.limited counts them; the first is said once). The offline export delivers
+everything: write() builds on the caller's thread (background=False), with no limit
+(span_rate=None).
+Counters start at 0: every verdict of a service (and its limited spans) when the service
+appears, the lost records of each probe when the run starts (started()), a drops series when
+its socket or its per-port sum first appears, so rate() works from the first scrape.
+
+A slow or absent Collector never holds the worker either: ending a span only appends to the
+bounded queue of a BatchSpanProcessor (max_queue_size 2048; a full queue drops the span and
+counts it), metrics are exported by a PeriodicExportingMetricReader on its own thread, and the
+SDK's exporters retry by themselves. Failures are counted; the first is said once on stderr,
+and again when export works again.
 """
 
 from __future__ import annotations
@@ -71,6 +87,9 @@ PROTOCOLS = (GRPC, HTTP)
 DEFAULT_ENDPOINTS = {GRPC: "http://localhost:4317", HTTP: "http://localhost:4318"}
 TOP_N = 50                      # sockets with their own series; the rest summed
 MAX_QUEUE = 2048                # spans waiting for export, per service
+MAX_RECORDS = 16384             # records waiting for the sink's worker (write() never blocks)
+SPAN_RATE = 500.0               # spans a second per sink, at most; None: every slow read
+PROBES = ("water", "reads")     # whose lost records are counted from 0 (started())
 WINDOW_NS = 5_000_000           # alert transitions this near a read are its span events
 METRIC_INTERVAL_S = 10.0        # unless OTEL_METRIC_EXPORT_INTERVAL says otherwise
 CLOSE_TIMEOUT_S = 5.0           # the most close() waits for the last export
@@ -159,8 +178,9 @@ class ExportHealth:
     """What export could not deliver, counted; the first failure of an outage is said once
     on `out` ("failing ... still retrying"), and the first success after it ("works again")."""
 
-    def __init__(self, target: str, out: IO[str] | None = None):
-        self.target = target
+    def __init__(self, target: str | None, out: IO[str] | None = None):
+        self.target = target        # None: a sink with no OTLP destination (Prometheus only)
+        self.name = f"OTLP export to {target}" if target else "export"
         self.out = out if out is not None else sys.stderr
         self.lock = threading.Lock()
         self.spans_exported = 0
@@ -170,6 +190,10 @@ class ExportHealth:
         self.failing = False
         self.outages = 0
         self.overflowed = 0             # spans dropped because the queue was full
+        self.records_dropped = 0        # records write() found no room for in the sink's queue
+        self.records_abandoned = 0      # records still queued when close() ran out of time
+        self.spans_limited = 0          # slow reads beyond the span rate: metrics, no span
+        self.errors = 0                 # batches the worker failed on (a bug: said once)
 
     def _say(self, text: str) -> None:
         try:
@@ -198,6 +222,37 @@ class ExportHealth:
         if first:
             self._say(f"OTLP export to {self.target} cannot keep up: its queue of "
                       f"{MAX_QUEUE} spans is full, the oldest are dropped (counted)")
+
+    def queue_full(self, records: int, size: int) -> None:
+        """Records write() had no room for: the worker is behind by a whole queue (more records
+        than export keeps up with); counted, said the first time only."""
+        with self.lock:
+            self.records_dropped += records
+            first = self.records_dropped == records
+        if first:
+            self._say(f"{self.name} cannot keep up: its queue of {size} records is full, "
+                      "new records are dropped (counted)")
+
+    def limited(self, spans: int, rate: float) -> None:
+        """Slow reads beyond the span rate: counted, said the first time only."""
+        with self.lock:
+            self.spans_limited += spans
+            first = self.spans_limited == spans
+        if first:
+            self._say(f"{self.name}: more than {rate:g} slow reads a second; those beyond get "
+                      "no span (counted in otelwater.spans.limited; every read still counts in "
+                      "the verdict and duration metrics)")
+
+    def failed(self, records: int, error: BaseException) -> None:
+        """A batch the worker could not finish (a bug, not the Collector): its records are
+        counted as dropped (those before the error did go out), the first error said."""
+        with self.lock:
+            self.errors += 1
+            self.records_dropped += records
+            first = self.errors == 1
+        if first:
+            self._say(f"{self.name}: a batch of {records} records stopped at an internal "
+                      f"error ({type(error).__name__}: {error}); please report it")
 
     def dropped(self, spans: int = 0, points: int = 0) -> None:
         with self.lock:
@@ -290,6 +345,33 @@ def _bounded_batch_processor(exporter, health: ExportHealth, max_queue: int = MA
             super().on_end(span)
 
     return Bounded(exporter, max_queue_size=max_queue)
+
+
+class SpanBudget:
+    """A token bucket: at most `rate` spans a second, in bursts of up to `burst` (one second's
+    worth by default, so a watch loop's batch of 0.1 s passes whole). `now` is injectable
+    (seconds, monotonic) so tests can step time."""
+
+    def __init__(self, rate: float, burst: float | None = None,
+                 now: Callable[[], float] = time.monotonic):
+        if rate <= 0:
+            raise ValueError(f"span rate {rate!r} must be positive")
+        self.rate = float(rate)
+        self.burst = float(burst) if burst is not None else max(1.0, self.rate)
+        self.now = now
+        self.tokens = self.burst
+        self.last = now()
+
+    def take(self) -> bool:
+        """True if one more span fits now (and counts it)."""
+        t = self.now()
+        if t > self.last:
+            self.tokens = min(self.burst, self.tokens + (t - self.last) * self.rate)
+            self.last = t
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 # -- identities ------------------------------------------------------------------------------
@@ -459,6 +541,18 @@ class _Service:
                                                    description=i.description)
         i = N.RECORDS_LOST
         self.lost = meter.create_counter(i.name, unit=i.unit, description=i.description)
+        i = N.SPANS_LIMITED
+        self.limited = meter.create_counter(i.name, unit=i.unit, description=i.description)
+        # counters start at 0, so rate() and increase() work from the first point
+        if key == OWN:
+            for probe in PROBES:
+                self.lost.add(0, {N.PROBE: probe})
+        else:
+            from otelwater.events.verdict import VERDICTS
+
+            for v in VERDICTS:
+                self.verdicts.add(0, {N.VERDICT: v})
+            self.limited.add(0)
 
     def shutdown(self, timeout_s: float) -> None:
         self.tracer_provider.shutdown()
@@ -467,7 +561,12 @@ class _Service:
 
 class OtlpSink:
     """Records after Analysis in, OTLP out (module docstring). Not thread-safe for writers:
-    one thread calls write(); the SDK's reader threads call the gauges' callbacks."""
+    one thread calls write(); the sink's worker builds the telemetry (with `background`, the
+    default; without it, write() does, as the offline export wants); the SDK's reader threads
+    call the gauges' callbacks.
+
+    span_rate: spans a second at most (None: no limit); `now` is its clock (tests step it).
+    queue_records: records write() may leave waiting for the worker; beyond, dropped."""
 
     def __init__(self, *, make_pipeline: Callable[[], tuple],
                  identity: Callable[[int], object] = identity_from_proc,
@@ -475,7 +574,9 @@ class OtlpSink:
                  traced_pids: Iterable[int] = (), top_n: int = TOP_N,
                  window_ns: int = WINDOW_NS, health: ExportHealth | None = None,
                  extra_readers: Callable[[], list] = list,
-                 endpoints: Callable[[int, int], tuple | None] | None = endpoints_from_proc):
+                 endpoints: Callable[[int, int], tuple | None] | None = endpoints_from_proc,
+                 background: bool = True, queue_records: int = MAX_RECORDS,
+                 span_rate: float | None = SPAN_RATE, now: Callable[[], float] = time.monotonic):
         self.make_pipeline = make_pipeline   # -> (SpanProcessor, MetricReader), per service
         self.extra_readers = extra_readers   # -> more MetricReaders per service (Prometheus)
         self.identity = identity
@@ -483,7 +584,10 @@ class OtlpSink:
         self.host = host or socketlib.gethostname()
         self.top_n = top_n
         self.window_ns = window_ns
-        self.health = health
+        self.delivers = health is not None  # an OTLP destination: close() sums up delivery
+        self.health = health if health is not None else ExportHealth(None)
+        self.span_rate = span_rate
+        self.budget = SpanBudget(span_rate, now=now) if span_rate is not None else None
         self.lock = threading.RLock()
         self.services: OrderedDict[int, _Service] = OrderedDict()
         self.traced: set[int] = set(traced_pids)
@@ -505,8 +609,21 @@ class OtlpSink:
         self._closed = False
         self._retired: list[_Service] = []
         self.run: dict = {N.CLOCK_OFFSET_NS: self.clock.offset_ns}  # on every resource
+        self.drop_series: OrderedDict[tuple, None] = OrderedDict()  # started at 0, bounded
         for pid in self.traced:
             self._identity_of(pid)
+        # the worker's queue: batches of records; `queued` counts records not yet processed
+        self.background = background
+        self.queue_records = queue_records
+        self._batches: deque[list] = deque()
+        self._queued = 0
+        self._stopping = False
+        self._cv = threading.Condition(threading.Lock())
+        self._worker: threading.Thread | None = None
+        if background:
+            self._worker = threading.Thread(target=self._work, name="otelwater-export",
+                                            daemon=True)
+            self._worker.start()
 
     # -- construction ----------------------------------------------------------------------
 
@@ -540,6 +657,10 @@ class OtlpSink:
             self.run.update({N.THRESHOLD_MS: float(c.threshold_ms),
                              N.RUN_THRESHOLD_MS: float(c.run_threshold_ms),
                              N.WINDOW_MS: float(c.window_ms)})
+        with self.lock:   # the resources known now, so their counters start at 0 from here
+            self._service(OWN)
+            for pid in sorted(self.traced):
+                self._service(pid)
 
     def _identity_of(self, pid: int):
         if pid in self.identities:
@@ -571,10 +692,11 @@ class OtlpSink:
         return svc
 
     def _trace(self, pid: int) -> None:
-        """A pid with Go reads is a traced service: name it now, while it runs."""
+        """A pid with Go reads is a traced service: its resource now (its counters at 0 before
+        its first verdict)."""
         if pid not in self.traced:
             self.traced.add(pid)
-            self._identity_of(pid)
+            self._service(pid)
 
     def _learn_ends(self, r: ReadRecord) -> None:
         """The ends of a read's socket, looked up once per socket while it is open."""
@@ -594,8 +716,57 @@ class OtlpSink:
     # -- records in ------------------------------------------------------------------------
 
     def write(self, records: Iterable) -> None:
+        """Hand the records over: queued for the worker (what does not fit in the queue is
+        dropped and counted, never waited for), or processed now without `background`."""
         if self._closed:
             return
+        if not self.background:
+            self._process(records)
+            return
+        batch = list(records)
+        if not batch:
+            return
+        for r in batch:   # a traced process is named now, while it runs (once per pid)
+            read = getattr(r, "read", r)
+            if isinstance(read, ReadRecord) and read.pid not in self.identities:
+                self._identity_of(read.pid)
+        with self._cv:
+            room = max(0, self.queue_records - self._queued)
+            over = len(batch) - room
+            if over > 0:
+                batch = batch[:room]
+            if batch:
+                self._batches.append(batch)
+                self._queued += len(batch)
+                self._cv.notify()
+        if over > 0:
+            self.health.queue_full(over, self.queue_records)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until the worker has processed every record written so far; False if
+        `timeout_s` passed first (the spans may still sit in the SDK's batch queues)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._queued == 0, timeout_s)
+
+    def _work(self) -> None:
+        """The worker: one batch at a time, until close() and an empty queue. A batch that
+        fails (a bug) is counted and said, and the worker goes on."""
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._batches or self._stopping)
+                if not self._batches:
+                    return
+                batch = self._batches.popleft()
+            try:
+                self._process(batch)
+            except Exception as e:  # noqa: BLE001 - one bad batch must not stop export
+                self.health.failed(len(batch), e)
+            finally:
+                with self._cv:
+                    self._queued -= len(batch)
+                    self._cv.notify_all()
+
+    def _process(self, records: Iterable) -> None:
         from otelwater.alerts.stage import AlertTransition
         from otelwater.events.verdict import Verdict
 
@@ -621,17 +792,17 @@ class OtlpSink:
         key = s.sock_key
         self.newest_ns = max(self.newest_ns, s.ts_ns)
         prev = self.last_drops.get(key)
-        if prev is not None and s.drops > prev:
-            svc = self._service(self._owner(s.pid))
-            svc.drops.add(s.drops - prev, self._series_attributes(s))
+        more = s.drops - prev if prev is not None and s.drops > prev else 0
         if s.trigger == "close":
+            if more:
+                self._drops(s, more)
             self.sockets.pop(key, None)
             self.last_drops.pop(key, None)
             return
         self.last_drops[key] = s.drops
         self.sockets[key] = s
         self.sockets.move_to_end(key)
-        self._service(self._owner(s.pid))   # the socket's gauges are observed there
+        self._drops(s, more)   # and the socket's gauges are observed in its owner's service
         while len(self.sockets) > MAX_SOCKETS:
             old, _ = self.sockets.popitem(last=False)
             self.last_drops.pop(old, None)
@@ -641,11 +812,25 @@ class OtlpSink:
                 del self.sockets[k]
                 self.last_drops.pop(k, None)
 
-    def _series_attributes(self, s: WaterSnapshot) -> dict:
+    def _drops(self, s: WaterSnapshot, more: int) -> None:
+        """Add a socket's new drops to its series (its own among the top N, else its
+        process and port's sum); a series seen for the first time starts at 0."""
+        owner = self._owner(s.pid)
+        svc = self._service(owner)
         _, _, top = self._ranking()
-        if s.sock_key in top:
-            return socket_attributes(s)
-        return other_attributes(s.pid, s.lport)
+        mine = s.sock_key in top
+        series = (owner, s.sock_key) if mine else (owner, N.OTHER_SOCKETS, s.pid, s.lport)
+        attrs = None
+        if series not in self.drop_series:
+            attrs = socket_attributes(s) if mine else other_attributes(s.pid, s.lport)
+            svc.drops.add(0, attrs)
+            self.drop_series[series] = None
+            if len(self.drop_series) > MAX_SOCKETS:
+                self.drop_series.popitem(last=False)
+        if more:
+            if attrs is None:
+                attrs = socket_attributes(s) if mine else other_attributes(s.pid, s.lport)
+            svc.drops.add(more, attrs)
 
     def _verdict(self, v) -> None:
         from opentelemetry import trace
@@ -654,6 +839,13 @@ class OtlpSink:
         r = v.read
         self._trace(r.pid)
         svc = self._service(r.pid)
+        if self.budget is not None and not self.budget.take():
+            label = {N.VERDICT: v.verdict}   # counted as every read is, with no span
+            svc.read_duration.record(r.duration_ns / 1e9, label)
+            svc.verdicts.add(1, label)
+            svc.limited.add(1)
+            self.health.limited(1, self.span_rate)
+            return
         attrs = {N.SOCKET_KEY: format_key(r.sock_key)}
         known = v.evidence[0] if v.evidence else self.sockets.get(r.sock_key)
         if known is not None:
@@ -796,13 +988,27 @@ class OtlpSink:
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S, out: IO[str] | None = None) -> None:
         """Export what is left within `timeout_s` (a Collector that is down does not hold the
-        exit: what is still queued then is given up and said), then stop every provider."""
+        exit: what is still queued then is given up and said), then stop every provider.
+        The worker gets the deadline less a reserve for the providers' last export."""
         if self._closed:
             return
         self._closed = True
-        services = list(self.services.values()) + self._retired
         deadline = time.monotonic() + timeout_s
-        threads = [threading.Thread(target=s.shutdown, args=(timeout_s,), daemon=True)
+        if self._worker is not None:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify_all()
+            self._worker.join(max(0.0, timeout_s - min(1.0, timeout_s / 2)))
+            if self._worker.is_alive():   # give up what is still queued, and count it
+                with self._cv:
+                    left = sum(len(b) for b in self._batches)
+                    self._batches.clear()
+                    self._queued -= left
+                with self.health.lock:
+                    self.health.records_abandoned += left
+        services = self._all_services(deadline)
+        threads = [threading.Thread(target=s.shutdown,
+                                    args=(max(0.0, deadline - time.monotonic()),), daemon=True)
                    for s in services]
         for t in threads:
             t.start()
@@ -818,13 +1024,34 @@ class OtlpSink:
             for t in threads:
                 t.join(0.5)
         h = self.health
-        if h is not None:
+        lost = h.records_dropped + h.records_abandoned
+        also = (f"; {lost} records dropped before export (queue full or given up at exit)"
+                if lost else "")
+        if h.spans_limited:
+            also += (f"; {h.spans_limited} slow reads over {self.span_rate:g} a second got no "
+                     "span (still counted in the metrics)")
+        if self.delivers:
             unsent = self.spans - h.spans_exported - h.spans_dropped
-            if h.spans_dropped or h.points_dropped or unsent > 0:
+            if h.spans_dropped or h.points_dropped or unsent > 0 or also:
                 h._say(f"OTLP export to {h.target}: {h.spans_exported} spans and "
                        f"{h.points_exported} metric points delivered; "
                        f"{h.spans_dropped + max(0, unsent)} spans and {h.points_dropped} "
-                       "metric points not delivered")
+                       f"metric points not delivered{also}")
+        elif also:
+            h._say(f"export: {also[2:]}")
+
+    def _all_services(self, deadline: float) -> list:
+        """Every provider, also while a worker given up on may still be adding one."""
+        got = self.lock.acquire(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        try:
+            while True:
+                try:
+                    return list(self.services.values()) + list(self._retired)
+                except RuntimeError:   # changed during the copy (the lock was not ours)
+                    continue
+        finally:
+            if got:
+                self.lock.release()
 
 
 def _inner_exporters(svc: _Service) -> list:
@@ -851,27 +1078,70 @@ def quiet_sdk_logs() -> None:
 
 def export_offline(records: Iterable, header, *, endpoint: str | None = None,
                    protocol: str | None = None, out: IO[str] | None = None,
-                   timeout_s: float = 30.0, config=None) -> OtlpSink | None:
+                   timeout_s: float = 30.0, config=None, metrics=None) -> OtlpSink | None:
     """Re-export a recording's records after Analysis (verdicts, alerts, snapshots, lost)
     over OTLP with the service identities and clock offset the recording kept. None when
     export is off (no --otlp-endpoint and no OTEL_EXPORTER_OTLP_*ENDPOINT).
 
-    `header` is an otelwater.events.recording.Header (processes, clock, host). Spans keep the
-    recording's times; metric points carry the time of the export (the SDK cannot date them
-    otherwise), so offline metrics are the run's totals, not its time series."""
+    `header` is an otelwater.events.recording.Header (processes, clock, host, start_ns).
+    Spans and metric points both keep the recording's times. The SDK would date points at
+    the export, so no MeterProvider exports here: the points are built from the records
+    (otelwater.export.offline_metrics, a point per series per second at most) and handed to
+    the metric exporter directly. `metrics`: an OfflineMetrics the caller already fed the raw
+    records it read (snapshots, reads, lost); `records` are added to it. The points go first
+    (the first request that fails ends them, the rest are counted as not delivered), then the
+    spans within `timeout_s`, or what is left of it (at least 1 s) when the points failed."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricExportResult
+
+    from otelwater.export.offline_metrics import OfflineMetrics, SpanIds
+
     opts = resolve_options(endpoint, protocol)
     if opts is None:
         return None
     processes = dict(getattr(header, "processes", {}) or {})
     host = (getattr(header, "host", None) or {}).get("name") or socketlib.gethostname()
+    clock = WallClock.from_recording(header.clock)
+    quiet_sdk_logs()
+    health = ExportHealth(opts.target, out)
+    span_ids: dict = {}   # (pid, tid, read start) -> (trace_id, span_id): the exemplars
 
     def identity(pid):
         return processes.get(pid) or Identity(pid)
 
-    sink = OtlpSink.for_options(opts, out=out, identity=identity, endpoints=None,
-                                clock=WallClock.from_recording(header.clock), host=host,
-                                traced_pids=processes.keys())
+    records = records if isinstance(records, list) else list(records)
+    queue = max(MAX_QUEUE, len(records))   # a span per record at most: none dropped for room
+
+    def pipeline():   # the SDK's metric reader is never collected: it would date points now
+        spans, points = opts.exporters()
+        points.shutdown()
+        return (SpanIds(_bounded_batch_processor(_counting_span_exporter(spans, health),
+                                                 health, queue), span_ids),
+                InMemoryMetricReader())
+
+    sink = OtlpSink(make_pipeline=pipeline, health=health, identity=identity, endpoints=None,
+                    clock=clock, host=host, traced_pids=processes.keys(), background=False,
+                    span_rate=None)
     sink.started(header.start_ns, config)
     sink.write(records)
+    if metrics is None:
+        metrics = OfflineMetrics(header.start_ns, clock.offset_ns)
+    metrics.traced.update(processes)
+    metrics.add(records)
+    metrics.finish(span_ids.get)
+    resources = {key: sink._service(key).resource for key in metrics.owners()}
+    spans, points = opts.exporters()
+    spans.shutdown()
+    exporter = _counting_metric_exporter(points, health)
+    began, failed = time.monotonic(), False
+    try:
+        for data in metrics.batches(resources.__getitem__):
+            if failed:
+                health.dropped(points=_count_points(data))
+            else:
+                failed = exporter.export(data) != MetricExportResult.SUCCESS
+    finally:
+        exporter.shutdown()
+    if failed:   # the Collector may be down: the spans get what is left of the timeout
+        timeout_s = max(1.0, timeout_s - (time.monotonic() - began))
     sink.close(timeout_s=timeout_s, out=out)
     return sink

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -31,11 +30,11 @@ from otelwater.export.clock import WallClock
 
 from .conftest import OTELWATER, ROOT
 from .otlp_receiver import GrpcReceiver, HttpReceiver, attrs, free_port
+from .slowreader import SlowReader
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
 BIN = ROOT / "examples" / "bin"
-SLOWREADER = str(BIN / "slowreader")
 LOADGEN = str(BIN / "loadgen")
 MS = 1_000_000
 TOL_NS = 1 * MS
@@ -46,22 +45,10 @@ FAST = {"OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "500",
         "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
 
 
-class Server:
-    def __init__(self, log: Path, *args: str):
-        self.log = log
-        self.proc = subprocess.Popen([SLOWREADER, "-readsize", "64", "-log", str(log), *args],
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "OTEL_SERVICE_NAME": "checkout"})
-        hello = json.loads(self.proc.stdout.readline())
-        self.addr, self.pid = hello["listening"], hello["pid"]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=10)
-
-    def reads(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
+def checkout(log: Path, *args: str) -> SlowReader:
+    """slowreader reading 64 B at a time, logging each Read, named "checkout" by its
+    environment."""
+    return SlowReader("-readsize", "64", *args, log=log, env={"OTEL_SERVICE_NAME": "checkout"})
 
 
 class Watch:
@@ -114,7 +101,7 @@ def int_attr(span, key):
 def test_slow_peer_reads_arrive_as_spans_and_metrics(tmp_path, protocol):
     # Given a receiver, slowreader named "checkout" by its environment, and watch exporting
     receiver = RECEIVERS[protocol]().start()
-    server = Server(tmp_path / "reads.jsonl")
+    server = checkout(tmp_path / "reads.jsonl")
     try:
         watch = Watch(server.pid, receiver.endpoint, protocol, duration_s=6)
         # When a client pauses 5 ms between 64-byte messages (every Read waits for the peer)
@@ -190,7 +177,7 @@ def test_slow_peer_reads_arrive_as_spans_and_metrics(tmp_path, protocol):
 def test_water_gauges_of_a_slow_consumer(tmp_path, protocol):
     # Given slowreader sleeping 50 ms after each 64-byte Read, and a client streaming to it
     receiver = RECEIVERS[protocol]().start()
-    server = Server(tmp_path / "reads.jsonl", "-delay", "50ms", "-mode", "sink")
+    server = checkout(tmp_path / "reads.jsonl", "-delay", "50ms", "-mode", "sink")
     try:
         watch = Watch(server.pid, receiver.endpoint, protocol, duration_s=5)
         lg = loadgen(server.addr, "-conns", "1", "-mode", "stream", "-duration", "3s")
@@ -230,7 +217,7 @@ def test_water_gauges_of_a_slow_consumer(tmp_path, protocol):
 def test_collector_down_at_start_and_mid_run_never_stops_watch(tmp_path, protocol):
     # Given no Collector yet on its port, slowreader under steady slow-peer load, and watch
     receiver = RECEIVERS[protocol](free_port())
-    server = Server(tmp_path / "reads.jsonl")
+    server = checkout(tmp_path / "reads.jsonl")
     try:
         watch = Watch(server.pid, receiver.endpoint, protocol, duration_s=16)
         t0 = time.monotonic()

@@ -107,6 +107,77 @@ def test_offline_verdicts_equal_the_live_ones_read_for_read(live_and_recorded):
     assert last["records"]["snapshot"] == len(of_type(live, "snapshot"))
 
 
+def test_reexported_metric_points_carry_the_recordings_times(tmp_path):
+    # Given a recording of a lagging consumer (slowreader sleeps 5 ms after each 4 KiB Read
+    # while loadgen streams at it: standing water, consumer-lagging reads) ...
+    from otelwater.events.recording import Reader
+
+    from .otlp_receiver import GrpcReceiver, attrs
+
+    path = tmp_path / "lag.otw"
+    server = subprocess.Popen([str(BIN / "slowreader"), "-delay", "5ms", "-mode", "sink"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        hello = json.loads(server.stdout.readline())
+        rec = start("record", "-o", str(path), "-p", str(hello["pid"]), "--go-pid",
+                    str(hello["pid"]), "-d", "5", "-i", "0.5")
+        lg = subprocess.Popen([str(BIN / "loadgen"), "-addr", hello["listening"], "-mode",
+                               "stream", "-size", "4096", "-duration", "4s"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert lg.wait(timeout=30) == 0, lg.stderr.read()
+        _, err = rec.communicate(timeout=60)
+        assert rec.returncode == 0, err
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=10)
+    reader = Reader(str(path))
+    head, first = reader.header, reader.header.start_ns
+    for r in reader:
+        first = min(first, getattr(r, "ts_start_ns", None) or getattr(r, "ts_ns", first))
+    lo, hi = head.wall_ns(first), head.wall_ns(reader.end["ts_ns"])
+    # ... and an OTLP receiver
+    receiver = GrpcReceiver().start()
+    try:
+        # When correlate re-exports the recording there
+        before = time.time_ns()
+        r = otelwater("correlate", str(path), "--otlp-endpoint", receiver.endpoint)
+        assert r.returncode == 0, r.stderr
+        got = receiver.got
+        spans = got.spans()
+        names = {m.name for req in got.metrics for rm in req.resource_metrics
+                 for sm in rm.scope_metrics for m in sm.metrics}
+    finally:
+        receiver.stop()
+    # Then every metric point lies within the recording, none at the export ...
+    points = [(name, p) for name in names for _, _, p in got.metric(name)]
+    times = sorted({p.time_unix_nano for _, p in points})
+    assert lo <= times[0] and times[-1] <= hi < before, (times[0] - lo, hi - times[-1])
+    print(f"{len(points)} points at {len(times)} times over the recording's "
+          f"{(hi - lo) / 1e9:.1f} s, the last {(before - times[-1]) / 1e9:.1f} s before the "
+          f"export began; {len(spans)} spans")
+    # ... a time series of the water (a point a second at most while it changes), under the
+    # traced service, as live
+    vol = [(p.time_unix_nano, p.as_int)
+           for res, _, p in got.metric("otelwater.socket.water.volume")
+           if res["service.name"] == "slowreader" and p.as_int > 0]
+    assert len({t for t, _ in vol}) >= 3, vol
+    assert times[-1] - times[0] >= 3_000_000_000
+    # counters from the recording's start: the verdicts count every span, and the
+    # histogram's exemplars name received spans
+    starts = {p.start_time_unix_nano for name, p in points
+              if name in ("otelwater.read.verdicts", "otelwater.read.duration")}
+    assert starts == {head.wall_ns(head.start_ns)}
+    last: dict = {}
+    for res, _, p in got.metric("otelwater.read.verdicts"):
+        key = (res["service.name"], tuple(sorted(attrs(p.attributes).items())))
+        last[key] = max(last.get(key, (0, 0)), (p.time_unix_nano, p.as_int))
+    assert sum(v for _, v in last.values()) == len(spans) >= 50
+    ids = {(s.trace_id, s.span_id) for _, s in spans}
+    ex = [(e.trace_id, e.span_id) for _, _, p in got.metric("otelwater.read.duration")
+          for e in p.exemplars]
+    assert ex and set(ex) <= ids
+
+
 def test_the_report_and_the_plot(live_and_recorded, tmp_path):
     _, path = live_and_recorded
     png = tmp_path / "water.png"

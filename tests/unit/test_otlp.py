@@ -53,7 +53,9 @@ def alert(ts, key=1, state="fired", rule="fill_ratio", severity="warn", previous
 
 
 class Harness:
-    """A sink whose services export to one in-memory span exporter and own metric readers."""
+    """A sink whose services export to one in-memory span exporter and own metric readers.
+    write() builds the telemetry at once (background=False) unless kw says otherwise: what
+    the worker does is tests/unit/test_otlp_worker.py's."""
 
     def __init__(self, identities=None, **kw):
         self.spans = InMemorySpanExporter()
@@ -61,7 +63,8 @@ class Harness:
         self.sink = OtlpSink(
             make_pipeline=lambda: (SimpleSpanProcessor(self.spans), InMemoryMetricReader()),
             identity=lambda pid: self.identities.get(pid, Identity(pid, exe="/srv/checkout")),
-            clock=WallClock(OFFSET), host="testhost", **{"endpoints": None, **kw})
+            clock=WallClock(OFFSET), host="testhost",
+            **{"endpoints": None, "background": False, **kw})
         self.sink.rank_every_s = 0
 
     def metrics(self, key=PID) -> dict:
@@ -151,7 +154,9 @@ def test_read_duration_exemplars_point_at_the_reads_spans():
         ctx = spans[verdict_name].context
         assert (ex.trace_id, ex.span_id) == (ctx.trace_id, ctx.span_id)
     counts = {a["otelwater.verdict"]: p.value for a, p in m["otelwater.read.verdicts"]}
-    assert counts == {"peer-starved": 1, "consumer-lagging": 1}
+    # every verdict's series is there from the service's start, at 0 until a read has it
+    assert counts == {"peer-starved": 1, "consumer-lagging": 1, "runtime-starved": 0,
+                      "unknown": 0}
 
 
 # -- resources -------------------------------------------------------------------------------
@@ -202,10 +207,14 @@ def test_resource_read_from_a_real_process_environment():
         sink = OtlpSink(make_pipeline=lambda: (SimpleSpanProcessor(spans),
                                                InMemoryMetricReader()),
                         clock=WallClock(OFFSET), identity=identity_from_proc)
-        sink.write([verdict(0, 2 * MS, pid=p.pid)])
+        with sink.lock:     # the worker waits for this: it builds the span once the
+            sink.write([verdict(0, 2 * MS, pid=p.pid)])   # process is gone ...
+            p.kill()
+            p.wait()
     finally:
         p.kill()
         p.wait()
+    assert sink.flush(5)    # ... named by write(), while it ran
     r = spans.get_finished_spans()[0].resource.attributes
     assert r["service.name"] == "checkout"
     assert r["team"] == "pay ments" and r["deployment.environment"] == "prod"

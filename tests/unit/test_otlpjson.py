@@ -65,7 +65,8 @@ class Exported:
         self.sink = OtlpSink(
             make_pipeline=lambda: (SimpleSpanProcessor(self.spans), InMemoryMetricReader()),
             identity=lambda pid: ids.get(pid, Identity(pid, exe="/srv/checkout")),
-            clock=WallClock(OFFSET), host="testhost", endpoints=None)
+            clock=WallClock(OFFSET), host="testhost", endpoints=None,
+            background=False, span_rate=None)   # every span, as the offline export
         if start_ns is not None:
             self.sink.started(start_ns, config)
 
