@@ -324,9 +324,10 @@ def _check_go_targets(go_binary, go_pids, probes):
               help="Also trace the Go reads of this process (repeatable).")
 @click.option("--probes", type=click.Choice(["tracepoint", "uprobe"]), default="tracepoint",
               show_default=True,
-              help="How Go reads are traced: read-syscall tracepoints (cheap: ~1-2 us a "
-              "parking read) or uprobes on net.(*conn).Read (exact Go-level latency of every "
-              "Read, ~13 us a hit each way here).")
+              help="How Go reads are traced: tracepoints (cheap: in the watch, one program "
+              "hit at the end of each socket read, well under 1 us) or uprobes on "
+              "net.(*conn).Read (exact Go-level latency of every Read, ~13 us a hit each way "
+              "here).")
 @click.option("--blocked-ms", default=None,
               type=FiniteFloat(0, MAX_BLOCKED_MS, fix=f"give milliseconds from 0 to "
                                f"{MAX_BLOCKED_MS} (a day), e.g. --blocked-ms 5"),
@@ -351,6 +352,12 @@ def _check_go_targets(go_binary, go_pids, probes):
               help="OTLP transport. Precedence: this flag > OTEL_EXPORTER_OTLP_PROTOCOL > "
               "grpc (port 4317; http/protobuf: 4318). Headers, certificates, compression and "
               "timeout: the standard OTEL_EXPORTER_OTLP_* variables.")
+@click.option("--otlp-span-rate", default=None, metavar="SPANS",
+              type=FiniteFloat(0, 1_000_000, fix="give spans a second from 0 (no limit) to "
+                               "1000000, e.g. --otlp-span-rate 500"),
+              help="Spans a second at most; slow reads beyond it still count in the metrics "
+              "(otelwater.spans.limited counts them). 0: no limit.  [default: 500, or "
+              "export.span_rate of the config]")
 @click.option("--prometheus-port", type=IntRangeFix(1, 65535, fix="give a port from 1 to "
                                                     "65535, e.g. --prometheus-port 9464"),
               default=None, metavar="PORT",
@@ -362,7 +369,7 @@ def _check_go_targets(go_binary, go_pids, probes):
 @verbose_option
 def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water, ringbuf_pages,
           rows, go_binary, go_pids, probes, blocked_ms, window_ms, config_file, wait,
-          otlp_endpoint=None, otlp_protocol=None, prometheus_port=None,
+          otlp_endpoint=None, otlp_protocol=None, otlp_span_rate=None, prometheus_port=None,
           prometheus_address="127.0.0.1"):
     """Watch TCP receive queues: the sockets holding the most water, live.
 
@@ -394,7 +401,8 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
     from otelwater.config import load_config
 
     config = load_config(config_file, flags={"correlate.threshold_ms": blocked_ms,
-                                             "correlate.window_ms": window_ms})
+                                             "correlate.window_ms": window_ms,
+                                             "export.span_rate": otlp_span_rate})
     endpoint = None
     if prometheus_port is not None:  # bound now: a taken port fails before anything attaches
         from otelwater.export.prometheus import PrometheusEndpoint

@@ -129,10 +129,17 @@ class RainWaterConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    span_rate: float = _num(500.0, maximum=1_000_000,
+                            doc="spans a second at most (OTLP); 0: no limit")
+
+
+@dataclass(frozen=True)
 class Config:
     alerts: AlertConfig = field(default_factory=AlertConfig)
     correlate: CorrelateConfig = field(default_factory=CorrelateConfig)
     rainwater: RainWaterConfig = field(default_factory=RainWaterConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

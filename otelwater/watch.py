@@ -67,7 +67,8 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
         from otelwater.export.prometheus import export_sink
 
         exporter = export_sink(otlp, prometheus, traced_pids=go_pids,
-                               window_ns=config.correlate.window_ns)
+                               window_ns=config.correlate.window_ns,
+                               span_rate=config.export.span_rate or None)
     with Stopper() as stopper, \
             open_readers(go_binary, go_pids, probes, blocked_ns) as readers, \
             WaterProbe(opts, readers=readers if readers and readers.embedded else None) \
