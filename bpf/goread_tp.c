@@ -50,6 +50,7 @@
 #define OTW_NO_SLOT 0xffffffff
 
 BPF_HASH(procs, u32, struct goread_proc, OTW_MAX_PROCS * 4);
+BPF_ARRAY(procs_gen, u32, 1);   /* bumped after every change of `procs` (Python, exec hook) */
 BPF_ARRAY(parks, struct goread_park, OTW_MAX_PROCS * OTW_MAX_FDS);
 BPF_TABLE("lru_hash", u64, struct goread_park, parks_big, 16384);
 BPF_TASK_STORAGE(tasks, struct goread_task);
@@ -90,6 +91,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     /* parks in the LRU hash until Python gives the process a row (or keeps it there) */
     struct goread_proc p = {.slot = OTW_NO_SLOT, .gen = 0, .goid_off = OTW_EXEC_GOID_OFF};
     procs.update(&tgid, &p);
+    u32 *gen = procs_gen.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
     return 0;
 }
 #endif

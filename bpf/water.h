@@ -83,6 +83,14 @@ struct water_arrivals {
     u32 head;                  /* arrivals pushed so far; slot head % OTW_ARRIVALS is next */
     u32 qslow_count;           /* queue-delay slow reads recorded in that second */
     u32 ev_flags;              /* OTW_EV_* (bpf/goread.h) of that last read */
+    /* the watch's tracepoint read sampler: is this socket's reader a traced process? Asked of
+     * its table once per socket and reader, again when the table changed (its generation) */
+    u32 go_tgid;               /* the reader asked about */
+    u32 go_gen;                /* the table's generation then */
+    u32 go_slot;               /* its struct goread_proc (bpf/goread.h), field for field: */
+    u32 go_slot_gen;           /*   slot, gen, goid_off, */
+    u32 go_goid_off;
+    u32 go_known;              /*   and in its _pad: 1 when the reader is traced */
     u32 _pad;
 };
 

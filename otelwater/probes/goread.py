@@ -364,6 +364,7 @@ class GoReadSampler:
     def _bind_tracepoint(self, b) -> None:
         o = self.opts
         self._procs = b["procs"]
+        self._procs_gen = b["procs_gen"]
         if o.binary:
             st = os.stat(self._main_binary.path)
             kdev = os.major(st.st_dev) << 20 | os.minor(st.st_dev)  # the kernel's dev_t (MKDEV)
@@ -445,8 +446,15 @@ class GoReadSampler:
         else:
             slot, gen = NO_SLOT, 0   # parks of this process go to the LRU hash
         self._procs[ctypes.c_uint32(pid)] = GoReadProc(slot, gen, binary.goid_off, 0)
+        self._procs_changed()
         self._slots[pid] = (slot, gen)
         self._pid_binary[pid] = binary
+
+    def _procs_changed(self) -> None:
+        """Bump the table's generation: the water probe keeps, per socket, whether its
+        reader is traced, and asks the table again when this moves (bpf/water.c)."""
+        k = ctypes.c_int(0)
+        self._procs_gen[k] = ctypes.c_uint32(self._procs_gen[k].value + 1)
 
     def _unwatch(self, pid: int) -> None:
         slot, _ = self._slots.pop(pid)
@@ -454,6 +462,7 @@ class GoReadSampler:
             del self._procs[ctypes.c_uint32(pid)]
         except KeyError:
             pass
+        self._procs_changed()
         if slot != NO_SLOT:
             self._free.append(slot)
 
@@ -477,6 +486,7 @@ class GoReadSampler:
                     del self._procs[k]
                 except KeyError:
                     pass
+                self._procs_changed()
 
     def watched_pids(self) -> frozenset[int]:
         if self.opts.mechanism == "tracepoint":

@@ -24,7 +24,13 @@ def test_water_state_layout_is_pinned():
         "tcp_state": 138, "last_trigger": 139, "comm": 140, "fin": 156, "_pad": 157}
     a = header("water.h").structs["water_arrivals"]
     n = header("water.h").defines["OTW_ARRIVALS"]
-    assert ctypes.sizeof(a) == 8 * n + 5 * 8 + 4 * n * 2 + 4 * 4
+    assert ctypes.sizeof(a) == 8 * n + 5 * 8 + 4 * n * 2 + 10 * 4
+    # the go_* fields are a struct goread_proc, field for field (water.c casts them)
+    go = [f for f, _ in a._fields_]
+    assert go[go.index("go_slot"):go.index("go_known") + 1] == [
+        "go_slot", "go_slot_gen", "go_goid_off", "go_known"]
+    assert [f for f, _ in header("goread.h").structs["goread_proc"]._fields_] == [
+        "slot", "gen", "goid_off", "_pad"]
     assert ctypes.sizeof(header("water.h").structs["water_sock"]) == 160 + ctypes.sizeof(a)
 
 
