@@ -255,7 +255,62 @@ static __always_inline void otw_read_end(void *ctx, struct task_struct *task,
     otw_read_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now, ev, parked, arrival);
 }
 
-#ifndef OTW_TP_AT_RECV
+#ifdef OTW_TP_AT_RECV
+/* The watch, on a socket the water probe watches: the park is the socket's own (water.c keeps
+ * when and which goroutine parked in its entry), so a read that did not park needs no user
+ * registers unless it is recorded. */
+
+/* the *g of the current goroutine (user R14 at the syscall), 0 when not Go */
+static __always_inline u64 otw_go_g(const struct goread_proc *p)
+{
+    if (!p->goid_off)
+        return 0;
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    return regs->r14;
+}
+
+static __always_inline void otw_watch_park(void)
+{
+    struct goread_counts *c = otw_counts();
+    if (!c)
+        return;
+    c->n[OTW_CNT_ENTER] += 1;
+    c->n[OTW_CNT_EXIT] += 1;
+    c->n[OTW_CNT_PARKS] += 1;
+}
+
+/* A read returned at `now`; park_start: when its goroutine parked on the socket (0: it did
+ * not park, and is counted at 0 ns) */
+static __always_inline void otw_watch_read_end(void *ctx, const struct goread_proc *p, u64 now,
+                                               long ret, const struct otw_read_ev *ev,
+                                               u64 park_start)
+{
+    struct goread_counts *c = otw_counts();
+    if (!c)
+        return;
+    c->n[OTW_CNT_ENTER] += 1;
+    c->n[OTW_CNT_EXIT] += 1;
+    u8 parked = park_start != 0;
+    u64 start = parked ? park_start : now;
+    u32 evf = ev->flags;
+    if (!otw_count_read(c, now - start)) {
+        /* not blocked: still a slow read if the bytes it found had waited the threshold */
+        if (parked || !(evf & OTW_EV_QDELAY) || ev->qdelay_ns < OTW_THRESHOLD_NS)
+            return;
+        if (!(evf & OTW_EV_QSLOW_OK)) {
+            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
+            return;
+        }
+        c->n[OTW_CNT_QSLOW] += 1;
+    }
+    u64 arrival = 0;
+    if (parked && ev->empty_arrival_ns >= start)
+        arrival = ev->empty_arrival_ns;
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    otw_read_emit(ctx, c, regs, p, bpf_get_current_pid_tgid(), regs->di, ret, regs->dx, start,
+                  now, ev, parked, arrival);
+}
+#else
 /* alone: the read(2) tracepoints (the watch calls otw_read_end from sock_recv_length) */
 int otw_tp_read_enter(void *ctx)
 {

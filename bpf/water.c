@@ -465,13 +465,19 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
         /* nothing was waiting: the queue did not change (a Go reader parks next) */
 #if OTW_READ_EVIDENCE
         struct water_arrivals *a = otw_arrivals(st);
-        u64 now = bpf_ktime_get_ns();
-        if (!a->park_ns)
-            a->park_ns = now;
+        u64 g = 0;
 #if OTW_GO_TP
-        if (gp)
-            otw_read_end(ctx, bpf_get_current_task_btf(), gp, 0, now, ret, &ev);
+        if (gp) {
+            g = otw_go_g(gp);
+            otw_watch_park();
+        }
 #endif
+        /* the park starts at the first -EAGAIN; a park left by another goroutine (one whose
+         * Read ended on a deadline, with no read(2) to close it) starts again here */
+        if (!a->park_ns || a->park_g != g) {
+            a->park_ns = bpf_ktime_get_ns();
+            a->park_g = g;
+        }
 #endif
         return 0;
     }
@@ -481,9 +487,12 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
     u64 now = bpf_ktime_get_ns();
 #if OTW_READ_EVIDENCE
 #if OTW_GO_TP
+    u64 park = otw_arrivals(st)->park_ns;
+    if (gp && park && otw_arrivals(st)->park_g != otw_go_g(gp))
+        park = 0;   /* another goroutine parked: this read did not wait */
     otw_note_read(st, ret, flags, now, &ev);
     if (gp)
-        otw_read_end(ctx, bpf_get_current_task_btf(), gp, 0, now, ret, &ev);
+        otw_watch_read_end(ctx, gp, now, ret, &ev, park);
 #else
     struct otw_read_ev note = {};
     otw_note_read(st, ret, flags, now, &note);

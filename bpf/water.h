@@ -74,6 +74,7 @@ struct water_arrivals {
     u64 qslow_window_ns;       /* start of the current second of queue-delay slow reads */
     /* the last read of the socket, for the Go read sampler (with Go readers only) */
     u64 park_ns;               /* first -EAGAIN read since the last read that returned */
+    u64 park_g;                /* the watch's Go reader: the goroutine (*g) that parked then */
     u64 ev_read_ns;            /* when the last read that returned data (or EOF) did */
     u64 ev_arrival_ns;         /* it had parked: the arrival that woke it (0: unknown) */
     u64 ev_qdelay_ns;          /* the queue delay of the oldest byte it returned */

@@ -24,7 +24,7 @@ def test_water_state_layout_is_pinned():
         "tcp_state": 138, "last_trigger": 139, "comm": 140, "fin": 156, "_pad": 157}
     a = header("water.h").structs["water_arrivals"]
     n = header("water.h").defines["OTW_ARRIVALS"]
-    assert ctypes.sizeof(a) == 8 * n + 5 * 8 + 4 * n * 2 + 10 * 4
+    assert ctypes.sizeof(a) == 8 * n + 6 * 8 + 4 * n * 2 + 10 * 4
     # the go_* fields are a struct goread_proc, field for field (water.c casts them)
     go = [f for f, _ in a._fields_]
     assert go[go.index("go_slot"):go.index("go_known") + 1] == [
