@@ -193,6 +193,34 @@ static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, st
     read_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
+/* Count a finished read; 1 when it is recorded: it blocked the threshold, or it did not park
+ * but the bytes it found had waited the threshold in the queue (within its socket's records
+ * a second; beyond, counted only) */
+static __always_inline int otw_read_slow(struct goread_counts *c, u64 dur, u8 parked,
+                                         const struct otw_read_ev *ev)
+{
+    if (otw_count_read(c, dur))
+        return 1;
+    u32 evf = ev->flags;
+    if (parked || !(evf & OTW_EV_QDELAY) || ev->qdelay_ns < OTW_THRESHOLD_NS)
+        return 0;
+    if (!(evf & OTW_EV_QSLOW_OK)) {
+        c->n[OTW_CNT_QSLOW_LIMITED] += 1;
+        return 0;
+    }
+    c->n[OTW_CNT_QSLOW] += 1;
+    return 1;
+}
+
+/* A parked read was woken by the first arrival onto its empty queue after the park (0:
+ * unknown: the water probe did not see the socket, or nothing arrived since) */
+static __always_inline u64 otw_woken_at(u8 parked, u64 start, const struct otw_read_ev *ev)
+{
+    if (parked && (ev->flags & OTW_EV_SOCKET) && ev->empty_arrival_ns >= start)
+        return ev->empty_arrival_ns;
+    return 0;
+}
+
 /* A read of a traced thread ended at `now` with `ret`. `enter`: when its read(2) began (alone:
  * sys_enter_read), or 0 in the watch, where this runs at sock_recv_length inside the read(2)
  * and a read that did not park is taken to have taken no time (the syscall's own microseconds
@@ -236,23 +264,10 @@ static __always_inline void otw_read_end(void *ctx, struct task_struct *task,
         }
         pk->start_ns = 0;
     }
-    u64 dur = now - start;
-    u32 evf = ev->flags;
-    if (!otw_count_read(c, dur)) {
-        /* not blocked: still a slow read if the bytes it found had waited the threshold */
-        if (parked || !(evf & OTW_EV_QDELAY) || ev->qdelay_ns < OTW_THRESHOLD_NS)
-            return;
-        if (!(evf & OTW_EV_QSLOW_OK)) {
-            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
-            return;
-        }
-        c->n[OTW_CNT_QSLOW] += 1;
-    }
-    /* a parked read was woken by the first arrival onto its empty queue after the park */
-    u64 arrival = 0;
-    if (parked && (evf & OTW_EV_SOCKET) && ev->empty_arrival_ns >= start)
-        arrival = ev->empty_arrival_ns;
-    otw_read_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now, ev, parked, arrival);
+    if (!otw_read_slow(c, now - start, parked, ev))
+        return;
+    otw_read_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now, ev, parked,
+                  otw_woken_at(parked, start, ev));
 }
 
 #ifdef OTW_TP_AT_RECV
@@ -292,23 +307,11 @@ static __always_inline void otw_watch_read_end(void *ctx, const struct goread_pr
     c->n[OTW_CNT_EXIT] += 1;
     u8 parked = park_start != 0;
     u64 start = parked ? park_start : now;
-    u32 evf = ev->flags;
-    if (!otw_count_read(c, now - start)) {
-        /* not blocked: still a slow read if the bytes it found had waited the threshold */
-        if (parked || !(evf & OTW_EV_QDELAY) || ev->qdelay_ns < OTW_THRESHOLD_NS)
-            return;
-        if (!(evf & OTW_EV_QSLOW_OK)) {
-            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
-            return;
-        }
-        c->n[OTW_CNT_QSLOW] += 1;
-    }
-    u64 arrival = 0;
-    if (parked && ev->empty_arrival_ns >= start)
-        arrival = ev->empty_arrival_ns;
+    if (!otw_read_slow(c, now - start, parked, ev))
+        return;
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     otw_read_emit(ctx, c, regs, p, bpf_get_current_pid_tgid(), regs->di, ret, regs->dx, start,
-                  now, ev, parked, arrival);
+                  now, ev, parked, otw_woken_at(parked, start, ev));
 }
 #else
 /* alone: the read(2) tracepoints (the watch calls otw_read_end from sock_recv_length) */

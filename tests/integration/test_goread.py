@@ -25,6 +25,7 @@ from otelwater.hostsockets import fd_sock_keys
 from otelwater.probes.goread import GoReadOptions, GoReadSampler
 
 from .conftest import ROOT, gone, prog_ids_of
+from .slowreader import SlowReader
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
@@ -56,23 +57,9 @@ THRESHOLD_NS = 1_000_000
 
 
 # -- helpers ---------------------------------------------------------------------------------
-class Server:
-    def __init__(self, binary: str, log: Path, *args: str):
-        self.log = log
-        self.proc = subprocess.Popen([binary, "-readsize", "64", "-log", str(log), *args],
-                                     stdout=subprocess.PIPE, text=True)
-        hello = json.loads(self.proc.stdout.readline())
-        self.addr, self.pid = hello["listening"], hello["pid"]
-        assert self.pid == self.proc.pid
-
-    def stop(self) -> int:
-        """SIGTERM (the program flushes its log and exits 0); its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=10)
-
-    def reads(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
+def Server(binary: str, log: Path, *args: str) -> SlowReader:
+    """slowreader asking 64 bytes a Read (several Reads per message), logging each."""
+    return SlowReader("-readsize", "64", *args, log=log, binary=binary)
 
 
 def loadgen(addr: str, conns: int, count: int, pause: str = "0s", **kw) -> subprocess.Popen:
@@ -81,7 +68,7 @@ def loadgen(addr: str, conns: int, count: int, pause: str = "0s", **kw) -> subpr
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def run_load(server: Server, *samplers: GoReadSampler, conns=3, count=40, pause="3ms"):
+def run_load(server: SlowReader, *samplers: GoReadSampler, conns=3, count=40, pause="3ms"):
     """Drive the server while polling the samplers and sampling /proc fd -> socket key."""
     lg = loadgen(server.addr, conns, count, pause)
     records, fd_keys = [], {}

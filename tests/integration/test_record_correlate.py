@@ -17,6 +17,7 @@ import time
 import pytest
 
 from .conftest import OTELWATER, ROOT
+from .slowreader import SlowReader
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
@@ -24,16 +25,8 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 BIN = ROOT / "examples" / "bin"
 
 
-class Server:
-    def __init__(self):
-        self.proc = subprocess.Popen([str(BIN / "slowreader"), "-readsize", "64"],
-                                     stdout=subprocess.PIPE, text=True)
-        hello = json.loads(self.proc.stdout.readline())
-        self.addr, self.pid = hello["listening"], hello["pid"]
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
+def Server() -> SlowReader:
+    return SlowReader("-readsize", "64")
 
 
 def loadgen(addr: str, conns: int, count: int, pause: str = "5ms") -> subprocess.Popen:

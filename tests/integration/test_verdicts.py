@@ -56,8 +56,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
-import signal
 import statistics
 import subprocess
 import time
@@ -74,11 +72,11 @@ from otelwater.probes.goread import GoReadOptions, GoReadSampler
 from otelwater.probes.kernel import WaterOptions, WaterProbe
 
 from .conftest import ROOT
+from .slowreader import SlowReader
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
 BIN = ROOT / "examples" / "bin"
-SLOWREADER = str(BIN / "slowreader")
 LOADGEN = str(BIN / "loadgen")
 
 MS = 1_000_000
@@ -93,22 +91,6 @@ MIN_IMPOSED = 0.75           # slow reads whose truth is the scenario's own caus
 
 
 # -- the programs --------------------------------------------------------------------------
-class Server:
-    def __init__(self, log: Path, *args: str, env: dict | None = None):
-        self.log = log
-        self.proc = subprocess.Popen([SLOWREADER, "-log", str(log), *args],
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
-        hello = json.loads(self.proc.stdout.readline())
-        self.addr, self.pid = hello["listening"], hello["pid"]
-        self.port = int(self.addr.rsplit(":", 1)[1])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=10)
-
-
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -126,7 +108,7 @@ class Run:
 def run(tmp_path: Path, server_args: list[str], load_args: list[str], size: int,
         env: dict | None = None) -> Run:
     """Serve, trace and correlate one scenario; the programs' logs and the live verdicts."""
-    server = Server(tmp_path / "reads.jsonl", *server_args, env=env)
+    server = SlowReader(*server_args, log=tmp_path / "reads.jsonl", env=env)
     try:
         sampler = GoReadSampler(GoReadOptions(pids=frozenset({server.pid}), embed=True))
         with WaterProbe(WaterOptions(ports=frozenset({server.port})), readers=sampler) as probe:

@@ -25,7 +25,8 @@ from otelwater.hostsockets import fd_sock_keys
 from otelwater.probes.goread import GoReadOptions, GoReadSampler
 from otelwater.probes.kernel import WaterOptions, WaterProbe
 
-from .test_verdicts import LOADGEN, Server
+from .slowreader import SlowReader
+from .test_verdicts import LOADGEN
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
@@ -47,7 +48,7 @@ def perf_points_of_self() -> set[str]:
 def run_pingpong(tmp_path, water_opts) -> tuple[list[ReadRecord], dict[int, int], set[str]]:
     """Slow-peer ping-pong (COUNT messages, PAUSE_MS apart) under the watch's probe: the read
     records, the server's fd -> socket key while the connection was open, what was attached."""
-    server = Server(tmp_path / "reads.jsonl")
+    server = SlowReader(log=tmp_path / "reads.jsonl")
     records: list[ReadRecord] = []
     keys: dict[int, int] = {}
     try:
