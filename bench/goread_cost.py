@@ -169,10 +169,20 @@ class Poller(threading.Thread):
                     self.water.refresh_filters()
 
 
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+_STATS_BEFORE: str | None = None
+
+
 def bpf_stats(enable: bool) -> None:
+    """Statistics on for a profile run; off again means as they were before this benchmark
+    (someone else may have them on: they are never switched off under them)."""
+    global _STATS_BEFORE
     try:
-        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
-            f.write("1" if enable else "0")
+        if _STATS_BEFORE is None:
+            with open(BPF_STATS) as f:
+                _STATS_BEFORE = f.read().strip()
+        with open(BPF_STATS, "w") as f:
+            f.write("1" if enable else _STATS_BEFORE)
     except OSError:
         pass
 
