@@ -35,6 +35,7 @@ TRIGGER_PERIODIC = WATER_H.defines["OTW_TRIGGER_PERIODIC"]
 SPAN_FIELDS = ("OFF_SK_RCVQ_QLEN", "OFF_SK_RMEM_ALLOC", "OFF_SK_BACKLOG_LEN", "OFF_SK_RCVBUF",
                "OFF_SK_DROPS")
 MAX_SPAN = 192
+MAX_SEQ_SPAN = 256   # bytes one probe read may cover for the two sequence numbers (stack)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,16 @@ def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool,
         raise ProbeLoadError(
             f"struct sock fields lie {end - start} bytes apart (limit {MAX_SPAN}) on this kernel",
             "report this kernel version to otelwater")
+    # tcp_sock's rcv_nxt and copied_seq: one probe read covering both when they lie within
+    # MAX_SEQ_SPAN bytes (a probe read costs ~35 ns, its bytes almost nothing:
+    # bench/probe_parts.py), else two
+    seq = (offsets["OFF_TCP_RCV_NXT"], offsets["OFF_TCP_COPIED_SEQ"])
+    seq_start, seq_end = min(seq), max(seq) + 4
+    seq_len = seq_end - seq_start if seq_end - seq_start <= MAX_SEQ_SPAN else 0
     flags = kernel_cflags(offsets, opts.ringbuf_pages)
     flags += [
         f"-DOTW_SPAN_START={start}", f"-DOTW_SPAN_LEN={end - start}",
+        f"-DOTW_SEQ_START={seq_start}", f"-DOTW_SEQ_LEN={seq_len}",
         f"-DOTW_FILTER_PORTS={int(bool(opts.ports))}",
         f"-DOTW_FILTER_PIDS={int(bool(opts.pids))}",
         f"-DOTW_FILTER_CGROUPS={int(bool(opts.cgroups))}",
