@@ -248,7 +248,10 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
         return 0;
     u8 state = 0;
     bpf_probe_read_kernel(&state, 1, (const char *)sk + OFF_SKC_STATE);
-    if (state == OTW_TCP_LISTEN)
+    /* a listener holds no data; a closed socket has been reported at its close (an event
+     * after it, e.g. the owner reading the EOF, would take it in again under a key computed
+     * after its port was released: lport 0, a socket that never was) */
+    if (state == OTW_TCP_LISTEN || state == OTW_TCP_CLOSE)
         return 0;
     u32 zero = 0;
     struct water_sock *fresh = fresh_sock.lookup(&zero);

@@ -131,10 +131,15 @@ Examples:
 Columns: LVL water level (skbs queued), VOL volume (sk_rmem_alloc, ss -tm "r"),
 UNRD unread payload bytes (SIOCINQ, ss Recv-Q), CAP capacity (sk_rcvbuf, "rb"),
 FILL volume/capacity, DROP the socket's drop counter (sk_drops), ! alerts firing.
-Readers (with --go-binary/--go-pid): GOID goroutine, READS reads seen, BLK blocked ones,
-LAST/MAX blocked read latency, CALLER the function that called net.(*conn).Read.
-With --json, Go reads are objects of type "read" (ts_start_ns, ts_end_ns, pid, tid, goid,
-fd, sock_key, requested, returned, stack, source).
+Go readers (with --go-binary/--go-pid), one row per goroutine and fd: PID, GOID, FD, PORT,
+SLOW its slow reads, MAX the slowest (blocked time, or how long the bytes it found had
+waited), WHY the last one's verdict (PEER waited for the peer, RUN data came but it did not
+run, LAG data stood in the queue, ? unknown; ! the process's read-skew alert), WAIT its
+split (p waiting for the peer, r waiting to run, q queue delay), CALLER the function that
+called net.(*conn).Read.
+With --json: "snapshot" records, Go slow reads as "read" (ts_start_ns, ts_end_ns, pid, tid,
+goid, fd, sock_key, requested, returned, stack, source, parked, queue_delay_ns), their
+"verdict"s, "alert" transitions, "lost" and "notice" records, and summaries at the end.
 """
 
 

@@ -147,7 +147,7 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
         if readers is not None:
             st = readers.stats()
             reads = (f", {st.reads} Go reads ({st.blocked} blocked, {st.queue_slow} found "
-                     f"data that waited; mean {st.mean_latency_ns / 1e3:.0f} us)")
+                     f"data that waited; mean wait {st.mean_latency_ns / 1e3:.0f} us a read)")
             if verdicts:
                 reads += "; slow reads: " + ", ".join(
                     f"{n} {v}" for v, n in sorted(verdicts.items(), key=lambda x: -x[1]))

@@ -78,8 +78,11 @@ class ReaderSummary:
     def add(self, rec: ReadRecord) -> None:
         self.blocked += 1
         self.fd, self.sock_key = rec.fd, rec.sock_key
-        self.last_ns = rec.duration_ns
-        self.max_ns = max(self.max_ns, rec.duration_ns)
+        # how slow: the time it blocked, or, for a read that found its bytes waiting (it
+        # returned at once), how long they had stood in the queue
+        slow = max(rec.duration_ns, rec.queue_delay_ns or 0)
+        self.last_ns = slow
+        self.max_ns = max(self.max_ns, slow)
         self.last_end_ns = rec.ts_end_ns
         if rec.stack:
             self.caller = caller(rec.stack)

@@ -248,6 +248,11 @@ class GoReadSampler:
         self._validate()
         btf = self._btf = running_kernel_btf()
         self._targets = self._resolve_targets()
+        for pid, binary in self._targets.items():   # tracepoints trace any process: say so
+            if binary.info is None:
+                self._say_once(("notgo", pid), f"pid {pid} ({binary.path}) is not a Go "
+                               "program: its socket reads are traced without goroutine ids "
+                               "or Go stacks (a wrapper script? give the Go service's own pid)")
         from otelwater.probes.btf import kernel_offsets
 
         self.offsets = kernel_offsets(btf)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from otelwater.errors import BinaryError, NoSuchProcess, UsageError
+from otelwater.events.model import ReadRecord
 from otelwater.hostsockets import fd_sock_keys
 from otelwater.probes.goread import GoReadOptions, GoReadSampler
 
@@ -451,3 +452,21 @@ def test_close_is_idempotent_and_keeps_drained_records(tmp_path):
         assert len(drained) >= 8 and s.stats().blocked >= len(drained)
     finally:
         server.stop()
+
+
+def test_a_pid_that_is_not_go_is_said_once():
+    # Given a process that is not a Go program (a wrapper script, say) as --go-pid
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        s = GoReadSampler(GoReadOptions(pids=frozenset({proc.pid})))
+        try:
+            # Then the tracepoint sampler still traces it, and says once what it cannot give
+            said = [n.text for n in s.poll() if not isinstance(n, ReadRecord)]
+            said += [n.text for n in s.poll() if not isinstance(n, ReadRecord)]
+        finally:
+            s.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    notgo = [t for t in said if "is not a Go program" in t]
+    assert len(notgo) == 1 and f"pid {proc.pid}" in notgo[0], said

@@ -136,6 +136,31 @@ def test_one_close_record_after_a_reset():
     pair.close()
 
 
+def test_a_read_after_the_close_takes_no_ghost_socket_in():
+    # Given a server holding unread data when its peer resets the connection: the reset
+    # closes the server's socket and releases its port (a user found the ghost in a watch)
+    pair = Pair().connect()
+    with WaterProbe(WaterOptions(seed=False)) as probe:
+        pair.client.sendall(b"d" * 500)
+        time.sleep(0.05)
+        pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                               b"\x01\x00\x00\x00\x00\x00\x00\x00")  # l_onoff=1, l_linger=0
+        pair.client.close()                    # RST
+        time.sleep(0.1)
+        # When the server reads after the reset, then closes
+        try:
+            pair.server.recv(4096)
+        except ConnectionResetError:
+            pass
+        pair.server.close()
+        time.sleep(0.1)
+        snaps = probe.poll() + probe.sweep()
+    # Then no record names a socket with local port 0 (one that never was)
+    assert not [s for s in snaps if s.lport == 0], [s for s in snaps if s.lport == 0]
+    assert [s for s in snaps if s.trigger == "close" and s.lport == pair.port], snaps
+    pair.close()
+
+
 def test_poll_is_bounded_while_a_producer_outpaces_it():
     # Given a follow watch on a socket pair flooded with small writes from another thread
     pair = Pair().connect()
