@@ -89,8 +89,11 @@ def test_offline_verdicts_equal_the_live_ones_read_for_read(live_and_recorded):
     live_v, off_v = of_type(live, "verdict"), of_type(r.stdout, "verdict")
     assert len(live_v) >= 500, f"only {len(live_v)} slow reads: the load did not run?"
     assert off_v == live_v
+    # a slow peer: every Read parks (some, on a loaded machine, rightly runtime-starved)
     peer = sum(v["verdict"] == "peer-starved" for v in off_v)
-    assert peer >= 0.9 * len(off_v), f"{peer} of {len(off_v)} peer-starved"
+    parked = peer + sum(v["verdict"] == "runtime-starved" for v in off_v)
+    assert parked >= 0.9 * len(off_v) and peer > len(off_v) / 2, \
+        f"{peer} peer-starved, {parked} parked of {len(off_v)}"
     # and so are the summaries and the alerts
     for kind in ("socket_summary", "reader_summary", "alert"):
         assert of_type(r.stdout, kind) == of_type(live, kind), kind
