@@ -50,7 +50,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
 from otelwater.export import names as N
 from otelwater.export.otlp import (IDLE_NS, MAX_SOCKETS, OWN, TOP_N, other_attributes,
-                                   socket_attributes)
+                                   socket_attributes, top_sockets)
 
 STEP_NS = 1_000_000_000          # a series has at most one point per second of the recording
 REFRESH_NS = 10_000_000_000      # an unchanged series is repeated this often
@@ -237,8 +237,7 @@ class OfflineMetrics:
                     del self.sockets[k]
                     self.last_drops.pop(k, None)
         socks = list(self.sockets.values())
-        top = heapq.nlargest(self.top_n, socks,
-                             key=lambda s: (s.volume, s.unread_bytes, s.level, s.sock_key))
+        top = top_sockets(socks, self.top_n)
         top_keys = {s.sock_key for s in top}
         now: dict[tuple, tuple] = {}
         for s in top:

@@ -443,6 +443,13 @@ def network_type(addr: str) -> str:
     return "ipv6" if ":" in addr else "ipv4"
 
 
+def top_sockets(sockets: Iterable[WaterSnapshot], n: int) -> list[WaterSnapshot]:
+    """The n sockets holding the most water (volume, then unread bytes, then level; the key
+    breaks ties so the choice is stable): those with series of their own, live and offline."""
+    return heapq.nlargest(n, sockets,
+                          key=lambda s: (s.volume, s.unread_bytes, s.level, s.sock_key))
+
+
 def socket_attributes(s: WaterSnapshot) -> dict:
     return endpoint_attributes(s.pid, s.sock_key, (s.laddr, s.lport, s.raddr, s.rport))
 
@@ -947,8 +954,7 @@ class OtlpSink:
                                        or now - self._rank_at < self.rank_every_s):
             return self._rank
         socks = list(self.sockets.values())
-        top = heapq.nlargest(self.top_n, socks,
-                             key=lambda s: (s.volume, s.unread_bytes, s.level, s.sock_key))
+        top = top_sockets(socks, self.top_n)
         top_keys = {s.sock_key for s in top}
         series: dict[int, list] = {}
         for s in top:
