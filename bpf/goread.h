@@ -35,10 +35,14 @@
 #define OTW_CNT_QSLOW_LIMITED 11 /* ...beyond OTW_QSLOW_PER_S a socket a second: counted only */
 #define OTW_CNT_SLOTS 12
 
-/* the per-CPU `counts` array's only slot: one lookup per event covers counts and histogram */
+/* the per-CPU `counts` array's only slot: one lookup per event covers counts and histogram,
+ * and the losses this CPU has not reported in-band yet (n[OTW_CNT_LOST] counts them all) */
 struct goread_counts {
     u64 n[OTW_CNT_SLOTS];
     u64 hist[OTW_HIST_SLOTS];
+    u64 lost_pending;  /* records lost since this CPU last delivered one */
+    u64 lost_since_ns; /* when the first of those was lost (meaningful while lost_pending) */
+    u64 lost_until_ns; /* ...and the last */
 };
 
 /* one blocked read on the ring buffer */
@@ -53,16 +57,19 @@ struct goread_event {
     u64 arrival_ns;    /* parked reads: the first arrival on the socket after the park began
                         * (the water probe's sk_data_ready); 0 when unknown */
     u64 queue_delay_ns; /* how long the oldest byte returned stood in the queue (OTW_EV_QDELAY) */
+    u64 lost_since_ns; /* lost_before > 0: when the first of those records was lost */
+    u64 lost_until_ns; /*   ...and the last */
     u64 ips[OTW_STACK_DEPTH]; /* user stack, innermost first */
     u32 stack_len;     /* valid entries in ips */
     u32 pid;           /* tgid */
     u32 tid;
     s32 fd;            /* -1 when unknown */
+    u32 lost_before;   /* records this CPU could not put on the ring buffer since it last
+                        * delivered one: the loss travels in-band, with the next record */
     u8 source;         /* OTW_SOURCE_* */
     u8 has_goid;
     u8 parked;         /* 1: the read found the queue empty and waited (-EAGAIN first) */
     u8 evidence;       /* OTW_EV_* bits: what the water probe told about this read */
-    u8 _pad[4];
     char comm[16];
 };
 
@@ -186,6 +193,45 @@ static __always_inline int otw_fd_sock_key(long fd, u64 *key)
         return -1;
     *key = otw_sock_key(&t);
     return 0;
+}
+
+/* Losses located in-band (the water probe's records and both samplers'): a record that
+ * cannot be reserved at `now` is counted by the caller (its exact total) and kept pending in
+ * this CPU's slot; the next record this CPU reserves carries how many were lost, the time of
+ * the first and of the last (otw_lost_take), so user space marks only what overlaps them.
+ * Only the first loss of a run sets since: the atomic add tells which one that is, also when
+ * a softirq program nests inside a process-context one on the same CPU. */
+static __always_inline void otw_lost_note(u64 *pending, u64 *since, u64 *until, u64 now)
+{
+    *until = now;   /* first: a record taking the run in between still spans this loss */
+    if (__sync_fetch_and_add(pending, 1) == 0)
+        *since = now;
+}
+
+/* A record was reserved on this CPU: hand it the losses pending here and take them off. The
+ * plain load keeps the common case (nothing lost) free of atomics; the exchange keeps a nested
+ * program from handing the same losses to two records. since is read before the exchange and
+ * until after it, so a loss landing in between still lies inside the span the record reports
+ * (at worst the span is a little wider). */
+static __always_inline void otw_lost_take(u64 *pending, u64 *since, u64 *until, u32 *before,
+                                          u64 *before_since, u64 *before_until)
+{
+    *before = 0;
+    *before_since = 0;
+    *before_until = 0;
+    if (!*pending)
+        return;
+    u64 s = *since;
+    u64 n = __sync_lock_test_and_set(pending, 0);
+    if (!n)
+        return;
+    *before_until = *until;
+    if (n > 0xffffffffULL) {   /* what a u32 cannot say stays pending for the next record */
+        __sync_fetch_and_add(pending, n - 0xffffffffULL);
+        n = 0xffffffffULL;
+    }
+    *before = (u32)n;
+    *before_since = s;
 }
 
 /* log2 bucket of a latency: 0 for 0 ns, else floor(log2(ns)) + 1, capped */

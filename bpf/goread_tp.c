@@ -25,7 +25,8 @@
  * >= OTW_THRESHOLD_NS (or, in the watch, one whose bytes waited that long in the queue) pays
  * for the goroutine id (R14 -> *(g + goid_off)), the user stack (still running through
  * net.(*conn).Read), the socket key (from the water probe, or the fd -> socket walk alone),
- * and a ring-buffer record (no wakeup; Python consumes on a timer).
+ * and a ring-buffer record (no wakeup; Python consumes on a timer). A record the ring buffer
+ * cannot take is counted, and the next one this CPU delivers says how many and when.
  * The pid filter is the `procs` hash, filled by Python (-D macros: see goread.py).
  */
 #include <linux/sched.h>
@@ -163,8 +164,11 @@ static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, st
     struct goread_event *e = read_events.ringbuf_reserve(sizeof(struct goread_event));
     if (!e) {
         c->n[OTW_CNT_LOST] += 1;
+        otw_lost_note(&c->lost_pending, &c->lost_since_ns, &c->lost_until_ns, end);
         return;
     }
+    otw_lost_take(&c->lost_pending, &c->lost_since_ns, &c->lost_until_ns, &e->lost_before,
+                  &e->lost_since_ns, &e->lost_until_ns);  /* losses before it: it says them */
     e->ts_start_ns = start;
     e->ts_end_ns = end;
     e->sock_key = key;

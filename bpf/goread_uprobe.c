@@ -15,7 +15,8 @@
  * for blocked reads. The LRU entry of a goroutine is inserted once and rewritten in place.
  * Every Read is counted with its exact Go-level latency; a Read lasting >= OTW_THRESHOLD_NS
  * also reads goid, fd (*(*(conn + OFF_CONN_FD) + OFF_NETFD_PFD + OFF_FD_SYSFD)), the socket
- * key and the user stack, and goes out on the ring buffer without a wakeup.
+ * key and the user stack, and goes out on the ring buffer without a wakeup; a record the ring
+ * buffer cannot take is counted, and the next one this CPU delivers says how many and when.
  */
 #include <linux/sched.h>
 #include "sockkey.h"
@@ -141,8 +142,11 @@ int otw_up_read_return(struct pt_regs *ctx)
     struct goread_event *e = read_events.ringbuf_reserve(sizeof(struct goread_event));
     if (!e) {
         c->n[OTW_CNT_LOST] += 1;
+        otw_lost_note(&c->lost_pending, &c->lost_since_ns, &c->lost_until_ns, now);
         return 0;
     }
+    otw_lost_take(&c->lost_pending, &c->lost_since_ns, &c->lost_until_ns, &e->lost_before,
+                  &e->lost_since_ns, &e->lost_until_ns);  /* losses before it: it says them */
     e->ts_start_ns = start;
     e->ts_end_ns = now;
     e->sock_key = key;

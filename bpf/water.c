@@ -19,6 +19,8 @@
  * high water, a new peak (+1/8), the water fell back below low water (these three at most once
  * per OTW_LEVEL_GAP_NS per socket), a drop (at most one record per OTW_OVERFLOW_GAP_NS per
  * socket), a close, or any event with OTW_FOLLOW.
+ * Lost records (ring buffer full) are counted per CPU and located in-band: the next record
+ * the CPU delivers carries how many were lost before it, the first and the last loss time.
  * Filtering: the first event on a socket decides whether it is watched (ports, then pids or
  * their socket inodes, then cgroup); the verdict is cached in the same map entry, so a
  * filtered-out socket costs one lookup afterwards.
@@ -51,7 +53,7 @@
 BPF_TABLE("lru_hash", u64, struct water_sock, socks, OTW_MAX_SOCKETS);
 BPF_PERCPU_ARRAY(fresh_sock, struct water_sock, 1); /* scratch: too big for the BPF stack */
 BPF_ARRAY(cfg, struct water_cfg, 1);
-BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_PERCPU_ARRAY(lost, struct water_lost, 1);
 BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
 
 #ifndef OTW_QSLOW_PER_S
@@ -286,20 +288,33 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
     return ws ? &ws->s : 0;
 }
 
+/* One record on the ring buffer. A loss is counted and travels in-band: the next record this
+ * CPU delivers says how many were lost before it and when (otw_lost_take, goread.h).
+ * The per-CPU slot is looked up here only, on the emit path. */
 static __always_inline void otw_emit(struct water_state *st, u8 trigger, u64 now)
 {
+    u32 zero = 0;
+    struct water_lost *l = lost.lookup(&zero);
     struct water_event *e = events.ringbuf_reserve(sizeof(struct water_event));
     if (!e) {
-        u32 zero = 0;
-        u64 *n = lost.lookup(&zero);
-        if (n)
-            *n += 1;
+        if (l) {
+            __sync_fetch_and_add(&l->total, 1);
+            otw_lost_note(&l->pending, &l->since_ns, &l->until_ns, now);
+        }
         return;
     }
     __builtin_memcpy(&e->s, st, sizeof(struct water_state));
     e->ts_ns = now;
     e->tid = (u32)bpf_get_current_pid_tgid();
     e->trigger = trigger;
+    if (l) {
+        otw_lost_take(&l->pending, &l->since_ns, &l->until_ns, &e->lost_before,
+                      &e->lost_since_ns, &e->lost_until_ns);
+    } else {
+        e->lost_before = 0;
+        e->lost_since_ns = 0;
+        e->lost_until_ns = 0;
+    }
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
     st->last_emit_ns = now;
 }

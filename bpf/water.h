@@ -105,9 +105,23 @@ struct water_sock {
 struct water_event {
     struct water_state s;
     u64 ts_ns;         /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+    u64 lost_since_ns; /* lost_before > 0: when the first of those records was lost */
+    u64 lost_until_ns; /*   ...and the last */
     u32 tid;           /* thread in whose context the event ran (the sender's, for loopback rain) */
+    u32 lost_before;   /* records this CPU could not put on the ring buffer since it last
+                        * delivered one: the loss travels in-band, with the next record */
     u8 trigger;        /* OTW_TRIGGER_* */
-    u8 _pad[3];
+    u8 _pad[7];
+};
+
+/* the per-CPU `lost` array's only slot: ring-buffer records this CPU could not deliver. Touched
+ * only when a record is emitted: a failed reserve counts (total) and keeps the loss pending;
+ * the next record this CPU reserves carries pending, since_ns and until_ns and takes them off. */
+struct water_lost {
+    u64 total;         /* lost since load (exact; Python sums the CPUs) */
+    u64 pending;       /* lost since this CPU last delivered a record */
+    u64 since_ns;      /* when the first of those was lost (meaningful while pending) */
+    u64 until_ns;      /* ...and the last */
 };
 
 /* run-time knobs the loader writes into the `cfg` array (slot 0) */

@@ -101,15 +101,27 @@ class ReadRecord:
 
 @dataclass(frozen=True, slots=True)
 class LostEvents:
-    """Ring-buffer records the kernel could not deliver (buffer full): counted, never silent."""
+    """Ring-buffer records the kernel could not deliver (buffer full): counted, never silent.
+
+    Located (``since_ns`` set): ``count`` records of ``probe`` were lost within ``[since_ns,
+    until_ns]`` (``until_ns`` None: ``ts_ns``). In-band: the record the kernel delivered next on
+    that CPU carried them (``ts_ns`` is its time; this record comes just before it). At a sweep:
+    losses no delivered record has reported yet (``count`` 0: only the total moved). Unlocated
+    (``since_ns`` None: recordings made before losses travelled in-band): somewhere before
+    ``ts_ns``, when a sweep noticed the total move. ``lost_total`` is the probe's exact total so
+    far, never decreasing from one record to the next."""
 
     ts_ns: int
     probe: str            # "water", "reads"
     lost_total: int
+    since_ns: int | None = None   # first loss of the span; None: unknown (older recordings)
+    count: int | None = None      # records lost in [since_ns, until_ns]
+    until_ns: int | None = None   # last loss of the span (None: ts_ns)
 
     def to_json(self) -> dict:
         return {"type": "lost", "ts_ns": self.ts_ns, "probe": self.probe,
-                "lost_total": self.lost_total}
+                "lost_total": self.lost_total, "since_ns": self.since_ns, "count": self.count,
+                "until_ns": self.until_ns}
 
 
 @dataclass(frozen=True, slots=True)

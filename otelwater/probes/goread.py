@@ -6,6 +6,11 @@ mechanisms that produce the same ReadRecord.
         for rec in s.poll(): ...      # blocked reads (>= threshold_ns), never blocks
         s.stats()                     # counts and log2 latency histogram of every read seen
         s.lost_total()                # records the ring buffer could not take
+        s.lost_sweep(ts_ns)           # the sweep's LostEvents (or None): kernel.LossLedger
+
+A record the ring buffer could not take travels in-band: the next record the same CPU delivers
+carries how many were lost before it and when (first and last), and poll() puts a LostEvents
+(located: since_ns, until_ns, count) just before that ReadRecord.
 
 - "tracepoint" (bpf/goread_tp.c): syscalls:sys_enter_read/sys_exit_read for the watched
   processes (the `procs` map; with a binary, /proc is re-scanned every RESCAN_S on poll() so
@@ -32,8 +37,9 @@ from dataclasses import dataclass, field
 
 from otelwater.errors import BinaryError, NoSuchProcess, ProbeLoadError, UsageError
 from otelwater.events.layout import header
-from otelwater.events.model import Notice, ReadRecord
+from otelwater.events.model import LostEvents, Notice, ReadRecord
 from otelwater.probes import host
+from otelwater.probes.kernel import LossLedger
 from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, check_ringbuf_pages,
                                      kernel_cflags, load_bpf, one_line,
                                      running_kernel_btf)
@@ -95,7 +101,7 @@ def _exe_key(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _pid_exe(pid: int) -> str:
+def pid_exe(pid: int) -> str:
     """A path to the executable of a live process (its real path, or /proc/PID/exe)."""
     if not os.path.isdir(f"/proc/{pid}"):
         raise NoSuchProcess(f"no process with pid {pid}", "give the pid of a running process")
@@ -227,7 +233,9 @@ class GoReadSampler:
         self.opts = opts
         self._bpfs: list = []                 # one BPF object (uprobe: one per binary)
         self._owned = True                    # False when bound into the water probe's
-        self._pending: list[ReadRecord] = []
+        self._pending: list = []              # ReadRecord, LostEvents (in-band)
+        self._carried: list[int] = []         # indexes of in-band LostEvents in _pending
+        self._ledger = LossLedger("reads")
         self._notices: list[Notice] = []
         self._said: set[tuple] = set()
         self._exited: set[int] = set()
@@ -313,7 +321,7 @@ class GoReadSampler:
             return {}
         out = {}
         for pid in sorted(self.opts.pids):
-            out[pid] = self._binary(_pid_exe(pid), need_go=need_go)
+            out[pid] = self._binary(pid_exe(pid), need_go=need_go)
         return out
 
     def _cflags(self) -> list[str]:
@@ -501,6 +509,10 @@ class GoReadSampler:
     # -- records ---------------------------------------------------------------------------
     def _on_event(self, _ctx, data, _size) -> int:
         e = ctypes.cast(data, ctypes.POINTER(GoReadEvent)).contents
+        if e.lost_before:   # records this CPU lost before this one: said just before it
+            self._carried.append(len(self._pending))
+            self._pending.append(self._ledger.carried(e.ts_end_ns, e.lost_before,
+                                                      e.lost_since_ns, e.lost_until_ns))
         self._pending.append(self._record(e))
         # negative: libbpf stops this consume after the record (kept), so a fast producer
         # cannot hold the caller's loop
@@ -589,6 +601,9 @@ class GoReadSampler:
             for b in self._bpfs:
                 b.ring_buffer_consume()
         out, self._pending = self._pending, []
+        if self._carried:
+            self._ledger.settle(out, self._carried, self.lost_total())
+            self._carried = []
         self.backlogged = len(out) >= max_records or (
             len(out) >= 256 and time.monotonic() >= self._deadline)
         if self._notices:
@@ -623,6 +638,19 @@ class GoReadSampler:
 
     def lost_total(self) -> int:
         return self.stats().lost
+
+    def lost_sweep(self, ts_ns: int) -> LostEvents | None:
+        """The sweep's lost record (kernel.LossLedger.sweep): the exact total, and the losses
+        no delivered record has reported yet; None when nothing moved."""
+        if self._closed:
+            return self._ledger.sweep(ts_ns, self.lost_total(), {})
+        total, pending = 0, {}
+        for i, b in enumerate(self._bpfs):
+            for cpu, v in enumerate(b["counts"].getvalue(ctypes.c_int(0))):
+                total += int(v.n[_D["OTW_CNT_LOST"]])
+                pending[(i, cpu)] = (int(v.lost_pending), int(v.lost_since_ns),
+                                     int(v.lost_until_ns))
+        return self._ledger.sweep(ts_ns, total, pending)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _cleanup(self) -> None:

@@ -5,6 +5,11 @@ attaches it to tracepoints, and turns its ring buffer and socket table into Wate
         for snap in probe.poll(): ...        # ring-buffer records (rises, peaks, drops, closes)
         for snap in probe.sweep(): ...       # periodic: every socket whose state moved
         probe.lost_total()                   # records the ring buffer could not take
+        probe.lost_sweep(ts_ns)              # the sweep's LostEvents (or None), see LossLedger
+
+A record the ring buffer could not take travels in-band: the next record the same CPU delivers
+carries how many were lost before it and when (first and last), and poll() puts a LostEvents
+(located: since_ns, until_ns, count) just before that record.
 
 Everything attached is detached by close() (also on SIGINT/SIGTERM through the caller's
 context manager, and by the kernel when the process dies: BCC holds them as perf fds).
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 
 from otelwater.errors import ProbeLoadError, UsageError
 from otelwater.events.layout import header
-from otelwater.events.model import TCP_STATES, TRIGGERS, WaterSnapshot
+from otelwater.events.model import TCP_STATES, TRIGGERS, LostEvents, WaterSnapshot
 from otelwater.hostsockets import OwnerResolver, socket_inodes
 from otelwater.probes import host
 from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, kernel_cflags, load_bpf,
@@ -112,6 +117,67 @@ def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict
     )
 
 
+class LossLedger:
+    """One probe's lost ring-buffer records as LostEvents, located in time (bpf/goread.h,
+    otw_lost_take). Shared by the water probe and the Go read sampler.
+
+    - in-band (carried): a delivered record said `count` records were lost on its CPU between
+      `since_ns` and `until_ns`; the LostEvents has the record's time and goes just before it.
+      Its lost_total is the probe's exact total read once per poll (settle()).
+    - sweep: the exact total, and the losses still pending on a CPU (no delivered record has
+      reported them yet: the CPU has not emitted since, or never will), each reported once: a
+      CPU's pending losses first from their since_ns, later ones in the same run from the
+      previous sweep (they came after it), until the last loss. When only the total moved (everything already reported in-band), the
+      record has count 0 and locates nothing. None when nothing moved.
+    lost_total never decreases from one record to the next."""
+
+    def __init__(self, probe: str):
+        self.probe = probe
+        self.total = 0                   # the largest lost_total put in a record so far
+        self._swept: dict = {}           # (program, cpu) -> (since_ns, pending, seen at)
+
+    def carried(self, ts_ns: int, count: int, since_ns: int, until_ns: int) -> LostEvents:
+        """A placeholder until settle() knows the total (lost_total -1)."""
+        until = min(max(until_ns, since_ns), ts_ns)
+        return LostEvents(ts_ns, self.probe, -1, min(since_ns, until), count, until)
+
+    def settle(self, records: list, at: list[int], total: int) -> None:
+        """Give the placeholders at these indexes of `records` the probe's total (read after
+        the ring buffer was consumed, so it counts every loss they carry)."""
+        self.total = total = max(self.total, total)
+        for i in at:
+            r = records[i]
+            records[i] = LostEvents(r.ts_ns, r.probe, total, r.since_ns, r.count, r.until_ns)
+
+    def sweep(self, ts_ns: int, total: int, pending: dict) -> LostEvents | None:
+        """pending: (program, cpu) -> (records lost since its last delivered one, the time of
+        the first, of the last)."""
+        count, since, until = 0, ts_ns, 0
+        swept = {}
+        for where, (n, first, last) in pending.items():
+            if not n:
+                continue
+            first = first or ts_ns       # read while the kernel was writing it: unknown
+            last = min(max(last, first), ts_ns)
+            prev = self._swept.get(where)
+            if prev is not None and prev[0] == first:    # the same run, partly reported
+                new, start = n - prev[1], prev[2]
+            else:
+                new, start = n, first
+            if new > 0:
+                count += new
+                since = min(since, start)
+                until = max(until, last)
+            swept[where] = (first, n, ts_ns)   # seen up to now: later ones came after
+        self._swept = swept
+        if not count and total <= self.total:
+            return None
+        self.total = total = max(self.total, total)
+        if not count:
+            return LostEvents(ts_ns, self.probe, total, ts_ns, 0, ts_ns)
+        return LostEvents(ts_ns, self.probe, total, min(since, until), count, until)
+
+
 def check_tcp_states(btf) -> None:
     """bpf/water.h's OTW_TCP_* must equal the running kernel's enum (they have not moved in
     decades; a kernel where they did gets a clear refusal rather than wrong states)."""
@@ -155,7 +221,9 @@ class WaterProbe:
         self.opts = opts
         self.readers = readers
         self._bpf = None
-        self._pending: list[WaterSnapshot] = []
+        self._pending: list = []          # WaterSnapshot, LostEvents (in-band)
+        self._carried: list[int] = []     # indexes of in-band LostEvents in _pending
+        self._ledger = LossLedger("water")
         self._budget = POLL_BUDGET
         self._deadline = 0.0
         self.backlogged = False
@@ -268,6 +336,10 @@ class WaterProbe:
     # -- data ------------------------------------------------------------------------------
     def _on_event(self, _ctx, data, _size) -> int:
         e = ctypes.cast(data, ctypes.POINTER(WaterEvent)).contents
+        if e.lost_before:   # records this CPU lost before this one: said just before it
+            self._carried.append(len(self._pending))
+            self._pending.append(self._ledger.carried(e.ts_ns, e.lost_before, e.lost_since_ns,
+                                                      e.lost_until_ns))
         owner = self._owners.owner(e.s.ino) if not e.s.pid else None
         self._pending.append(
             snapshot_from_state(e.s, e.ts_ns, e.tid, e.trigger, self.drop_names, owner))
@@ -278,13 +350,17 @@ class WaterProbe:
             return -1
         return 0
 
-    def poll(self, max_records: int = POLL_BUDGET) -> list[WaterSnapshot]:
-        """What the ring buffer holds now, at most max_records (never blocks). `backlogged`
-        tells whether records were left for the next call."""
+    def poll(self, max_records: int = POLL_BUDGET) -> list:
+        """What the ring buffer holds now, at most max_records (never blocks): WaterSnapshots,
+        and a LostEvents just before each record that says records were lost before it.
+        `backlogged` tells whether records were left for the next call."""
         self._budget = max_records
         self._deadline = time.monotonic() + POLL_TIME_S
         self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
+        if self._carried:
+            self._ledger.settle(out, self._carried, self.lost_total())
+            self._carried = []
         self.backlogged = len(out) >= max_records or (
             len(out) >= 256 and time.monotonic() >= self._deadline)
         if self._standing is not None and not self._seeded:
@@ -319,6 +395,15 @@ class WaterProbe:
 
     def lost_total(self) -> int:
         if self._bpf is None:
-            return 0
-        # BCC 0.26 returns per-CPU values as plain ints; newer releases as ctypes
-        return sum(int(getattr(v, "value", v)) for v in self._bpf["lost"].getvalue(0))
+            return self._ledger.total
+        return sum(int(v.total) for v in self._bpf["lost"].getvalue(0))
+
+    def lost_sweep(self, ts_ns: int) -> LostEvents | None:
+        """The sweep's lost record (LossLedger.sweep): the exact total, and the losses no
+        delivered record has reported yet; None when nothing moved."""
+        if self._bpf is None:
+            return None
+        cpus = self._bpf["lost"].getvalue(0)
+        pending = {(0, cpu): (int(v.pending), int(v.since_ns), int(v.until_ns))
+                   for cpu, v in enumerate(cpus)}
+        return self._ledger.sweep(ts_ns, sum(int(v.total) for v in cpus), pending)

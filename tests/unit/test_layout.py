@@ -36,8 +36,12 @@ def test_water_state_layout_is_pinned():
 
 def test_water_event_layout_is_pinned():
     e = header("water.h").structs["water_event"]
-    assert ctypes.sizeof(e) == 176
-    assert offsets(e) == {"s": 0, "ts_ns": 160, "tid": 168, "trigger": 172, "_pad": 173}
+    assert ctypes.sizeof(e) == 200
+    assert offsets(e) == {"s": 0, "ts_ns": 160, "lost_since_ns": 168, "lost_until_ns": 176,
+                          "tid": 184, "lost_before": 188, "trigger": 192, "_pad": 193}
+    lost = header("water.h").structs["water_lost"]
+    assert ctypes.sizeof(lost) == 32
+    assert offsets(lost) == {"total": 0, "pending": 8, "since_ns": 16, "until_ns": 24}
 
 
 def test_every_struct_is_padded_explicitly():
@@ -67,17 +71,21 @@ def test_parser_rejects_what_it_does_not_understand():
 def test_goread_layouts_are_pinned():
     h = header("goread.h")
     e = h.structs["goread_event"]
-    assert ctypes.sizeof(e) == 368
+    assert ctypes.sizeof(e) == 384
     assert offsets(e) == {
         "ts_start_ns": 0, "ts_end_ns": 8, "goid": 16, "sock_key": 24, "returned": 32,
-        "requested": 40, "caller_ip": 48, "arrival_ns": 56, "queue_delay_ns": 64, "ips": 72,
-        "stack_len": 328, "pid": 332, "tid": 336, "fd": 340, "source": 344, "has_goid": 345,
-        "parked": 346, "evidence": 347, "_pad": 348, "comm": 352}
+        "requested": 40, "caller_ip": 48, "arrival_ns": 56, "queue_delay_ns": 64,
+        "lost_since_ns": 72, "lost_until_ns": 80, "ips": 88, "stack_len": 344, "pid": 348,
+        "tid": 352, "fd": 356, "lost_before": 360, "source": 364, "has_goid": 365,
+        "parked": 366, "evidence": 367, "comm": 368}
     assert ctypes.sizeof(h.structs["goread_proc"]) == 16
     assert offsets(h.structs["goread_proc"]) == {"slot": 0, "gen": 4, "goid_off": 8, "_pad": 12}
     assert offsets(h.structs["goread_park"]) == {"start_ns": 0, "g": 8, "gen": 16, "_pad": 20}
-    assert ctypes.sizeof(h.structs["goread_counts"]) == 8 * (
-        h.defines["OTW_CNT_SLOTS"] + h.defines["OTW_HIST_SLOTS"])
+    counts = h.structs["goread_counts"]
+    assert ctypes.sizeof(counts) == 8 * (
+        h.defines["OTW_CNT_SLOTS"] + h.defines["OTW_HIST_SLOTS"] + 3)
+    assert [f for f, _ in counts._fields_][-3:] == ["lost_pending", "lost_since_ns",
+                                                    "lost_until_ns"]
 
 
 def test_tcp_states_defined_once():
