@@ -9,20 +9,18 @@ report it, exit 1; OTELWATER_DEBUG=1 or --verbose shows the traceback instead.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import sys
 
 import click
 
 from otelwater import __version__
+from otelwater.cli_options import (MAX_BLOCKED_MS, MAX_HIGH_WATER, FiniteFloat, IntRangeFix,
+                                   debugging, verbose_option)
 from otelwater.errors import (BinaryError, NoSuchProcess, OtelwaterError, TargetError,
                               UsageError)
 
 CGROUP2_SUPER_MAGIC = 0x63677270
-MAX_BLOCKED_MS = 86_400_000          # a day; the kernel's threshold is u64 nanoseconds
-MAX_HIGH_WATER = 2**32 - 1           # u32 in the kernel
-VERBOSE = "otelwater.verbose"        # ctx.meta key (meta is shared by every context)
 
 
 def issues_url() -> str:
@@ -39,24 +37,6 @@ def issues_url() -> str:
             if label in name.lower() and url.strip():
                 return url.strip()
     return "the otelwater issue tracker"
-
-
-def debugging(ctx: click.Context | None) -> bool:
-    return (os.environ.get("OTELWATER_DEBUG", "") not in ("", "0")
-            or bool(ctx is not None and ctx.meta.get(VERBOSE)))
-
-
-def _set_verbose(ctx, _param, value):
-    if value:
-        ctx.meta[VERBOSE] = True
-
-
-def verbose_option(f):
-    return click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
-                        callback=_set_verbose,
-                        help="On a failure, print the details: BCC's whole compiler/verifier "
-                        "output and the cflags when a BPF program does not load, and the "
-                        "traceback of an internal error (also: OTELWATER_DEBUG=1).")(f)
 
 
 class _OneLine(click.ClickException):
@@ -76,45 +56,6 @@ def _usage_line(e: click.UsageError) -> _OneLine:
     path = e.ctx.command_path if e.ctx is not None else "otelwater"
     fix = getattr(e, "fix", None) or f"see '{path} --help'"
     return _OneLine(f"{msg}; {fix}", e.exit_code)
-
-
-def _bad(message: str, fix: str | None, param, ctx) -> click.BadParameter:
-    e = click.BadParameter(message, ctx=ctx, param=param)
-    e.fix = fix
-    return e
-
-
-class FiniteFloat(click.FloatRange):
-    """A FloatRange that also refuses nan and inf (nan compares False with every bound)."""
-
-    def __init__(self, *args, fix: str | None = None, **kw):
-        super().__init__(*args, **kw)
-        self.fix = fix
-
-    def convert(self, value, param, ctx):
-        try:
-            rv = super().convert(value, param, ctx)
-        except click.BadParameter as e:
-            e.fix = self.fix
-            raise
-        if not math.isfinite(rv):
-            raise _bad(f"{value!r} is not a finite number", self.fix, param, ctx)
-        return rv
-
-
-class IntRangeFix(click.IntRange):
-    """An IntRange whose error carries a fix."""
-
-    def __init__(self, *args, fix: str | None = None, **kw):
-        super().__init__(*args, **kw)
-        self.fix = fix
-
-    def convert(self, value, param, ctx):
-        try:
-            return super().convert(value, param, ctx)
-        except click.BadParameter as e:
-            e.fix = self.fix
-            raise
 
 
 WATCH_EPILOG = """
@@ -266,7 +207,7 @@ def _check_go_targets(go_binary, go_pids, probes):
     if not go_binary and not go_pids:
         return
     from otelwater.probes import goelf
-    from otelwater.probes.goread import _pid_exe
+    from otelwater.probes.goread import pid_exe
 
     if go_binary and go_pids:
         raise UsageError("give --go-binary or --go-pid, not both",
@@ -286,7 +227,7 @@ def _check_go_targets(go_binary, go_pids, probes):
             if probes == "uprobe" or not has_symbols(go_binary):
                 raise
     for pid in go_pids:
-        exe = _pid_exe(pid)
+        exe = pid_exe(pid)
         if probes == "uprobe":
             goelf.locate(exe)
 
@@ -375,12 +316,13 @@ def _check_go_targets(go_binary, go_pids, probes):
 def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water, ringbuf_pages,
           rows, go_binary, go_pids, probes, blocked_ms, window_ms, config_file, wait,
           otlp_endpoint=None, otlp_protocol=None, otlp_span_rate=None, prometheus_port=None,
-          prometheus_address="127.0.0.1"):
+          prometheus_address="127.0.0.1", recorder=None, headless=False):
     """Watch TCP receive queues: the sockets holding the most water, live.
 
     Traces arrivals (rain), reads (drain), drops (overflow) and closes with eBPF tracepoints.
     Stop with Ctrl-C (or --duration); every probe is detached on exit.
     """
+    # (recorder, headless: not options; `watch --record` and `record` pass their Writer)
     from otelwater.hostsockets import ports_in_use
     from otelwater.probes.loader import check_ringbuf_pages
 
@@ -419,7 +361,7 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
                   interval=interval, as_json=as_json, follow=follow, high_water=high_water,
                   ringbuf_pages=ringbuf_pages, rows=rows, go_binary=go_binary,
                   go_pids=go_pids, probes=probes, config=config, otlp=otlp,
-                  prometheus=endpoint)
+                  prometheus=endpoint, recorder=recorder, headless=headless)
     finally:
         if endpoint is not None:
             endpoint.close()

@@ -1,26 +1,29 @@
 """`otelwater record -o FILE`, `otelwater watch --record FILE` and `otelwater correlate FILE`.
 
+Options and exit codes only; the work lives in otelwater.watch and otelwater.report.
+
 `record` is `watch` with no live view (and no analysis while it runs): the same selectors and
 probe options, the very same click options, checked by watch's own command before anything is
 attached. `watch --record` is `watch` as it is, its raw records (before analysis) also written to
-FILE. Both hand the recording to `otelwater.watch.run_watch` through `watch.RECORDING`, so
-watch's command stays one piece. The file format is `otelwater.events.recording`
-(docs/recording.md); a file that exists is refused before anything is attached unless --force.
+FILE. Both call watch's own command with the recording Writer as an extra keyword argument
+(`recorder`, and `headless` for `record`), so watch's command stays one piece. The file format
+is `otelwater.events.recording` (docs/recording.md); a file that exists is refused before
+anything is attached unless --force.
 
-`correlate` reads a recording back through the same analysis as `watch` (otelwater.report).
+`correlate` reads a recording back through the same pipeline and analysis as `watch`: the file
+is the source, the report (or JSON Lines) and the OTLP re-export are the sinks.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
-import json
 import os
 import sys
 
 import click
 
-from otelwater import cli
+from otelwater.cli_options import MAX_BLOCKED_MS, FiniteFloat
 from otelwater.errors import UsageError
 
 # watch's options that only shape its live output; `record` has none
@@ -68,16 +71,12 @@ def _jsonable(value):
 def _record_run(base: click.Command, path: str, force: bool, flag: str, headless: bool,
                 kw: dict) -> None:
     from otelwater.events.recording import Writer
-    from otelwater.watch import RECORDING
 
     writer = Writer(path, force=force, flag=flag,  # refuses an existing file here, at once
                     options={k: _jsonable(v) for k, v in kw.items()})
-    token = RECORDING.set((writer, headless))
-    try:
-        with writer:  # the end record, also after Ctrl-C, SIGTERM or --duration
-            click.get_current_context().invoke(base.callback, **kw)
-    finally:
-        RECORDING.reset(token)
+    with writer:  # the end record, also after Ctrl-C, SIGTERM or --duration
+        click.get_current_context().invoke(base.callback, **kw, recorder=writer,
+                                           headless=headless)
     if writer.header is not None:
         click.echo(f"otelwater: recorded {writer.records:,} records ({writer.size / 1024:.0f} "
                    f"KiB) to {path}; `otelwater correlate {path}` gives the verdicts", err=True)
@@ -170,11 +169,11 @@ def offline_config(recorded: dict, config_file: str | None, flags: dict):
 @click.option("--plot", "plot_png", metavar="PNG", type=click.Path(dir_okay=False),
               help="Write a heat map of water (unread bytes) per socket over time, with the "
               "slow reads marked by verdict.")
-@click.option("--window-ms", type=cli.FiniteFloat(0, 60_000, fix="give milliseconds from 0 "
+@click.option("--window-ms", type=FiniteFloat(0, 60_000, fix="give milliseconds from 0 "
                                                   "to 60000, e.g. --window-ms 5"),
               default=None, help="A snapshot joins a read within this of its start or end.  "
               "[default: the recording's, else 5]")
-@click.option("--blocked-ms", type=cli.FiniteFloat(0, cli.MAX_BLOCKED_MS, fix="give "
+@click.option("--blocked-ms", type=FiniteFloat(0, MAX_BLOCKED_MS, fix="give "
                                                    "milliseconds, e.g. --blocked-ms 1"),
               default=None, help="A read that lasted, or whose bytes waited, this long is "
               "slow and gets a verdict.  [default: the recording's, else 1]")
@@ -218,55 +217,35 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
         otlp = resolve_options(otlp_endpoint, otlp_protocol)  # bad values: exit 2, now
     with open_input(file) as probe:       # the header (and its errors) before any work
         recorded = probe.header.config
-        header = probe.header
     config = offline_config(recorded, config_file, flags)
-    sink = JsonLinesSink() if as_json else None
-    exported: list = []
+    exporter = None
 
-    def emit(records):
-        if sink is not None:
-            sink.write(records)
-        if otlp is not None:
-            exported.extend(records)
+    def sinks(header) -> list:
+        nonlocal exporter
+        out = []
+        if as_json:   # the analysis's records; the recording's own are not printed back
+            out.append(JsonLinesSink(kinds=("verdict", "alert", "summary")))
+        if otlp is not None:   # spans and metric points at the recording's times, as decided
+            from otelwater.export.otlp import offline_sink
 
-    offline = None   # the metric points, at the recording's times, from every raw record
-    if otlp is not None:
-        from otelwater.export.offline_metrics import OfflineMetrics
+            exporter = offline_sink(header, endpoint=otlp_endpoint, protocol=otlp_protocol,
+                                    out=sys.stderr, config=config, timeout_s=10.0)
+            out.append(exporter)
+        return out
 
-        offline = OfflineMetrics(header.start_ns, header.clock["realtime_minus_monotonic_ns"])
     gc.set_threshold(100_000, 20, 100)  # millions of small records: ~20% less time in GC
-    col = report.correlate(file, config, emit=emit, plot=bool(plot_png), top=top,
-                           raw=offline.add if offline is not None else None)
-    if sink is not None:
-        a = col.analysis
-        for d in a.socket_summaries() + a.reader_summaries() + [report.summary_json(col)]:
-            sys.stdout.write(json.dumps(d, separators=(",", ":")) + "\n")
-        sys.stdout.flush()
-    else:
+    col = report.correlate(file, config, sinks=sinks, plot=bool(plot_png), top=top)
+    if not as_json:
         click.echo(report.render(col))
     if plot_png:
         n = report.plot(col, plot_png)
         click.echo(f"otelwater: wrote {plot_png} ({n} sockets)", err=True)
-    if otlp is not None:
-        from otelwater.export.otlp import export_offline
+    shortfall = exporter.shortfall() if exporter is not None else None
+    if shortfall:
+        from otelwater.errors import ExportFailed
 
-        import dataclasses  # every process the file named (OTLP JSON: from its resources)
-
-        sink = export_offline(exported,
-                              dataclasses.replace(header, processes=dict(col.processes)),
-                              endpoint=otlp_endpoint, protocol=otlp_protocol, out=sys.stderr,
-                              config=config, timeout_s=10.0, metrics=offline)
-        h = getattr(sink, "health", None)
-        if sink is not None and h is not None and (h.spans_exported < sink.spans
-                                                   or h.points_dropped):
-            from otelwater.errors import ExportFailed
-
-            raise ExportFailed(f"OTLP export to {h.target} delivered {h.spans_exported} of "
-                               f"{sink.spans} spans and {h.points_exported} of "
-                               f"{h.points_exported + h.points_dropped} metric points",
-                               "check that the Collector runs and "
-                               "listens there (--otlp-endpoint, --otlp-protocol), then run "
-                               "correlate again")
+        raise ExportFailed(f"OTLP export to {otlp.target} {shortfall}",
+                           "check that the Collector runs and listens there (--otlp-endpoint, "
+                           "--otlp-protocol), then run correlate again")
     if col.error is not None:
         raise col.error
-

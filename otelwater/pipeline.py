@@ -1,24 +1,41 @@
-"""Wires source → decode → board/alerts → sinks for `otelwater watch`.
+"""The wiring, in one place: source -> raw sinks -> analysis -> sinks, for live runs and files.
 
-The loop never blocks in the kernel: every `poll_s` it drains the ring buffers (their records
-are submitted without wakeups, so consuming on a timer is what keeps the traced programs cheap),
-at most a bounded share per round (a producer faster than the loop fills the ring buffer, whose
-overflow is counted as lost, instead of holding the loop: sweeps, output, signals and the
-duration stay on schedule),
-every `interval_s` it sweeps the socket table (trigger "periodic"), refreshes filters, reports
-lost records and redraws. On stop (duration, SIGINT, SIGTERM, SIGHUP) it drains everything once
-more, then the caller's context managers detach every probe.
+    source      WatchLoop (the kernel probe and the Go read sampler, live) or a file's
+                records (Pipeline.run_records: a recording, or OTLP JSON)
+    raw sinks   take the records as they came (the recording: correlate redoes the analysis)
+    analysis    Analysis: the alert stage, the rain-water gauges, the correlator (verdicts);
+                pure, the same for live runs and files
+    post        optional, after the analysis (OTLP JSON input restores the recorded
+                evidence counts)
+    sinks       JSON Lines, the live view, the run's stderr summary, OTLP, Prometheus, the
+                report: every one a otelwater.export.sink.Sink, each taking every record kind
+                or ignoring it explicitly
+
+Commands only choose the source and the sinks (otelwater.watch, otelwater.report).
+
+The live loop never blocks in the kernel: every `poll_s` it drains the ring buffers (their
+records are submitted without wakeups, so consuming on a timer is what keeps the traced programs
+cheap), at most a bounded share per round (a producer faster than the loop fills the ring
+buffer, whose overflow is counted as lost, instead of holding the loop: sweeps, output, signals
+and the duration stay on schedule), every `interval_s` it sweeps the socket table (trigger
+"periodic"), refreshes filters, reports lost records and ticks the sinks (the view redraws). On
+stop (duration, SIGINT, SIGTERM, SIGHUP) it drains everything once more, then the caller's
+context managers detach every probe, and the pipeline closes its sinks within a deadline.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
+from otelwater.errors import RecordingError
 from otelwater.events.model import LostEvents
+from otelwater.events.recording import ProcessInfo
+from otelwater.events.records import Summary, record_ts
 
 
 class Stopper:
@@ -88,13 +105,22 @@ class WatchLoop:
                 for name, src in (("water", self.water), ("reads", self.readers)):
                     if src is None:
                         continue
+                    # the probes locate losses in-band (each LostEvents just before the
+                    # record that carried it); the sweep adds the exact total and what no
+                    # delivered record has reported yet (LossLedger, probes/kernel.py)
+                    located = getattr(src, "lost_sweep", None)
+                    if located is not None:
+                        rec = located(time.monotonic_ns())
+                        if rec is not None:
+                            batch.append(rec)
+                        continue
                     total = src.lost_total()
                     if total != lost_seen[name]:
                         lost_seen[name] = total
                         batch.append(LostEvents(time.monotonic_ns(), name, total))
                 next_sweep = now + self.interval_s
             if batch:
-                batch.sort(key=lambda r: getattr(r, "ts_ns", getattr(r, "ts_end_ns", 0)))
+                batch.sort(key=record_ts)
                 self.on_records(batch)
             if sweep:
                 self.on_tick()
@@ -171,3 +197,159 @@ class Analysis:
 
     def finish(self) -> list:
         return self.correlator.finish()
+
+
+class _Guarded:
+    """One sink as the pipeline calls it: a failure is counted and said once, and the run goes
+    on; an essential sink's failure (the command's own output) ends the run."""
+
+    __slots__ = ("sink", "failures", "out", "started")
+
+    def __init__(self, sink, out):
+        self.sink = sink
+        self.failures = 0
+        self.out = out
+        self.started = False
+
+    def call(self, method: str, *args):
+        try:
+            return getattr(self.sink, method)(*args)
+        except Exception as e:  # noqa: BLE001 - an output must not stop the others
+            if self.sink.essential:
+                raise
+            self.failures += 1
+            if self.failures == 1:
+                print(f"otelwater: the {self.sink.name} output failed ({method}: "
+                      f"{type(e).__name__}: {e}); the run goes on without what it lost, "
+                      f"and further failures are counted", file=self.out, flush=True)
+            return None
+
+
+class Pipeline:
+    """source -> raw sinks -> analysis (-> post) -> sinks; see the module docstring.
+
+    Use as a context manager around the run: on exit (normal, error or signal) every sink is
+    closed within `close_timeout_s`, the essential ones last."""
+
+    def __init__(self, *, analysis: "Analysis | None" = None, sinks: Iterable = (),
+                 raw_sinks: Iterable = (), post: Callable[[list], list] | None = None,
+                 out=None, close_timeout_s: float = 5.0):
+        self.analysis = analysis
+        self.post = post
+        self.out = out or sys.stderr
+        self.raw = [_Guarded(s, self.out) for s in raw_sinks]
+        self.sinks = [_Guarded(s, self.out) for s in sinks]
+        self.close_timeout_s = close_timeout_s
+        self.run: "RunInfo | None" = None
+        self._closed = False
+
+    @property
+    def all(self) -> list:
+        return self.raw + self.sinks
+
+    def failures(self) -> dict[str, int]:
+        return {g.sink.name: g.failures for g in self.all if g.failures}
+
+    def start(self, run) -> None:
+        self.run = run
+        for g in self.all:
+            g.call("start", run)
+            g.started = True
+
+    def feed(self, batch: list) -> None:
+        """One batch of raw records in time order, through everything."""
+        for g in self.raw:
+            g.call("write", batch)
+        if self.analysis is not None:
+            batch = self.analysis.process(batch)
+            if self.post is not None:
+                batch = self.post(batch)
+        if batch:
+            for g in self.sinks:
+                g.call("write", batch)
+
+    def emit(self, records: list) -> None:
+        """Records made outside the analysis (a summary at the end) to the sinks."""
+        if records:
+            for g in self.sinks:
+                g.call("write", records)
+
+    def tick(self) -> None:
+        for g in self.all:
+            g.call("tick")
+
+    def finish(self) -> None:
+        """The reads still pending get their verdicts; then the summaries."""
+        a = self.analysis
+        if a is None:
+            return
+        last = a.finish()
+        if self.post is not None:
+            last = self.post(last)
+        self.emit(last)
+        self.emit([Summary(d) for d in a.socket_summaries() + a.reader_summaries()])
+
+    def flush(self, timeout_s: float) -> bool:
+        ok = True
+        for g in self.all:
+            ok = bool(g.call("flush", timeout_s)) and ok
+        return ok
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self.close_timeout_s
+        first_error = None
+        # non-essential sinks first (an exporter's deadline), then the command's own output
+        for g in sorted(self.all, key=lambda g: g.sink.essential):
+            try:
+                g.call("close", max(0.0, deadline - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - close them all, raise the first
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the error already under way is the one to see
+            pass
+
+    # -- sources ------------------------------------------------------------------------------
+
+    def run_live(self, loop: "WatchLoop", stopper: "Stopper") -> None:
+        """The live source until it stops, then the reads still pending."""
+        loop.on_records = self.feed
+        loop.on_tick = self.tick
+        loop.run(stopper)
+        self.finish()
+
+    def run_records(self, records: Iterable, batch_size: int = 4096) -> RecordingError | None:
+        """A file's records (in time order), in batches, then the reads still pending. A file
+        that breaks midway stops there: what came before is analysed and finished all the
+        same, and the RecordingError is returned for the caller to raise after its output.
+        Process descriptions go straight to the sinks (the analysis has no use for them)."""
+        batch: list = []
+        error = None
+        try:
+            for rec in records:
+                if type(rec) is ProcessInfo:
+                    self.emit([rec])
+                    continue
+                batch.append(rec)
+                if len(batch) >= batch_size:
+                    self.feed(batch)
+                    batch = []
+        except RecordingError as e:
+            error = e
+        if batch:
+            self.feed(batch)
+        self.finish()
+        return error

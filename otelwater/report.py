@@ -1,9 +1,10 @@
-"""`otelwater correlate FILE`: a recording through the same analysis as `watch`, then a report.
+"""`otelwater correlate FILE`: a recording through the same pipeline as `watch`, then a report.
 
-    correlate(path, config)   Reader -> Analysis(config, start_ns=the recording's start), in
-                              batches; every verdict and alert record to `emit` as decided; a
-                              Collection of what the report and the plot need (bounded: the
-                              plot's water series only when asked for)
+    correlate(path, config, sinks=...)
+                              the file's records -> Pipeline(Analysis(config, start_ns=the
+                              recording's start)) -> the Collection (a sink: what the report
+                              and the plot need; bounded: the plot's water series only when
+                              asked for) and the caller's sinks (JSON Lines, OTLP re-export)
     render(collection)        the report for a person, 80 columns: the recording, verdict
                               counts, worst sockets, worst reads with their evidence, what was
                               lost or unknown and why
@@ -24,13 +25,13 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Callable
 
-from otelwater.alerts.stage import AlertTransition
 from otelwater.errors import OtelwaterError, RecordingError, UsageError
-from otelwater.events.model import LostEvents, Notice, ReadRecord, WaterSnapshot
 from otelwater.events.recording import Header, ProcessInfo
+from otelwater.events.records import Summary
 from otelwater.events.verdict import (CONSUMER_LAGGING, PEER_STARVED, RUNTIME_STARVED,
                                       UNKNOWN, VERDICTS, Verdict)
 from otelwater.export.live import caller, endpoint, human_bytes
+from otelwater.export.sink import Sink
 from otelwater.sockkey import format_key
 
 BATCH = 4096
@@ -48,8 +49,11 @@ def severity(v: Verdict) -> int:
     return max(v.read.duration_ns, v.queue_delay_ns or 0)
 
 
-@dataclass
-class Collection:
+@dataclass(eq=False)
+class Collection(Sink):
+    """What the report, the plot and `correlate --json`'s last record need, gathered as a sink
+    of the pipeline (every record after analysis)."""
+
     path: str
     header: Header
     config: object
@@ -72,111 +76,91 @@ class Collection:
     marks: list | None = None                           # (ts_end, sock_key, verdict)
     _seq: int = 0
 
+    name = "report"
+    ignores = frozenset({"summary"})
+
     @property
     def slow_reads(self) -> int:
         return sum(self.verdicts.values())
 
-    def raw(self, records: list) -> None:
-        counts = self.counts
+    def on_snapshot(self, r) -> None:
+        self.counts["snapshot"] += 1
+        if r.ts_ns > self.last_ns:
+            self.last_ns = r.ts_ns
         series = self.series
-        for r in records:
-            t = type(r)
-            if t is WaterSnapshot:
-                counts["snapshot"] += 1
-                if r.ts_ns > self.last_ns:
-                    self.last_ns = r.ts_ns
-                if series is not None and r.sock_key:
-                    s = series.get(r.sock_key)
-                    if s is None:
-                        s = series[r.sock_key] = (array("q"), array("q"))
-                    s[0].append(r.ts_ns)
-                    s[1].append(r.unread_bytes)
-            elif t is ReadRecord:
-                counts["read"] += 1
-                if r.ts_end_ns > self.last_ns:
-                    self.last_ns = r.ts_end_ns
-            elif t is LostEvents:
-                counts["lost"] += 1
-                self.lost[r.probe] = max(self.lost.get(r.probe, 0), r.lost_total)
-            elif t is Notice:
-                counts["notice"] += 1
-                if r.text not in self.notices and len(self.notices) < 20:
-                    self.notices.append(r.text)
+        if series is not None and r.sock_key:
+            s = series.get(r.sock_key)
+            if s is None:
+                s = series[r.sock_key] = (array("q"), array("q"))
+            s[0].append(r.ts_ns)
+            s[1].append(r.unread_bytes)
 
-    def analysed(self, records: list) -> None:
-        for r in records:
-            if type(r) is Verdict:
-                self.verdicts[r.verdict] += 1
-                if r.verdict == UNKNOWN:
-                    why = re.sub(r"-?\d[\d.,]*( ms| ns| us)?", "N", r.reason)
-                    self.unknown_why[why] = self.unknown_why.get(why, 0) + 1
-                self._seq += 1
-                item = (severity(r), -self._seq, r)
-                if len(self.worst) < self.top:
-                    heapq.heappush(self.worst, item)
-                elif item > self.worst[0]:
-                    heapq.heapreplace(self.worst, item)
-                if self.marks is not None:
-                    self.marks.append((r.read.ts_end_ns, r.sock_key, r.verdict))
-            elif type(r) is AlertTransition and r.state == "fired":
-                self.alerts[r.rule] = self.alerts.get(r.rule, 0) + 1
+    def on_read(self, r) -> None:
+        self.counts["read"] += 1
+        if r.ts_end_ns > self.last_ns:
+            self.last_ns = r.ts_end_ns
+
+    def on_lost(self, r) -> None:
+        self.counts["lost"] += 1
+        self.lost[r.probe] = max(self.lost.get(r.probe, 0), r.lost_total)
+
+    def on_notice(self, r) -> None:
+        self.counts["notice"] += 1
+        if r.text not in self.notices and len(self.notices) < 20:
+            self.notices.append(r.text)
+
+    def on_process(self, r) -> None:
+        self.counts["process"] += 1
+        self.processes.setdefault(r.pid, r)
+
+    def on_verdict(self, r) -> None:
+        self.verdicts[r.verdict] += 1
+        if r.verdict == UNKNOWN:
+            why = re.sub(r"-?\d[\d.,]*( ms| ns| us)?", "N", r.reason)
+            self.unknown_why[why] = self.unknown_why.get(why, 0) + 1
+        self._seq += 1
+        item = (severity(r), -self._seq, r)
+        if len(self.worst) < self.top:
+            heapq.heappush(self.worst, item)
+        elif item > self.worst[0]:
+            heapq.heapreplace(self.worst, item)
+        if self.marks is not None:
+            self.marks.append((r.read.ts_end_ns, r.sock_key, r.verdict))
+
+    def on_alert(self, r) -> None:
+        if r.state == "fired":
+            self.alerts[r.rule] = self.alerts.get(r.rule, 0) + 1
 
 
-def correlate(path: str, config, *, emit: Callable[[list], None] | None = None,
-              plot: bool = False, top: int = 10,
-              raw: Callable[[list], None] | None = None) -> Collection:
+def correlate(path: str, config, *, sinks: Callable[[Header], list] | list = (),
+              plot: bool = False, top: int = 10) -> Collection:
     """Run the recording (or OTLP JSON file, otelwater.events.otlpjson) at `path` through the
-    analysis; RecordingError for a file that has no valid header, otherwise a Collection (its
-    `error` set when the file broke later). `raw` gets each batch of records as read (the
-    offline metrics are built from every snapshot, not only the verdicts' evidence)."""
+    pipeline; RecordingError for a file that has no valid header, otherwise a Collection (its
+    `error` set when the file broke later). `sinks`: more sinks beside the Collection (or a
+    function of the file's header that makes them), each given every record after analysis,
+    then the summaries and, last, the "correlation" record (summary_json)."""
     from otelwater.events.otlpjson import open_input
-    from otelwater.pipeline import Analysis
+    from otelwater.export.sink import RunInfo
+    from otelwater.pipeline import Analysis, Pipeline
 
     reader = open_input(path)
-    amend = getattr(reader, "amend", None)   # OTLP JSON: the evidence counts as recorded
-    col = Collection(path, reader.header, config, top=top)
-    col.processes.update(reader.header.processes)
-    if plot:
-        col.series, col.marks = {}, []
-    analysis = col.analysis = Analysis(config, start_ns=reader.header.start_ns)
-    wanted = (Verdict, AlertTransition)
-
-    def run(batch: list) -> None:
-        col.raw(batch)
-        if raw is not None:
-            raw(batch)
-        out = analysis.process(batch)
-        out = [r for r in out if type(r) in wanted]
-        if amend is not None:
-            out = amend(out)
-        col.analysed(out)
-        if emit is not None and out:
-            emit(out)
-
-    batch: list = []
     try:
-        for rec in reader:
-            if type(rec) is ProcessInfo:
-                col.counts["process"] += 1
-                col.processes.setdefault(rec.pid, rec)
-                continue
-            batch.append(rec)
-            if len(batch) >= BATCH:
-                run(batch)
-                batch = []
-    except RecordingError as e:
-        col.error = e
+        col = Collection(path, reader.header, config, top=top)
+        col.processes.update(reader.header.processes)
+        if plot:
+            col.series, col.marks = {}, []
+        extra = sinks(reader.header) if callable(sinks) else list(sinks)
+        analysis = col.analysis = Analysis(config, start_ns=reader.header.start_ns)
+        # OTLP JSON: the evidence counts as the live run decided them
+        with Pipeline(analysis=analysis, sinks=[col, *extra],
+                      post=getattr(reader, "amend", None), close_timeout_s=10.0) as pipeline:
+            pipeline.start(RunInfo(reader.header.start_ns, config, header=reader.header))
+            col.error = pipeline.run_records(reader)
+            reader.close()
+            col.end = reader.end
+            pipeline.emit([Summary(summary_json(col))])
     finally:
         reader.close()
-    col.end = reader.end
-    if batch:
-        run(batch)
-    last = analysis.finish()
-    if amend is not None:
-        last = amend(last)
-    col.analysed(last)
-    if emit is not None and last:
-        emit(last)
     return col
 
 

@@ -29,46 +29,16 @@ evaluated: the surge variance needs consecutive samples in order.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from typing import Iterable
 
 from otelwater.alerts.rules import (SEVERITIES, Hysteresis, SlidingSkew, clear_levels,
                                     level_variance)
 from otelwater.config import AlertConfig
+from otelwater.events.alert import AlertTransition  # noqa: F401 - defined with the records
 from otelwater.events.model import ReadRecord, WaterSnapshot
-from otelwater.sockkey import format_key
 
 RULES = ("water_level", "fill_ratio", "surge", "read_skew")
-
-
-@dataclass(frozen=True, slots=True)
-class AlertTransition:
-    """A rule changed state on one socket (or, for process-scope read_skew, one process).
-
-    state "fired": the rule is firing now at `severity` (newly, or moved between bands: then
-    `previous` names the band it left). state "cleared": it stopped; `severity` is the band it
-    left. `threshold` is that band's firing threshold (it clears at clear_fraction times it).
-    `reason` is "" when the value crossed, else "close", "idle" or "evicted".
-    """
-
-    ts_ns: int
-    sock_key: int         # 0 for a process-scope rule
-    pid: int              # 0 when no reader is known yet
-    rule: str             # water_level, fill_ratio, surge, read_skew
-    state: str            # fired, cleared
-    severity: str         # warn, high, avalanche
-    value: float
-    threshold: float
-    previous: str = ""    # band moves: the severity it left
-    reason: str = ""      # "", close, idle, evicted
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["type"] = "alert"
-        d["sock_key"] = format_key(self.sock_key)
-        return d
 
 
 class _Watched:

@@ -30,12 +30,26 @@ verdict is the same, because no rule uses snapshots. If all records arrive withi
 ``lateness_ns`` and reads last at most ``history_ns - window_ns``, and no cap is reached, the
 join equals the brute-force join (``tests/unit/test_correlate.py`` checks it).
 
-**Lost records.** A ``lost`` record at time T whose ``lost_total`` rose means records of that
-probe were lost after the previous ``lost`` record of that probe and at most ``loss_span_ns``
-(1.1 s: the sweep interval plus a poll) before T. Reads overlapping such a span get ``unknown``
-when the probe is in ``unknown_on_lost`` (``reads``); otherwise (``water``) their evidence is
-marked incomplete. For this to reach every read it concerns, ``lateness_ns + window_ns`` must be
-at least ``loss_span_ns`` (checked).
+**Lost records.** A ``lost`` record says where records of its probe were lost, and reads
+overlapping that span get ``unknown`` when the probe is in ``unknown_on_lost`` (``reads``);
+otherwise (``water``) their evidence is marked incomplete. Two kinds:
+
+- *located* (``since_ns`` set): ``count`` records were lost within ``[since_ns, until_ns]``
+  (``ts_ns`` when ``until_ns`` is None), edges included. The kernel puts a loss on the next
+  record the same CPU delivers (the count, the times of the first and the last loss), and the
+  probe turns it into a located ``lost`` record just before that record (``ts_ns`` its time).
+  At each sweep (about 1 s) the probe also reports the exact ``lost_total`` and the losses
+  still pending on a CPU that no delivered record has reported yet (lost at the very end, or on
+  a CPU that has not emitted since), each once: from their first loss (or, for later losses in
+  the same run, from the previous sweep) to their last. So a sweep record never voids what an
+  in-band record accounts for: losses already carried are left out of its ``count``, and with
+  ``count`` 0 it only moves the total. A span may be reported twice (by a sweep, then by the
+  record that finally carries it): marking a read is idempotent.
+- *unlocated* (``since_ns`` None, recordings made before losses travelled in-band): a record at
+  time T whose ``lost_total`` rose means records were lost after the previous ``lost`` record of
+  that probe and at most ``loss_span_ns`` (1.1 s: the sweep interval plus a poll) before T. For
+  this to reach every read it concerns, ``lateness_ns + window_ns`` must be at least
+  ``loss_span_ns`` (checked); the sweep's reports keep located spans within that reach too.
 
 ``finish()`` decides every read still pending. The same object serves ``watch`` (feed each
 batch) and offline correlation (feed a file's records, then ``finish()``).
@@ -115,11 +129,8 @@ class _Socket:
         self.pending = 0         # reads on this socket not yet decided
 
     def drop_before(self, cut: int) -> int:
-        ts, h = self.ts, self.head
-        n = len(ts)
-        start = h
-        while h < n and ts[h] < cut:
-            h += 1
+        ts, start = self.ts, self.head
+        h = bisect.bisect_left(ts, cut, start)      # the first held at or after the cut
         if h == start:
             return 0
         self.horizon = max(self.horizon, ts[h - 1])
@@ -151,8 +162,10 @@ class Correlator:
         self._forgotten = _NEVER            # newest ts of snapshots of sockets no longer held
         self._lost_total: dict[str, int] = {}
         self._lost_ts: dict[str, int] = {}
-        self._spans: list[tuple[int, int, str, int]] = []   # (hi, lo, probe, n), sorted by hi
+        # (hi, lo, probe, n, located), sorted by hi: losses in (lo, hi]
+        self._spans: list[tuple[int, int, str, int, bool]] = []
         self._spans_forgotten: dict[str, int] = {}           # probe -> newest hi no longer held
+        self._widest = c.loss_span_ns                        # no span held is wider (hi - lo)
         self.counts = dict.fromkeys((
             "snapshots", "reads", "lost", "other", "slow_reads", "late_snapshots",
             "late_reads", "late_lost", "snapshots_pruned", "snapshots_capped",
@@ -172,7 +185,11 @@ class Correlator:
         per_socket = c.max_snapshots_per_socket
         max_held, max_sockets = c.max_snapshots, c.max_sockets
         pending = self._pending
+        # the hot loop keeps the watermark and the count held in locals, and puts them back
+        # in self before anything that reads them (a sweep, an eviction, a read, a loss)
         max_ts, wm = self._max_ts, self.watermark_ns
+        next_sweep = self._next_sweep
+        held = self._held
         cut = wm - keep
         n_snap = 0
         for r in records:
@@ -182,13 +199,16 @@ class Correlator:
                 ts = r.ts_ns
                 key = r.sock_key
                 if ts > max_ts:
-                    self._max_ts = max_ts = ts
-                    self.watermark_ns = wm = ts - lateness
+                    max_ts = ts
+                    wm = ts - lateness
                     cut = wm - keep
-                    if pending and pending[0][0] < wm:
-                        self._decide_until(wm, out)
-                    if wm >= self._next_sweep:
-                        self._sweep()
+                    if (pending and pending[0][0] < wm) or wm >= next_sweep:
+                        self._max_ts, self.watermark_ns, self._held = max_ts, wm, held
+                        if pending and pending[0][0] < wm:
+                            self._decide_until(wm, out)
+                        if wm >= next_sweep:
+                            self._sweep()
+                            next_sweep, held = self._next_sweep, self._held
                 elif ts < wm:
                     counts["late_snapshots"] += 1
                     if key:
@@ -210,7 +230,7 @@ class Correlator:
                     i = bisect.bisect_right(sts, ts, s.head)
                     sts.insert(i, ts)
                     s.snaps.insert(i, r)
-                held = self._held + 1
+                held += 1
                 n = len(sts) - s.head
                 if n >= _PRUNE_AT and sts[s.head] < cut:     # lazily; the sweep does the rest
                     pruned = s.drop_before(cut)
@@ -222,10 +242,12 @@ class Correlator:
                     s._set_head(s.head + 1)
                     held -= 1
                     counts["snapshots_capped"] += 1
-                self._held = held
                 if held > max_held or len(sockets) > max_sockets:
+                    self._max_ts, self.watermark_ns, self._held = max_ts, wm, held
                     self._evict()
+                    held = self._held
             else:
+                self._max_ts, self.watermark_ns, self._held = max_ts, wm, held
                 if t is ReadRecord or isinstance(r, ReadRecord):
                     self._add_read(r, out)
                 elif isinstance(r, LostEvents):
@@ -233,7 +255,9 @@ class Correlator:
                 else:
                     counts["other"] += 1
                 max_ts, wm = self._max_ts, self.watermark_ns
+                next_sweep, held = self._next_sweep, self._held
                 cut = wm - keep
+        self._max_ts, self.watermark_ns, self._held = max_ts, wm, held
         counts["snapshots"] += n_snap
         return out
 
@@ -292,17 +316,27 @@ class Correlator:
 
     def _add_lost(self, r: LostEvents, out: list[Verdict]) -> None:
         self.counts["lost"] += 1
+        prev = self._lost_total.get(r.probe, 0)
+        span = None
+        if r.since_ns is not None:      # located: in-band, or a sweep's pending losses
+            if r.count:
+                hi = r.ts_ns if r.until_ns is None else r.until_ns
+                lo = min(r.since_ns, hi) - 1
+                span = (hi, lo, r.probe, r.count, True)
+                self._widest = max(self._widest, hi - lo)
+        elif r.lost_total > prev:       # older recordings: within loss_span_ns before ts_ns
+            lo = max(self._lost_ts.get(r.probe, _NEVER), r.ts_ns - self.config.loss_span_ns)
+            span = (r.ts_ns, lo, r.probe, r.lost_total - prev, False)
+        if span is not None:
+            bisect.insort(self._spans, span)
+            if len(self._spans) > 4096:
+                hi, _, probe, _, _ = self._spans.pop(0)
+                self._spans_forgotten[probe] = max(self._spans_forgotten.get(probe, _NEVER), hi)
+        self._lost_total[r.probe] = max(prev, r.lost_total)
+        self._lost_ts[r.probe] = max(self._lost_ts.get(r.probe, _NEVER), r.ts_ns)
+        # the span is held before the watermark moves: the reads this record decides see it
         if not self._advance(r.ts_ns, out):
             self.counts["late_lost"] += 1
-        prev = self._lost_total.get(r.probe, 0)
-        if r.lost_total > prev:
-            lo = max(self._lost_ts.get(r.probe, _NEVER), r.ts_ns - self.config.loss_span_ns)
-            bisect.insort(self._spans, (r.ts_ns, lo, r.probe, r.lost_total - prev))
-            if len(self._spans) > 4096:
-                hi, _, probe, _ = self._spans.pop(0)
-                self._spans_forgotten[probe] = max(self._spans_forgotten.get(probe, _NEVER), hi)
-        self._lost_total[r.probe] = r.lost_total
-        self._lost_ts[r.probe] = max(self._lost_ts.get(r.probe, _NEVER), r.ts_ns)
 
     def _losses(self, start: int, end: int) -> tuple[str | None, bool]:
         """(why the read is unknown from losses or None, whether water evidence was lost)."""
@@ -317,18 +351,20 @@ class Correlator:
                     water = True
         spans = self._spans
         i = bisect.bisect_left(spans, (start,))
-        span = self.config.loss_span_ns
+        span = self._widest
         while i < len(spans):
-            hi, lo, probe, n = spans[i]
+            hi, lo, probe, n, located = spans[i]
             if hi - span > end:
                 break
             if lo < end:        # losses in (lo, hi] overlap [start, end]
                 if probe in unknown_probes:
                     if why is None:
                         what = "Go read" if probe == "reads" else probe
-                        why = (f"{n} {what} records were lost (ring buffer full) within "
-                               f"{(hi - lo) / 1e9:.2f} s around this read: its own evidence "
-                               "may be among them")
+                        where = (f"within {(hi - lo - 1) / 1e6:.3f} ms (the first loss to the "
+                                 "last) overlapping this read" if located else
+                                 f"within {(hi - lo) / 1e9:.2f} s around this read")
+                        why = (f"{n} {what} records were lost (ring buffer full) {where}: "
+                               "its own evidence may be among them")
                 else:
                     water = True
             i += 1

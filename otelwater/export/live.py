@@ -2,6 +2,11 @@
 
 Fits 80 columns. On a terminal it redraws in place (rich.live); piped, it prints one table
 per interval.
+
+    WaterBoard   what the view shows: latest state per socket, readers, alert marks, counters
+    ViewSink     the board and its view as a sink (redrawn at every tick and at the end)
+    RunStats     what every live run says on stderr: notices as they come, the closing line's
+                 counts (records, lost, verdicts)
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from otelwater.events.model import ReadRecord, WaterSnapshot
+from otelwater.export.sink import RunInfo, Sink
 
 ALERT_MARKS = {"water_level": "L", "fill_ratio": "F", "surge": "S", "read_skew": "K"}
 VERDICT_CODES = {"peer-starved": "PEER", "runtime-starved": "RUN", "consumer-lagging": "LAG",
@@ -225,3 +231,89 @@ class LiveView:
     def __exit__(self, *exc):
         if self._live is not None:
             self._live.__exit__(*exc)
+
+
+class ViewSink(Sink):
+    """The live view as a sink: the board takes the records, the view shows it each tick."""
+
+    name = "live view"
+    ignores = frozenset({"notice", "process", "summary"})   # notices: RunStats says them
+
+    def __init__(self, title: str | None = None, rows: int = 15,
+                 console: Console | None = None, board: WaterBoard | None = None):
+        self.board = board or WaterBoard()
+        self.view = LiveView(title or "otelwater watch", rows=rows, console=console)
+        self._title = title
+        self._started = self._open = False
+
+    def start(self, run: RunInfo) -> None:
+        if self._title is None:      # what is watched, Go reads included
+            self.view.title = f"otelwater watch: {run.what}"
+        self._started = True
+
+    def on_snapshot(self, r) -> None:
+        self.board.add(r)
+
+    def on_read(self, r) -> None:
+        self.board.add_read(r)
+
+    def on_verdict(self, r) -> None:
+        self.board.add_verdict(r)
+
+    def on_alert(self, r) -> None:
+        self.board.add_alert(r)
+
+    def on_lost(self, r) -> None:
+        self.board.lost_by_probe[r.probe] = r.lost_total
+
+    def tick(self) -> None:
+        if not self._started:
+            return
+        if not self._open:           # the terminal is taken at the first frame, not before
+            self.view.__enter__()
+            self._open = True
+        self.view.show(self.board)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if not self._open:
+            self.view.__enter__()
+            self._open = True
+        try:
+            self.view.show(self.board)
+        finally:
+            self._open = False
+            self.view.__exit__(None, None, None)
+
+
+class RunStats(Sink):
+    """Counts for the closing line, and each notice said on stderr as it comes."""
+
+    name = "run summary"
+    ignores = frozenset({"read", "alert", "process", "summary"})
+
+    def __init__(self, out=None):
+        import sys
+
+        self.out = out or sys.stderr
+        self.snapshots = 0
+        self.lost_by_probe: dict[str, int] = {}
+        self.verdicts: dict[str, int] = {}
+
+    @property
+    def lost(self) -> int:
+        return sum(self.lost_by_probe.values())
+
+    def on_snapshot(self, r) -> None:
+        self.snapshots += 1
+
+    def on_lost(self, r) -> None:
+        self.lost_by_probe[r.probe] = r.lost_total
+
+    def on_verdict(self, r) -> None:
+        self.verdicts[r.verdict] = self.verdicts.get(r.verdict, 0) + 1
+
+    def on_notice(self, r) -> None:
+        print(f"otelwater: {r.text}", file=self.out, flush=True)
