@@ -58,8 +58,9 @@ sys.path.insert(0, str(HERE))
 
 from otelwater.events.model import ReadRecord, WaterSnapshot  # noqa: E402
 from otelwater.events.verdict import Verdict  # noqa: E402
-from otelwater.export.clock import WallClock  # noqa: E402
+from otelwater.clock import WallClock  # noqa: E402
 from otelwater.export.otlp import SPAN_RATE, ExportOptions, Identity, OtlpSink  # noqa: E402
+from otelwater.export.sink import RunInfo  # noqa: E402
 
 MS = 1_000_000
 PID = 4242
@@ -199,7 +200,7 @@ def pipeline_run(cond: str, wl: dict, args) -> dict:
             start_ns = time.monotonic_ns()
             analysis = Analysis(config, start_ns=start_ns)
             if sink is not None:
-                sink.started(start_ns, config)
+                sink.start(RunInfo(start_ns, config))
 
             def on_records(records):
                 out = analysis.process(records)

@@ -6,7 +6,7 @@ The JSON beside it is this script's output, committed so provisioning needs no P
 tests/unit/test_grafana.py fails when the two differ, and
 tests/integration/test_prometheus.py runs every panel's query against a real Prometheus
 scraping otelwater. Metric and label names are what Prometheus sees of otelwater's instruments
-(otelwater/export/names.py): `otelwater.socket.water.volume` (By) is
+(otelwater/names.py): `otelwater.socket.water.volume` (By) is
 `otelwater_socket_water_volume_bytes`, attribute `network.local.port` the label
 `network_local_port`, and so on, the same from `--prometheus-port` and from the Collector's
 prometheus exporter (collector-config.yaml).

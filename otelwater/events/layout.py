@@ -12,9 +12,13 @@ import functools
 import re
 from pathlib import Path
 
-BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
-if not BPF_DIR.is_dir():  # installed as a package: bpf/ ships beside the modules
-    BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+# The BPF sources (headers and programs): installed from a wheel they ship inside the package
+# as otelwater/bpf (pyproject.toml maps it to bpf/); in a checkout, and an editable install of
+# one, they are the top-level bpf/ folder beside the package.
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+BPF_DIR = _PACKAGE_DIR / "bpf"
+if not BPF_DIR.is_dir():
+    BPF_DIR = _PACKAGE_DIR.parent / "bpf"
 
 _CTYPES = {
     "u8": ctypes.c_uint8, "u16": ctypes.c_uint16, "u32": ctypes.c_uint32, "u64": ctypes.c_uint64,

@@ -49,7 +49,7 @@ from typing import Iterator
 from otelwater.errors import RecordingError
 from otelwater.events.model import LostEvents, Notice, ReadRecord, WaterSnapshot
 from otelwater.events.recording import VERSION, Header, ProcessInfo, Reader
-from otelwater.export import names as N
+from otelwater import names as N
 
 HORIZON_NS = 30 * 10**9     # records are handed out once the file is this far past them
 MAX_HELD = 1_000_000        # ... or when more than this many are held

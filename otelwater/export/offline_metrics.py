@@ -7,29 +7,34 @@ and HistogramDataPoint) carrying the recording's times, converted with the recor
 offset as the spans are, and handed straight to an OTLP metric exporter's export():
 
     m = OfflineMetrics(header.start_ns, clock.offset_ns)
-    m.add(batch)                # the raw records in file order (snapshots, reads, lost) ...
-    m.add(verdicts_and_alerts)  # ... and the analysis's records, which may come after them
-    m.finish(span_of)           # span_of: a slow read's span ids, for the exemplars
+    m.add(batch)                # records after Analysis, by kind (a RecordHandler): the raw
+                                # ones in file order, alerts and verdicts as decided
+    m.verdict(v, ids)           # or a slow read with its span's (trace_id, span_id)
+    m.finish(span_of)           # span_of: a slow read's span ids, for the other exemplars
     for data in m.batches(resource_of):   # MetricsData, in time order
         exporter.export(data)
 
-The same instruments, units and attributes as the live sink (otelwater.export.names and the
-sink's attribute functions), so a dashboard cannot tell a re-export from a live run:
+otelwater.export.otlp.offline feeds it as the pipeline goes, beside the spans. The same
+instruments, units and attributes as the live sink (otelwater.names), and the same series
+rules (otelwater.export.series: top N, per-port sums, drops, closed and idle sockets), so a
+dashboard cannot tell a re-export from a live run:
 - Time is cut into wall-clock buckets of `step_ns` (1 s). A series gets a point at the end of
   each bucket in which it changed (the last bucket ends at the recording's last record), and
   while unchanged one every `refresh_ns` (10 s, the live export interval): a still queue stays
   a series (Prometheus forgets one after 5 minutes without points), and a long quiet recording
   costs a point per series per 10 s, not per second.
 - Gauges (water level, volume, unread, capacity, fill ratio): a socket's last snapshot at the
-  bucket's end. As live, the top N sockets by volume have their own series and the rest are
-  summed per (process, local port); a close ends a socket's series, and a socket with no
-  snapshot for 10 minutes of the recording is forgotten.
+  bucket's end, the sockets ranked then. As live, the top N sockets by volume have their own
+  series and the rest are summed per (process, local port); a close ends a socket's series,
+  and a socket with no snapshot for 10 minutes of the recording is forgotten (at the first
+  snapshot that much later, as live).
 - Counters (drops, verdicts, lost records) and the alerts-active up-down counter: cumulative
   from the recording's start (start_time_unix_nano, the same on every point of a series), and
   each series starts at 0 as live: a service's verdicts and the probes' lost records at the
   start, a drops series when its socket or per-port sum first appears.
 - Read duration: a cumulative explicit-bucket histogram per verdict; in each time bucket the
-  last slow read of each histogram bucket is an exemplar naming its span (span_of), as live.
+  last slow read of each histogram bucket is an exemplar naming its span (the ids verdict()
+  was given, else span_of's), as live.
 - Owner (the resource): the traced process (the header's processes, or any pid with Go reads),
   else otelwater's own, as live; resolved at the end, so a pid learned late owns all its series.
 
@@ -45,12 +50,13 @@ import heapq
 from itertools import count, groupby
 from typing import Callable, Iterable, Iterator
 
-from opentelemetry.sdk.trace import SpanProcessor
-
-from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
-from otelwater.export import names as N
-from otelwater.export.otlp import (IDLE_NS, MAX_SOCKETS, OWN, TOP_N, other_attributes,
-                                   socket_attributes, top_sockets)
+from otelwater import names as N
+from otelwater.events.model import ReadRecord
+from otelwater.events.recording import ProcessInfo
+from otelwater.events.records import RecordHandler
+from otelwater.events.verdict import Verdict
+from otelwater.export.series import (OWN, TOP_N, SocketSeries, drops_series, gauge_to_drops,
+                                     gauge_values)
 
 STEP_NS = 1_000_000_000          # a series has at most one point per second of the recording
 REFRESH_NS = 10_000_000_000      # an unchanged series is repeated this often
@@ -116,10 +122,12 @@ class _Points:
                 st[1] = b
 
 
-class OfflineMetrics:
+class OfflineMetrics(RecordHandler):
     """A recording's records in, MetricsData with the recording's times out (module doc).
     `start_ns`: the run's attach time (CLOCK_MONOTONIC; None or 0: unknown, the first record's
     time is taken); `offset_ns`: CLOCK_REALTIME - CLOCK_MONOTONIC of the recording."""
+
+    ignores = frozenset({"notice", "summary"})
 
     def __init__(self, start_ns: int | None, offset_ns: int, *, step_ns: int = STEP_NS,
                  refresh_ns: int = REFRESH_NS, top_n: int = TOP_N,
@@ -128,7 +136,6 @@ class OfflineMetrics:
             raise ValueError(f"step_ns {step_ns!r} must be positive")
         self.offset_ns = int(offset_ns)
         self.step_ns = int(step_ns)
-        self.top_n = top_n
         self.traced: set[int] = set(traced)
         self.t_min = int(start_ns) if start_ns else None   # CLOCK_MONOTONIC
         self.t_max: int | None = None
@@ -137,9 +144,7 @@ class OfflineMetrics:
         self.gauges = _Points(refresh)
         self.refresh = refresh
         self.cur_b: int | None = None
-        self.sockets: dict[int, WaterSnapshot] = {}       # least recently updated first
-        self.newest_ns = 0
-        self.last_drops: dict[int, int] = {}
+        self.series = SocketSeries(top_n)                 # the sockets (export.series)
         self.pending: dict[tuple, list] = {}              # (sock_key, pid) -> [drops, snap]
         self.top_prev: set[int] = set()
         # counters: (bucket, series id, delta or histogram sample), sorted at the end
@@ -166,40 +171,42 @@ class OfflineMetrics:
     def add(self, records: Iterable) -> None:
         """Any records after Analysis, as the live sink's write() takes them: snapshots in
         the order they were recorded; verdicts, alerts and lost records in theirs."""
-        from otelwater.alerts.stage import AlertTransition
-        from otelwater.events.verdict import Verdict
-
-        if self._done is not None:
-            raise RuntimeError("OfflineMetrics.add after finish()")
         records = records if isinstance(records, list) else list(records)
-        for r in records:   # a pid with Go reads is a traced service, before its alerts
-            t = type(r)
-            if t is ReadRecord:
-                self.traced.add(r.pid)
-            elif t is Verdict:
-                self.traced.add(r.read.pid)
-            elif hasattr(r, "service_name") and hasattr(r, "pid"):   # a ProcessInfo
-                self.traced.add(r.pid)
+        self.learn(records)
+        self.handle(records)
+
+    def learn(self, records: list) -> None:
+        """The pids of a batch that are traced services (Go reads, verdicts, process
+        descriptions), before any of its records is taken: an alert owns the same series
+        whether its process's first read comes before or after it in the batch."""
+        traced = self.traced
         for r in records:
             t = type(r)
-            if t is WaterSnapshot:
-                self._snapshot(r)
+            if t is ReadRecord or t is ProcessInfo:
+                traced.add(r.pid)
             elif t is Verdict:
-                self._verdict(r)
-            elif t is AlertTransition:
-                self._alert(r)
-            elif t is LostEvents:
-                self._lost(r)
-            elif t is ReadRecord:
-                self._seen(r.ts_start_ns)
-                self._seen(r.ts_end_ns)
+                traced.add(r.read.pid)
 
     def _series(self, sid: tuple, pid: int, attrs: dict) -> tuple:
         if sid not in self.meta:
             self.meta[sid] = (pid, attrs)
         return sid
 
-    def _snapshot(self, s: WaterSnapshot) -> None:
+    def _check(self) -> None:
+        if self._done is not None:
+            raise RuntimeError("OfflineMetrics.add after finish()")
+
+    def on_read(self, r) -> None:
+        self._check()
+        self.traced.add(r.pid)
+        self._seen(r.ts_start_ns)
+        self._seen(r.ts_end_ns)
+
+    def on_process(self, p) -> None:
+        self.traced.add(p.pid)
+
+    def on_snapshot(self, s) -> None:
+        self._check()
         self._seen(s.ts_ns)
         b = self.bucket(s.ts_ns)
         if self.cur_b is None:
@@ -207,60 +214,22 @@ class OfflineMetrics:
         elif b > self.cur_b:
             self._close()
             self.cur_b = b
-        self.newest_ns = max(self.newest_ns, s.ts_ns)
-        key = s.sock_key
-        prev = self.last_drops.get(key)
-        if prev is not None and s.drops > prev:
-            p = self.pending.setdefault((key, s.pid), [0, s])
-            p[0] += s.drops - prev
+        more = self.series.fold(s)
+        if more:
+            p = self.pending.setdefault((s.sock_key, s.pid), [0, s])
+            p[0] += more
             p[1] = s
-        if s.trigger == "close":
-            self.sockets.pop(key, None)
-            self.last_drops.pop(key, None)
-            return
-        self.last_drops[key] = s.drops
-        self.sockets.pop(key, None)        # to the end: the most recently updated
-        self.sockets[key] = s
-        while len(self.sockets) > MAX_SOCKETS:
-            old = next(iter(self.sockets))
-            del self.sockets[old]
-            self.last_drops.pop(old, None)
 
     def _close(self) -> None:
         """The gauges at the end of the current bucket, and the drops seen in it."""
         b = self.cur_b
-        if self.sockets:
-            oldest = next(iter(self.sockets.values()))
-            if self.newest_ns - oldest.ts_ns > IDLE_NS:   # forgotten, as live
-                for k in [k for k, v in self.sockets.items()
-                          if self.newest_ns - v.ts_ns > IDLE_NS]:
-                    del self.sockets[k]
-                    self.last_drops.pop(k, None)
-        socks = list(self.sockets.values())
-        top = top_sockets(socks, self.top_n)
-        top_keys = {s.sock_key for s in top}
+        ranking = self.series.rank()
+        top_keys = ranking.top_keys
         now: dict[tuple, tuple] = {}
-        for s in top:
-            sid = ("gs", s.sock_key, s.pid)
-            if sid not in self.meta:
-                self._series(sid, s.pid, socket_attributes(s))
-            now[sid] = (s.level, s.volume, s.unread_bytes, s.capacity)
-        sums: dict[tuple, list] = {}
-        for s in socks:
-            if s.sock_key in top_keys:
-                continue
-            t = sums.get((s.pid, s.lport))
-            if t is None:
-                t = sums[(s.pid, s.lport)] = [0, 0, 0, 0]
-            t[0] += s.level
-            t[1] += s.volume
-            t[2] += s.unread_bytes
-            t[3] += s.capacity
-        for (pid, lport), t in sums.items():
-            sid = ("go", pid, lport)
-            if sid not in self.meta:
-                self._series(sid, pid, other_attributes(pid, lport))
-            now[sid] = tuple(t)
+        for x in ranking.series:
+            if x.sid not in self.meta:
+                self._series(x.sid, x.pid, x.attributes())
+            now[x.sid] = x.values
         g = self.gauges
         g.repeat_before(b)
         for sid, v in now.items():
@@ -272,35 +241,39 @@ class OfflineMetrics:
         # one's for a socket that closed in it), else its process and port's sum
         events = self.events
         for sid in now:
-            d = ("d" + sid[0][1],) + sid[1:]
+            d = gauge_to_drops(sid)
             if d not in self.meta:
                 self._series(d, self.meta[sid][0], self.meta[sid][1])
                 events.append((b, d, 0))
+        sockets = self.series
         for (key, pid), (more, s) in self.pending.items():
-            if key in top_keys or (key not in self.sockets and key in self.top_prev):
-                d = ("ds", key, pid)
-                if d not in self.meta:
-                    self._series(d, pid, socket_attributes(s))
-            else:
-                d = ("do", pid, s.lport)
-                if d not in self.meta:
-                    self._series(d, pid, other_attributes(pid, s.lport))
-            events.append((b, d, more))
+            own = key in top_keys or (key not in sockets and key in self.top_prev)
+            d, attrs = drops_series(s, own)
+            events.append((b, self._series(d, pid, attrs), more))
         self.pending.clear()
         self.top_prev = top_keys
 
-    def _verdict(self, v) -> None:
+    def on_verdict(self, v) -> None:
+        self.verdict(v)
+
+    def verdict(self, v, ids: tuple | None = None) -> None:
+        """A slow read; `ids`: (trace_id, span_id) of its span, its histogram's exemplar
+        (else finish()'s span_of is asked)."""
+        self._check()
         r = v.read
+        self.traced.add(r.pid)
         self._seen(r.ts_start_ns)
         self._seen(r.ts_end_ns)
         b = self.bucket(r.ts_end_ns)
         label = {N.VERDICT: v.verdict}
         self.events.append((b, self._series(("v", r.pid, v.verdict), r.pid, label), 1))
         self.events.append((b, self._series(("h", r.pid, v.verdict), r.pid, label),
-                            (r.duration_ns / 1e9, r.ts_end_ns, (r.pid, r.tid, r.ts_start_ns))))
+                            (r.duration_ns / 1e9, r.ts_end_ns, (r.pid, r.tid, r.ts_start_ns),
+                             ids)))
 
-    def _alert(self, a) -> None:
+    def on_alert(self, a) -> None:
         """Firing alerts per (rule, severity), as the live up-down counter counts them."""
+        self._check()
         self._seen(a.ts_ns)
         b = self.bucket(a.ts_ns)
         active = ((a.sock_key,) if a.sock_key else ("pid", a.pid), a.rule)
@@ -316,7 +289,8 @@ class OfflineMetrics:
         return self._series(("a", owner, rule, severity), owner,
                             {N.ALERT_RULE: rule, N.ALERT_SEVERITY: severity})
 
-    def _lost(self, r: LostEvents) -> None:
+    def on_lost(self, r) -> None:
+        self._check()
         self._seen(r.ts_ns)
         prev = self.lost_seen.get(r.probe, 0)
         if r.lost_total > prev:
@@ -361,14 +335,15 @@ class OfflineMetrics:
                     h = totals.get(sid)
                     if h is None:
                         h = totals[sid] = [0, 0.0, [0] * (len(BOUNDS) + 1), x[0], x[0]]
-                    value, ts, key = x
+                    value, ts, key, ids = x
                     i = bisect.bisect_left(BOUNDS, value)
                     h[0] += 1
                     h[1] += value
                     h[2][i] += 1
                     h[3] = min(h[3], value)
                     h[4] = max(h[4], value)
-                    ids = span_of(key) if span_of is not None else None
+                    if ids is None and span_of is not None:
+                        ids = span_of(key)
                     if ids is not None:
                         ex = exemplars.setdefault((b, sid), {})
                         if i not in ex or ts >= ex[i][1]:
@@ -403,7 +378,7 @@ class OfflineMetrics:
         return sum(len(GAUGES) if p[1][0] in ("gs", "go") else 1 for p in self._points()[0])
 
     def owners(self) -> set[int]:
-        """The resource keys the points belong to (otelwater.export.otlp.OWN: its own)."""
+        """The resource keys the points belong to (otelwater.export.series.OWN: its own)."""
         return {self._resolve(p[1]) for p in self._points()[0]}
 
     def batches(self, resource_of: Callable[[int], object],
@@ -474,9 +449,7 @@ class OfflineMetrics:
             key = self._resolve(sid)
             attrs = self.meta[sid][1]
             if kind in ("gs", "go"):
-                level, volume, unread, capacity = value
-                fill = volume / capacity if capacity else 0.0
-                for inst, v in zip(GAUGES, (level, volume, unread, capacity, fill)):
+                for inst, v in zip(GAUGES, gauge_values(value)):
                     put(key, inst, NumberDataPoint(attributes=attrs, start_time_unix_nano=None,
                                                    time_unix_nano=t, value=v))
                 n += len(GAUGES)
@@ -502,43 +475,3 @@ class OfflineMetrics:
                 chunk, n = {}, 0
         if chunk:
             yield data(chunk)
-
-
-class SpanIds(SpanProcessor):
-    """A span processor passing every span on to `inner`, keeping each slow read's span
-    context in `ids` (shared by the services): (pid, tid, read start ns) -> (trace_id,
-    span_id), for the histogram's exemplars. Any other attribute (the batch processor that
-    otelwater.export.otlp looks into to interrupt a hung export) is the inner's."""
-
-    def __init__(self, inner, ids: dict):
-        self.inner = inner
-        self.ids = ids
-
-    def on_start(self, span, parent_context=None) -> None:
-        self.inner.on_start(span, parent_context=parent_context)
-
-    def _on_ending(self, span) -> None:
-        hook = getattr(self.inner, "_on_ending", None)
-        if hook is not None:
-            hook(span)
-
-    def on_end(self, span) -> None:
-        if span.name == N.READ_SPAN:
-            a = span.attributes or {}
-            start = a.get(N.READ_START_NS)
-            if start is not None:
-                ctx = span.context
-                self.ids[(a.get(N.PROCESS_PID), a.get(N.THREAD_ID), start)] = \
-                    (ctx.trace_id, ctx.span_id)
-        self.inner.on_end(span)
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-    def __getattr__(self, name):
-        if name == "inner":   # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)

@@ -13,7 +13,7 @@ one series per service, socket and attribute set.
 The translation is otelwater's own because the OpenTelemetry Prometheus exporter
 (opentelemetry-exporter-prometheus) drops exemplars; its names and labels are the exporter's,
 sample for sample (tests/unit/test_prometheus.py scrapes both): names from
-otelwater/export/names.py (otelwater.socket.water.volume, unit By ->
+otelwater/names.py (otelwater.socket.water.volume, unit By ->
 otelwater_socket_water_volume_bytes; counters end in _total), every attribute a label
 (network.local.port -> network_local_port), the instrumentation scope as otel_scope_name,
 otel_scope_version and otel_scope_schema_url, the traced service's `service.name` as the label
@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from otelwater.errors import UsageError
-from otelwater.export.names import SERVICE_NAME
+from otelwater.names import SERVICE_NAME
 
 DEFAULT_ADDRESS = "127.0.0.1"
 RESOURCE_LABELS = frozenset({SERVICE_NAME})   # resource attributes that label every series
@@ -140,18 +140,23 @@ def scrape_reader(on_shutdown: Callable[[object], None] = lambda reader: None):
 
 
 def export_sink(otlp=None, prometheus: PrometheusEndpoint | None = None, **kw):
-    """The one OtlpSink `watch` writes its records to: OTLP (an ExportOptions from
-    otlp.resolve_options) and/or this endpoint. None when both are off."""
+    """The one Sink `watch` writes its records to (an otelwater.export.otlp.OtlpSink): OTLP
+    (an ExportOptions from otlp.resolve_options) and/or this endpoint's readers, one per
+    traced service. None when both are off. The endpoint itself is closed by its owner."""
     from otelwater.export.otlp import OtlpSink
 
     if prometheus is None:
         return OtlpSink.for_options(otlp, **kw) if otlp is not None else None
     if otlp is not None:
-        return OtlpSink.for_options(otlp, extra_readers=lambda: [prometheus.reader()], **kw)
+        sink = OtlpSink.for_options(otlp, extra_readers=lambda: [prometheus.reader()], **kw)
+        sink.name = "OTLP export and Prometheus endpoint"
+        return sink
     from opentelemetry.sdk.trace import SpanProcessor
 
     # metrics only: spans still start and end (exemplars take their ids) but go nowhere
-    return OtlpSink(make_pipeline=lambda: (SpanProcessor(), prometheus.reader()), **kw)
+    sink = OtlpSink(make_pipeline=lambda: (SpanProcessor(), prometheus.reader()), **kw)
+    sink.name = "Prometheus endpoint"
+    return sink
 
 
 def merge_families(families: Iterable) -> list:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from otelwater.export.clock import WallClock
+from otelwater.clock import WallClock
 
 from .conftest import OTELWATER, ROOT
 from .otlp_receiver import GrpcReceiver, HttpReceiver, attrs, free_port

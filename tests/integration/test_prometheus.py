@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from otelwater.export import names as N
+from otelwater import names as N
 
 from .conftest import OTELWATER, ROOT
 from .loopback import Pair, ss

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otelwater.export import names
+from otelwater import names
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "examples" / "grafana"

@@ -23,10 +23,12 @@ from otelwater.config import Config
 from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
 from otelwater.events.recording import Reader, Writer
 from otelwater.events.verdict import Verdict
-from otelwater.export import names as N
-from otelwater.export.clock import WallClock
+from otelwater import names as N
+from otelwater.clock import WallClock
 from otelwater.export.offline_metrics import GAUGES, OfflineMetrics
+from otelwater.events.records import KIND_NAMES
 from otelwater.export.otlp import OWN, Identity, OtlpSink
+from otelwater.export.sink import RunInfo, Sink
 from tests.integration.otlp_receiver import GrpcReceiver, HttpReceiver, free_port
 
 S = 1_000_000_000
@@ -81,18 +83,32 @@ def fixture_recording(path, batches=None):
     return path
 
 
+class Fed(Sink):
+    """Every record the pipeline gives its sinks (raw, alerts, verdicts, summaries), into
+    OfflineMetrics as `correlate --otlp-endpoint` feeds it; the verdicts and alerts kept."""
+
+    ignores = frozenset(KIND_NAMES)
+
+    def __init__(self, metrics: OfflineMetrics):
+        self.metrics = metrics
+        self.emitted: list = []
+
+    def write(self, records: list) -> None:
+        self.metrics.add(records)
+        self.emitted.extend(r for r in records if type(r) in (Verdict, AlertTransition))
+
+
 def offline_of(path, span_of=None, **kw):
-    """What `correlate --otlp-endpoint` builds: every raw batch and the analysis's records."""
+    """What `correlate --otlp-endpoint` builds: every record of the pipeline, in its order."""
     from otelwater import report
 
     header = Reader(str(path)).header
     m = OfflineMetrics(header.start_ns, header.clock["realtime_minus_monotonic_ns"], **kw)
-    emitted: list = []
-    col = report.correlate(str(path), Config(), emit=emitted.extend, raw=m.add)
+    fed = Fed(m)
+    col = report.correlate(str(path), Config(), sinks=[fed])
     assert col.error is None
-    m.add(emitted)
     m.finish(span_of)
-    return m, emitted
+    return m, fed.emitted
 
 
 def points_of(datas) -> dict:
@@ -272,7 +288,7 @@ def test_final_values_names_units_and_attributes_equal_the_live_sinks():
                 snap(t + 2500 * MS, key=2, volume=100, lport=8080)]
     # When the live sink takes them, and the offline metrics do
     live = live_sink()
-    live.started(START)
+    live.start(RunInfo(START))
     live.write(records)
     got = {}
     for key, svc in live.services.items():

@@ -17,11 +17,12 @@ from otelwater.alerts.stage import AlertTransition
 from otelwater.errors import UsageError
 from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
 from otelwater.events.verdict import Verdict
-from otelwater.export import names as N
-from otelwater.export.clock import WallClock
+from otelwater import names as N
+from otelwater.clock import WallClock
 from otelwater.export.otlp import (GRPC, HTTP, OWN, ExportHealth, ExportOptions, Identity,
                                    OtlpSink, _counting_span_exporter, identity_from_proc,
                                    resolve_options)
+from otelwater.export.sink import RunInfo
 
 MS = 1_000_000
 OFFSET = 1_700_000_000_123_456_789   # realtime - monotonic of the synthetic clock
@@ -187,8 +188,8 @@ def test_resources_carry_the_run_the_verdicts_came_from():
     from otelwater.config import load_config
 
     h = Harness()
-    h.sink.started(5 * MS, load_config(None, flags={"correlate.threshold_ms": 2.5,
-                                                   "correlate.run_threshold_ms": 3}))
+    h.sink.start(RunInfo(5 * MS, load_config(None, flags={"correlate.threshold_ms": 2.5,
+                                                          "correlate.run_threshold_ms": 3})))
     h.sink.write([verdict(10 * MS, 20 * MS)])
     (span,) = h.spans.get_finished_spans()
     r = span.resource.attributes
@@ -390,10 +391,10 @@ def test_close_with_no_collector_returns_within_its_timeout(protocol):
 
 
 def test_export_off_by_default_for_offline():
-    from otelwater.export.otlp import export_offline
+    from otelwater.export.otlp import offline_sink
 
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("OTEL_EXPORTER")}
     try:
-        assert export_offline([], object()) is None
+        assert offline_sink(object()) is None
     finally:
         os.environ.update(saved)

@@ -12,9 +12,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otelwater.events.verdict import VERDICTS, Verdict
-from otelwater.export import names as N
-from otelwater.export.clock import WallClock
+from otelwater import names as N
+from otelwater.clock import WallClock
 from otelwater.export.otlp import OWN, ExportHealth, Identity, OtlpSink, SpanBudget
+from otelwater.export.sink import RunInfo
 
 from .test_otlp import MS, OFFSET, PID, read, snap, verdict
 
@@ -220,7 +221,7 @@ def test_a_new_services_verdict_and_limited_counters_start_at_0():
 
 def test_lost_records_of_each_probe_start_at_0_when_the_run_starts():
     sink = make_sink(background=False)
-    sink.started(5 * MS)
+    sink.start(RunInfo(5 * MS))
     m = metrics(sink, OWN)
     assert {dict(k)[N.PROBE]: p.value for k, p in m[N.RECORDS_LOST.name].items()} == \
         {"water": 0, "reads": 0}

@@ -28,8 +28,9 @@ from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
 from otelwater.events.otlpjson import OtlpJsonReader, any_value, open_input, sniff
 from otelwater.events.recording import ProcessInfo
 from otelwater.events.verdict import Verdict
-from otelwater.export.clock import WallClock
+from otelwater.clock import WallClock
 from otelwater.export.otlp import Identity, OtlpSink
+from otelwater.export.sink import MemorySink, RunInfo
 from otelwater.pipeline import Analysis
 
 MS = 1_000_000
@@ -68,7 +69,7 @@ class Exported:
             clock=WallClock(OFFSET), host="testhost", endpoints=None,
             background=False, span_rate=None)   # every span, as the offline export
         if start_ns is not None:
-            self.sink.started(start_ns, config)
+            self.sink.start(RunInfo(start_ns, config))
 
     def write(self, path, batch: int = 64, apart: bool = False) -> list[str]:
         """Each service's spans in batches of its own (one exporter per service), the lines
@@ -258,8 +259,9 @@ def test_correlate_gives_the_same_verdicts_from_the_spans_as_the_analysis(tmp_pa
                                       "window_ms": 5.0}}
     cfg = load_config(None, flags={f"correlate.{k}": v
                                    for k, v in recorded["correlate"].items()})
-    emitted = []
-    col = report.correlate(str(tmp_path / "otlp.json"), cfg, emit=emitted.extend)
+    mem = MemorySink(kinds=("verdict", "alert"))
+    col = report.correlate(str(tmp_path / "otlp.json"), cfg, sinks=[mem])
+    emitted = mem.records
     assert col.error is None
     # Then every slow read has the same verdict, figures and evidence
     off = [r for r in emitted if type(r) is Verdict]

@@ -26,8 +26,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from otelwater.events.model import LostEvents
-from otelwater.export import names as N
-from otelwater.export.clock import WallClock
+from otelwater import names as N
+from otelwater.clock import WallClock
 from otelwater.export.otlp import Identity, OtlpSink
 from otelwater.export.prometheus import (RESOURCE_LABELS, PrometheusEndpoint, export_sink,
                                          label_name, metric_name, scrape_reader, unit_suffix)

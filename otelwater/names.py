@@ -1,6 +1,7 @@
 """Every name otelwater exports: metric instruments (name, kind, unit, description), attribute
 keys and span and event names, in one place. The OTLP sink and the Prometheus endpoint use
-these and nothing else.
+these and nothing else, and the OTLP JSON reader (events/otlpjson.py) reads spans back by them:
+so they sit below both the records and the sinks.
 
 OpenTelemetry semantic-convention names where one exists (network.*, process.*, thread.id,
 code.*, service.*, host.name); everything else under `otelwater.`. Units are UCUM as the

@@ -1,0 +1,368 @@
+"""The live OTLP sink: records after Analysis in (a otelwater.export.sink.Sink), spans and
+metric points out through opentelemetry-sdk, on a worker thread of its own.
+
+    sink = OtlpSink.for_options(resolve_options(flag_endpoint, flag_protocol))
+    sink.start(run)                # the run's attach time and thresholds, on every resource
+    sink.write(records)            # each batch, the same records the JSON Lines sink gets
+    sink.flush(timeout_s)          # wait until the worker has taken everything written
+    sink.close(timeout_s)          # flush within a deadline, and say what was not delivered
+
+Records are taken by kind (on_snapshot, on_read, on_verdict, on_alert, on_lost, on_process;
+notices and summaries are ignored). What is built: otlp.spans (a span per verdict, a span per
+rise of the lost records), otlp.metrics (gauges, drops, alerts, lost; the read-duration
+histogram and verdict counter recorded inside the read's span context, so its exemplars carry
+that span's trace and span id), each under its service's resource (otlp.resources).
+
+Export never holds the probes. write() only appends the records to a bounded queue
+(MAX_RECORDS; what does not fit is dropped, counted and said once) and returns: a span costs
+0.4-0.6 ms of CPU in the SDK (bench/export_cost.py), which the watch loop that drains the
+kernel's ring buffers cannot spare at 1,000 slow reads a second. One worker thread per sink
+turns the records into spans, events and metric points; close() lets it drain the queue
+within its deadline. The worker still shares the interpreter (its lock) with the loop, so
+spans are also limited to SPAN_RATE a second per sink (a token bucket holding one second's
+worth, about a third of a CPU at most): beyond that a slow read still counts in the verdict
+counter and the duration histogram, but gets no span (otelwater.spans.limited counts them; the
+first is said once). With background=False write() builds on the caller's thread, and
+span_rate=None puts no limit (tests, and the offline export's spans: otlp.offline).
+Counters start at 0: every verdict of a service (and its limited spans) when the service
+appears, the lost records of each probe when the run starts (start()), a drops series when
+its socket or its per-port sum first appears, so rate() works from the first scrape.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as socketlib
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import IO, Callable, Iterable
+
+from otelwater import names as N
+from otelwater.clock import WallClock
+from otelwater.events.model import ReadRecord
+from otelwater.events.verdict import Verdict
+from otelwater.export.otlp.health import (ExportHealth, _bounded_batch_processor,
+                                          _counting_metric_exporter, _counting_span_exporter,
+                                          _inner_exporters, say_delivery)
+from otelwater.export.otlp.metrics import LiveMetrics
+from otelwater.export.otlp.options import ExportOptions, quiet_sdk_logs
+from otelwater.export.otlp.resources import Services, endpoints_from_proc, identity_from_proc
+from otelwater.export.otlp.spans import WINDOW_NS, AlertWindow, lost_span, start_read_span
+from otelwater.export.series import MAX_SOCKETS, OWN, TOP_N
+from otelwater.export.sink import RunInfo, Sink
+
+MAX_RECORDS = 16384             # records waiting for the sink's worker (write() never blocks)
+SPAN_RATE = 500.0               # spans a second per sink, at most; None: every slow read
+METRIC_INTERVAL_S = 10.0        # unless OTEL_METRIC_EXPORT_INTERVAL says otherwise
+CLOSE_TIMEOUT_S = 5.0           # the most close() waits for the last export
+
+
+class SpanBudget:
+    """A token bucket: at most `rate` spans a second, in bursts of up to `burst` (one second's
+    worth by default, so a watch loop's batch of 0.1 s passes whole). `now` is injectable
+    (seconds, monotonic) so tests can step time."""
+
+    def __init__(self, rate: float, burst: float | None = None,
+                 now: Callable[[], float] = time.monotonic):
+        if rate <= 0:
+            raise ValueError(f"span rate {rate!r} must be positive")
+        self.rate = float(rate)
+        self.burst = float(burst) if burst is not None else max(1.0, self.rate)
+        self.now = now
+        self.tokens = self.burst
+        self.last = now()
+
+    def take(self) -> bool:
+        """True if one more span fits now (and counts it)."""
+        t = self.now()
+        if t > self.last:
+            self.tokens = min(self.burst, self.tokens + (t - self.last) * self.rate)
+            self.last = t
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class OtlpSink(Sink):
+    """Records after Analysis in, OTLP out (module docstring). Not thread-safe for writers:
+    one thread calls write(); the sink's worker builds the telemetry (with `background`, the
+    default; without it, write() does); the SDK's reader threads call the gauges' callbacks.
+
+    make_pipeline: -> (SpanProcessor, MetricReader), a new pair per service.
+    span_rate: spans a second at most (None: no limit); `now` is its clock (tests step it).
+    queue_records: records write() may leave waiting for the worker; beyond, dropped."""
+
+    name = "OTLP export"
+    ignores = frozenset({"notice", "summary"})
+
+    def __init__(self, *, make_pipeline: Callable[[], tuple],
+                 identity: Callable[[int], object] = identity_from_proc,
+                 clock: WallClock | None = None, host: str | None = None,
+                 traced_pids: Iterable[int] = (), top_n: int = TOP_N,
+                 window_ns: int = WINDOW_NS, health: ExportHealth | None = None,
+                 extra_readers: Callable[[], list] = list,
+                 endpoints: Callable[[int, int], tuple | None] | None = endpoints_from_proc,
+                 background: bool = True, queue_records: int = MAX_RECORDS,
+                 span_rate: float | None = SPAN_RATE, now: Callable[[], float] = time.monotonic):
+        self.clock = clock or WallClock.measure()
+        self.lock = threading.RLock()
+        self.registry = Services(make_pipeline=make_pipeline, identity=identity,
+                                 host=host or socketlib.gethostname(), traced_pids=traced_pids,
+                                 extra_readers=extra_readers, observe=self._observe)
+        self.registry.run[N.CLOCK_OFFSET_NS] = self.clock.offset_ns   # on every resource
+        self.services = self.registry.by_key          # key -> otlp.resources.Service
+        self.metrics = LiveMetrics(self.registry, top_n)
+        self.alerts = AlertWindow(window_ns)
+        self.delivers = health is not None  # an OTLP destination: close() sums up delivery
+        self.health = health if health is not None else ExportHealth(None)
+        self.span_rate = span_rate
+        self.budget = SpanBudget(span_rate, now=now) if span_rate is not None else None
+        self.endpoints = endpoints          # (pid, sock_key) -> (laddr, lport, raddr, rport)
+        self.ends: OrderedDict[int, tuple | None] = OrderedDict()  # sock_key -> that, bounded
+        self.spans = 0
+        self._closed = False
+        # the worker's queue: batches of records; `queued` counts records not yet processed
+        self.background = background
+        self.queue_records = queue_records
+        self._batches: deque[list] = deque()
+        self._queued = 0
+        self._stopping = False
+        self._cv = threading.Condition(threading.Lock())
+        self._worker: threading.Thread | None = None
+        if background:
+            self._worker = threading.Thread(target=self._work, name="otelwater-export",
+                                            daemon=True)
+            self._worker.start()
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def for_options(cls, opts: ExportOptions, *, out: IO[str] | None = None,
+                    metric_interval_s: float | None = None, **kw) -> "OtlpSink":
+        """A sink exporting to `opts`, each service with its own exporters, counted."""
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        quiet_sdk_logs()
+        health = ExportHealth(opts.target, out)
+        if metric_interval_s is None:
+            env = os.environ.get("OTEL_METRIC_EXPORT_INTERVAL")
+            metric_interval_s = float(env) / 1000 if env else METRIC_INTERVAL_S
+
+        def pipeline():
+            spans, metrics = opts.exporters()
+            return (_bounded_batch_processor(_counting_span_exporter(spans, health), health),
+                    PeriodicExportingMetricReader(
+                        _counting_metric_exporter(metrics, health),
+                        export_interval_millis=metric_interval_s * 1000))
+
+        return cls(make_pipeline=pipeline, health=health, **kw)
+
+    @property
+    def traced(self) -> set[int]:
+        return self.registry.traced
+
+    @property
+    def rank_every_s(self) -> float:
+        """How often the top-N ranking of the gauges may be recomputed (tests set 0)."""
+        return self.metrics.rank_every_s
+
+    @rank_every_s.setter
+    def rank_every_s(self, value: float) -> None:
+        self.metrics.rank_every_s = value
+
+    def start(self, run: RunInfo) -> None:
+        """The run's attach time and analysis settings, put on every resource created after
+        this (before the first write), so the spans alone give the same verdicts."""
+        self.registry.set_run(run.start_ns, run.config)
+        with self.lock:   # the resources known now, so their counters start at 0 from here
+            self.registry.get(OWN)
+            for pid in sorted(self.registry.traced):
+                self.registry.get(pid)
+
+    # -- records in ------------------------------------------------------------------------
+
+    def write(self, records: Iterable) -> None:
+        """Hand the records over: queued for the worker (what does not fit in the queue is
+        dropped and counted, never waited for), or processed now without `background`."""
+        if self._closed:
+            return
+        if not self.background:
+            with self.lock:
+                self.handle(records)
+            return
+        batch = list(records)
+        if not batch:
+            return
+        known = self.registry.identities
+        for r in batch:   # a traced process is named now, while it runs (once per pid)
+            t = type(r)
+            read = r.read if t is Verdict else r if t is ReadRecord else None
+            if type(read) is ReadRecord and read.pid not in known:
+                self.registry.identity_of(read.pid)
+        with self._cv:
+            room = max(0, self.queue_records - self._queued)
+            over = len(batch) - room
+            if over > 0:
+                batch = batch[:room]
+            if batch:
+                self._batches.append(batch)
+                self._queued += len(batch)
+                self._cv.notify()
+        if over > 0:
+            self.health.queue_full(over, self.queue_records)
+
+    def flush(self, timeout_s: float | None = CLOSE_TIMEOUT_S) -> bool:
+        """Wait until the worker has processed every record written so far; False if
+        `timeout_s` passed first (the spans may still sit in the SDK's batch queues)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._queued == 0, timeout_s)
+
+    def _work(self) -> None:
+        """The worker: one batch at a time, until close() and an empty queue. A batch that
+        fails (a bug) is counted and said, and the worker goes on."""
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._batches or self._stopping)
+                if not self._batches:
+                    return
+                batch = self._batches.popleft()
+            try:
+                with self.lock:
+                    self.handle(batch)
+            except Exception as e:  # noqa: BLE001 - one bad batch must not stop export
+                self.health.failed(len(batch), e)
+            finally:
+                with self._cv:
+                    self._queued -= len(batch)
+                    self._cv.notify_all()
+
+    # -- by kind (called under the lock) ----------------------------------------------------
+
+    def on_snapshot(self, s) -> None:
+        self.metrics.snapshot(s)
+
+    def on_read(self, r) -> None:
+        self.registry.trace(r.pid)
+        self._learn_ends(r)
+
+    def on_process(self, p) -> None:
+        self.registry.learn(p)
+
+    def on_alert(self, a) -> None:
+        self.alerts.add(a)
+        self.metrics.alert(a)
+
+    def on_lost(self, r) -> None:
+        if self.metrics.lost(r):
+            lost_span(self.registry.get(OWN).tracer, r, self.clock.wall_ns)
+
+    def on_verdict(self, v) -> None:
+        from opentelemetry import trace
+
+        r = v.read
+        self.registry.trace(r.pid)
+        svc = self.registry.get(r.pid)
+        if self.budget is not None and not self.budget.take():
+            self.metrics.verdict(svc, v)   # counted as every read is, with no span
+            svc.limited.add(1)
+            self.health.limited(1, self.span_rate)
+            return
+        span = start_read_span(svc.tracer, v, self._ends_of(v), self.alerts.near(r),
+                               self.clock.wall_ns)
+        with trace.use_span(span, end_on_exit=False):  # exemplars take this span's ids
+            self.metrics.verdict(svc, v)
+        span.end(end_time=self.clock.wall_ns(r.ts_end_ns))
+        self.spans += 1
+
+    def _ends_of(self, v) -> tuple | None:
+        """A verdict's socket ends: from its evidence, the socket's latest snapshot, or /proc."""
+        r = v.read
+        known = v.evidence[0] if v.evidence else self.metrics.sockets.get(r.sock_key)
+        if known is not None:
+            return known.laddr, known.lport, known.raddr, known.rport
+        return self.ends.get(r.sock_key) or None
+
+    def _learn_ends(self, r: ReadRecord) -> None:
+        """The ends of a read's socket, looked up once per socket while it is open."""
+        if (self.endpoints is None or not r.sock_key or r.sock_key in self.ends
+                or r.sock_key in self.metrics.sockets):
+            return
+        try:
+            self.ends[r.sock_key] = self.endpoints(r.pid, r.sock_key)
+        except Exception:  # noqa: BLE001 - the span goes out with its socket key only
+            self.ends[r.sock_key] = None
+        if len(self.ends) > MAX_SOCKETS:
+            self.ends.popitem(last=False)
+
+    def _observe(self, key: int, field: int) -> list:
+        """A gauge's callback (on the metric readers' threads)."""
+        with self.lock:
+            return self.metrics.observe(key, field)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Export what is left within `timeout_s` (a Collector that is down does not hold the
+        exit: what is still queued then is given up and said), then stop every provider.
+        The worker gets the deadline less a reserve for the providers' last export."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        if self._worker is not None:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify_all()
+            self._worker.join(max(0.0, timeout_s - min(1.0, timeout_s / 2)))
+            if self._worker.is_alive():   # give up what is still queued, and count it
+                with self._cv:
+                    left = sum(len(b) for b in self._batches)
+                    self._batches.clear()
+                    self._queued -= left
+                with self.health.lock:
+                    self.health.records_abandoned += left
+        shutdown_all(self._all_services(deadline), deadline)
+        h = self.health
+        lost = h.records_dropped + h.records_abandoned
+        also = (f"; {lost} records dropped before export (queue full or given up at exit)"
+                if lost else "")
+        if h.spans_limited:
+            also += (f"; {h.spans_limited} slow reads over {self.span_rate:g} a second got no "
+                     "span (still counted in the metrics)")
+        say_delivery(h, self.spans, delivers=self.delivers, also=also)
+
+    def _all_services(self, deadline: float) -> list:
+        """Every provider, also while a worker given up on may still be adding one."""
+        got = self.lock.acquire(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        try:
+            while True:
+                try:
+                    return self.registry.all()
+                except RuntimeError:   # changed during the copy (the lock was not ours)
+                    continue
+        finally:
+            if got:
+                self.lock.release()
+
+
+def shutdown_all(services: list, deadline: float) -> None:
+    """Shut every provider down in parallel by `deadline`; past it, interrupt the exporters'
+    retries."""
+    threads = [threading.Thread(target=s.shutdown,
+                                args=(max(0.0, deadline - time.monotonic()),), daemon=True)
+               for s in services]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):  # interrupt the exporters' retries
+        for s in services:
+            for exp in _inner_exporters(s):
+                try:
+                    exp.shutdown()
+                except Exception:  # noqa: BLE001
+                    pass
+        for t in threads:
+            t.join(0.5)
