@@ -9,7 +9,7 @@ otelwater's are taken: "net.(*conn).Read" with an otelwater.verdict attribute (o
 read), and "otelwater.lost" (a rise of a probe's lost records); the service's own spans, and
 everything else, are passed over.
 
-What the spans carry rebuilds the records exactly (names: otelwater.export.names):
+What the spans carry rebuilds the records exactly (names: otelwater.names):
 - ReadRecord: the read's CLOCK_MONOTONIC start and end and the kernel's stamps (parked, arrival,
   queue delay and whether it is exact), the goroutine, thread, fd, socket key, bytes, stack;
 - WaterSnapshot: each "otelwater.water" span event, at its own time (timeUnixNano minus the
