@@ -139,6 +139,9 @@ ALERT_REASON = "otelwater.alert.reason"
 PROBE = "otelwater.probe"                      # "water" | "reads"
 LOST_TOTAL = "otelwater.lost.total"            # the probe's lost_total (a LOST_SPAN's)
 LOST_NS = "otelwater.lost.ts_ns"               # CLOCK_MONOTONIC of the lost record
+LOST_COUNT = "otelwater.lost.count"            # located losses: how many records, and the
+LOST_SINCE_NS = "otelwater.lost.since_ns"      # CLOCK_MONOTONIC of the first and the last
+LOST_UNTIL_NS = "otelwater.lost.until_ns"      # (absent: an unlocated rise of the total)
 
 # the run, on every resource otelwater exports: what turns the spans back into the records
 CLOCK_OFFSET_NS = "otelwater.clock.offset_ns"  # CLOCK_REALTIME - CLOCK_MONOTONIC used
@@ -151,8 +154,9 @@ WINDOW_MS = "otelwater.correlate.window_ms"
 READ_SPAN = "net.(*conn).Read"                 # kind INTERNAL; the verdict is an attribute
 WATER_EVENT = "otelwater.water"
 ALERT_EVENT = "otelwater.alert"
-LOST_SPAN = "otelwater.lost"                   # a zero-length span per rise of a probe's
-                                               # lost_total, under otelwater's own resource
+LOST_SPAN = "otelwater.lost"                   # a zero-length span per located loss or rise
+                                               # of a probe's lost_total, under otelwater's
+                                               # own resource
 SCOPE = "otelwater"                            # instrumentation scope of tracers and meters
 OWN_SERVICE = "otelwater"                      # service.name of what belongs to no traced
                                                # process (lost records, untraced sockets)

@@ -7,8 +7,10 @@ the first that applies decides (``T`` = ``slow_ns``, ``R`` = ``run_ns``, default
 1. ``unknown``: the read ends before it starts (a broken record).
 2. ``unknown``: it began before otelwater attached (``ts_start_ns < start_ns``, when the
    correlator knows ``start_ns``): its start, and so any park, was not seen.
-3. ``unknown``: records of the read sampler were lost (a ``lost`` record for probe ``reads``
-   raised ``lost_total``) in a span that overlaps ``[ts_start_ns, ts_end_ns]``. Which probes
+3. ``unknown``: records of the read sampler were lost in a span that overlaps
+   ``[ts_start_ns, ts_end_ns]`` (a ``lost`` record of probe ``reads``: located by the kernel on
+   the next record it delivered, or for older recordings the 1.1 s before a rise of
+   ``lost_total``; otelwater.correlate.join says how spans are kept). Which probes
    count is configurable (``unknown_on_lost``); losses on the other probes only mark the
    evidence incomplete.
 4. The read parked (``parked is True``: it found the queue empty and waited):

@@ -340,7 +340,9 @@ def lost_of(span: dict, run: _Run, what: str) -> LostEvents:
         ts = _u64(_get(span, "startTimeUnixNano", "0"), f"{what} startTimeUnixNano") \
             - run.offset_ns
     return LostEvents(ts, a.get(N.PROBE, str, required=True),
-                      a.get(N.LOST_TOTAL, int, required=True))
+                      a.get(N.LOST_TOTAL, int, required=True),
+                      since_ns=a.get(N.LOST_SINCE_NS, int), count=a.get(N.LOST_COUNT, int),
+                      until_ns=a.get(N.LOST_UNTIL_NS, int))
 
 
 def spans_of(request: dict, what: str) -> Iterator[tuple[dict, dict, str, dict, str]]:

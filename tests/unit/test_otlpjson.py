@@ -166,14 +166,15 @@ def test_lost_spans_and_the_service_identity(tmp_path):
     ident = Identity(PID, exe="/usr/bin/checkoutd", service_name="checkout",
                      resource_attributes={"deployment.environment": "prod", "team": "pay"})
     x = Exported({PID: ident}, start_ns=MS)
+    located = LostEvents(4_500_000, "reads", 4, since_ns=4_100_000, count=2, until_ns=4_300_000)
     x.sink.write([LostEvents(2 * MS, "reads", 4), LostEvents(3 * MS, "reads", 4),
-                  LostEvents(4 * MS, "water", 9)])
+                  LostEvents(4 * MS, "water", 9), located])
     x.sink.write([Verdict(read(5 * MS, 9 * MS, arrival=8 * MS), "peer-starved", "p",
                           3 * MS, MS, None, (), 0, True)])
     x.write(tmp_path / "t.json")
     got = records_of(tmp_path / "t.json")
-    assert [g for g in got if type(g) is LostEvents] == [
-        LostEvents(2 * MS, "reads", 4), LostEvents(4 * MS, "water", 9)]   # rises only
+    assert [g for g in got if type(g) is LostEvents] == [     # rises, and located losses
+        LostEvents(2 * MS, "reads", 4), LostEvents(4 * MS, "water", 9), located]
     (proc,) = [g for g in got if type(g) is ProcessInfo]
     assert proc.service_name == "checkout" and proc.exe == "/usr/bin/checkoutd"
     assert proc.resource_attributes == {"deployment.environment": "prod", "team": "pay"}
@@ -217,6 +218,11 @@ def scenario(seed: int, start_ns: int):
             probe = "reads" if i != 151 else "water"
             lost[probe] += rnd.randint(1, 9)
             recs.append(LostEvents(t + MS, probe, lost[probe]))
+        if i in (500, 520):     # located in-band: the next record carried them
+            n = rnd.randint(1, 5)
+            lost["reads"] += n if i == 500 else 0     # (the total is read once a poll)
+            recs.append(LostEvents(t + MS, "reads", lost["reads"], since_ns=t - MS, count=n,
+                                   until_ns=t + MS // 2))
     key_of = lambda r: getattr(r, "ts_ns", getattr(r, "ts_end_ns", 0))  # noqa: E731
     recs.sort(key=key_of)
     batches, cur = [], []

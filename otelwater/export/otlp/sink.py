@@ -255,7 +255,8 @@ class OtlpSink(Sink):
         self.metrics.alert(a)
 
     def on_lost(self, r) -> None:
-        if self.metrics.lost(r):
+        rose = self.metrics.lost(r)
+        if rose or (r.since_ns is not None and r.count):   # a located loss voids reads too
             lost_span(self.registry.get(OWN).tracer, r, self.clock.wall_ns)
 
     def on_verdict(self, v) -> None:

@@ -149,8 +149,14 @@ def start_read_span(tracer, v, ends: tuple | None, alerts: list, wall):
 
 
 def lost_span(tracer, r: LostEvents, wall) -> None:
-    """A rise of a probe's lost records as a zero-length span at the record's time, so the
-    spans alone say which reads a loss makes unknown."""
+    """A located loss, or a rise of a probe's lost records, as a zero-length span at the
+    record's time, so the spans alone say which reads a loss makes unknown (located: the
+    count and the first and last loss's times, as the kernel put them on the next record)."""
     t = wall(r.ts_ns)
-    tracer.start_span(N.LOST_SPAN, start_time=t, attributes={
-        N.PROBE: r.probe, N.LOST_TOTAL: r.lost_total, N.LOST_NS: r.ts_ns}).end(t)
+    attrs = {N.PROBE: r.probe, N.LOST_TOTAL: r.lost_total, N.LOST_NS: r.ts_ns}
+    if r.since_ns is not None:
+        attrs[N.LOST_SINCE_NS] = r.since_ns
+        attrs[N.LOST_COUNT] = r.count or 0
+        if r.until_ns is not None:
+            attrs[N.LOST_UNTIL_NS] = r.until_ns
+    tracer.start_span(N.LOST_SPAN, start_time=t, attributes=attrs).end(t)
