@@ -9,6 +9,7 @@ report it, exit 1; OTELWATER_DEBUG=1 or --verbose shows the traceback instead.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 
@@ -109,13 +110,27 @@ class Group(click.Group):
             raise _usage_line(e) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise
+        except OSError as e:
+            if e.errno not in OUTPUT_FULL:
+                raise _internal(ctx, e) from None
+            # an output (stdout, a report) that cannot be written: the user's to fix
+            raise _OneLine(f"cannot write the output: {e.strerror or e}; free space, or send "
+                           "the output elsewhere", 1) from None
         except Exception as e:
-            if debugging(ctx):
-                raise
-            text = " ".join(str(e).split())
-            raise _OneLine(f"internal error: {type(e).__name__}" + (f": {text}" if text else "")
-                           + f"; report this at {issues_url()} with the traceback "
-                           "(rerun with --verbose)", 1) from None
+            raise _internal(ctx, e) from None
+
+
+OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _internal(ctx, e: BaseException) -> BaseException:
+    """A bug: one line naming it and where to report it, or the traceback when debugging."""
+    if debugging(ctx):
+        return e
+    text = " ".join(str(e).split())
+    return _OneLine(f"internal error: {type(e).__name__}" + (f": {text}" if text else "")
+                    + f"; report this at {issues_url()} with the traceback "
+                    "(rerun with --verbose)", 1)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
@@ -246,7 +261,7 @@ def _check_go_targets(go_binary, go_pids, probes):
 @click.option("-i", "--interval", default=1.0,
               type=FiniteFloat(min=0.05, fix="give seconds >= 0.05, e.g. -i 1"),
               show_default=True, metavar="SECONDS",
-              help="How often the socket table is swept and the view redrawn.")
+              help="How often the socket table is swept (and the live view redrawn).")
 @click.option("--json", "as_json", is_flag=True,
               help="JSON Lines on stdout: one object per snapshot (type, ts_ns, sock_key, pid, "
               "comm, laddr, lport, raddr, rport, level, volume, unread_bytes, capacity, backlog, "

@@ -244,8 +244,11 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
     if shortfall:
         from otelwater.errors import ExportFailed
 
-        raise ExportFailed(f"OTLP export to {otlp.target} {shortfall}",
-                           "check that the Collector runs and listens there (--otlp-endpoint, "
-                           "--otlp-protocol), then run correlate again")
-    if col.error is not None:
+        failed = ExportFailed(f"OTLP export to {otlp.target} {shortfall}",
+                              "check that the Collector runs and listens there "
+                              "(--otlp-endpoint, --otlp-protocol), then run correlate again")
+        if col.error is None:
+            raise failed
+        click.echo(f"otelwater: {failed.one_line()}", err=True)   # and the file's own error:
+    if col.error is not None:                                      # the first cause, exit 5
         raise col.error

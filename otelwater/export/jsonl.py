@@ -10,6 +10,7 @@ import json
 import sys
 from typing import IO, Iterable
 
+from otelwater.errors import OtelwaterError, UsageError
 from otelwater.events.records import KIND_NAMES, KINDS, kind_of
 from otelwater.export.sink import Sink
 
@@ -29,6 +30,9 @@ class JsonLinesSink(Sink):
 
     def __init__(self, stream: IO[str] | None = None, kinds: Iterable[str] | None = None):
         self.stream = stream or sys.stdout
+        if self.stream is None:      # started with stdout closed (>&-)
+            raise UsageError("standard output is closed: nowhere to write the JSON Lines",
+                             "redirect it to a file or a pipe (> out.jsonl)")
         chosen = frozenset(KIND_NAMES if kinds is None else kinds)
         if not chosen <= set(KIND_NAMES):
             raise ValueError(f"not record kinds: {sorted(chosen - set(KIND_NAMES))}")
@@ -42,8 +46,15 @@ class JsonLinesSink(Sink):
         lines = [_dumps(r) for r in records if type(r) in types or _unwritten(r)]
         if lines:
             lines.append("")
-            self.stream.write("\n".join(lines))
-            self.stream.flush()
+            try:
+                self.stream.write("\n".join(lines))
+                self.stream.flush()
+            except BrokenPipeError:
+                raise                # the reader went away: the CLI ends quietly
+            except OSError as e:     # a full disk, a quota, an I/O error
+                raise OtelwaterError(f"cannot write the JSON Lines output: "
+                                     f"{e.strerror or e}", "free space, or send the output "
+                                     "elsewhere") from None
 
     # every kind has a line; write() batches them, these serve single records
     def _one(self, record) -> None:

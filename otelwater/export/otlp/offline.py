@@ -55,6 +55,7 @@ class SpanBatches:
         self.size = size
         self.batch: list = []
         self.failed = False
+        self.failed_since: float | None = None   # when the request that failed began
         self._shut = False
 
     def on_start(self, span, parent_context=None) -> None:
@@ -77,8 +78,10 @@ class SpanBatches:
         if self.failed or self._shut:
             self.health.dropped(spans=len(batch))
             return
+        started = time.monotonic()
         if self.exporter.export(batch) != SpanExportResult.SUCCESS:
             self.failed = True
+            self.failed_since = started
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         self._send()
@@ -111,7 +114,10 @@ class OfflineOtlpSink(Sink):
         self.recorded = dict(getattr(header, "processes", {}) or {})   # pid -> ProcessInfo
         host = (getattr(header, "host", None) or {}).get("name") or socketlib.gethostname()
         self.clock = WallClock.from_recording(header.clock)
-        spans = span_exporter if span_exporter is not None else opts.span_exporter()
+        # a Collector that is down costs at most `timeout_s` in all, as before the export
+        # streamed: the spans' requests half of it; the points what is left after a failure
+        spans = (span_exporter if span_exporter is not None
+                 else opts.span_exporter(timeout_s=max(1.0, timeout_s / 2)))
         self.batches = SpanBatches(_counting_span_exporter(spans, self.health), self.health)
         self._metric_exporter = metric_exporter   # tests: instead of opts.metric_exporter()
         known = self.recorded
@@ -197,6 +203,8 @@ class OfflineOtlpSink(Sink):
             self.start()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         self.batches.force_flush()
+        if self.batches.failed_since is not None:   # the spans' failure used up part of it
+            deadline = min(deadline, self.batches.failed_since + self.timeout_s)
         self.metrics.finish()
         resources = {key: self.registry.get(key).resource for key in self.metrics.owners()}
         left = max(1.0, deadline - time.monotonic())

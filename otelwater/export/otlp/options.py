@@ -37,17 +37,22 @@ class ExportOptions:
         """A new (span exporter, metric exporter) pair for this destination."""
         return self.span_exporter(), self.metric_exporter()
 
-    def span_exporter(self):
+    def span_exporter(self, timeout_s: float | None = None):
+        """`timeout_s`: each request's timeout, at most (None: the SDK's, from the
+        environment)."""
+        kw = {}
+        if timeout_s is not None:
+            kw["timeout"] = min(float(timeout_s), request_timeout_s("TRACES"))
         if self.protocol == GRPC:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            return OTLPSpanExporter(endpoint=self.endpoint)
+            return OTLPSpanExporter(endpoint=self.endpoint, **kw)
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         if self.endpoint is None:   # the SDK appends /v1/traces to OTEL_EXPORTER_OTLP_ENDPOINT
-            return OTLPSpanExporter()
+            return OTLPSpanExporter(**kw)
         # an explicit endpoint is taken as-is by the SDK
-        return OTLPSpanExporter(endpoint=self.endpoint.rstrip("/") + "/v1/traces")
+        return OTLPSpanExporter(endpoint=self.endpoint.rstrip("/") + "/v1/traces", **kw)
 
     def metric_exporter(self, timeout_s: float | None = None):
         """`timeout_s`: each request's timeout, at most (None: the SDK's, from the
@@ -69,7 +74,13 @@ class ExportOptions:
 
 def metric_timeout_s(environ=os.environ) -> float:
     """The metric exporter's request timeout as the SDK reads it from the environment."""
-    for var in ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+    return request_timeout_s("METRICS", environ)
+
+
+def request_timeout_s(signal: str, environ=os.environ) -> float:
+    """An exporter's request timeout as the SDK reads it from the environment (`signal`:
+    TRACES or METRICS)."""
+    for var in (f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
         try:
             return float(environ[var])
         except (KeyError, ValueError):
