@@ -62,23 +62,23 @@ def _usage_line(e: click.UsageError) -> _OneLine:
 WATCH_EPILOG = """
 \b
 Examples:
-  otelwater watch                      # every TCP socket on the host, live view
-  otelwater watch -P 8080 -d 30        # sockets with local or remote port 8080, 30 s
-  otelwater watch -p 1234 --json       # one process, JSON Lines on stdout
-  otelwater watch -p 1234 --follow     # a record for every arrival and read
-  otelwater watch --go-binary ./server # + Go reads of every process of that binary
+  otelwater watch                     # every TCP socket, live view
+  otelwater watch -P 8080 -d 30       # local or remote port 8080, 30 s
+  otelwater watch -p 1234 --json      # one process, JSON Lines on stdout
+  otelwater watch -p 1234 --follow    # a record for every arrival and read
+  otelwater watch --go-binary ./srv   # + the Go reads of every ./srv process
   otelwater watch -p 1234 --go-pid 1234 --probes uprobe --blocked-ms 5
 
-\b
-Columns: LVL water level (skbs queued), VOL volume (sk_rmem_alloc, ss -tm "r"),
-UNRD unread payload bytes (SIOCINQ, ss Recv-Q), CAP capacity (sk_rcvbuf, "rb"),
-FILL volume/capacity, DROP the socket's drop counter (sk_drops), ! alerts firing.
-Go readers (with --go-binary/--go-pid), one row per goroutine and fd: PID, GOID, FD, PORT,
-SLOW its slow reads, MAX the slowest (blocked time, or how long the bytes it found had
-waited), WHY the last one's verdict (PEER waited for the peer, RUN data came but it did not
-run, LAG data stood in the queue, ? unknown; ! the process's read-skew alert), WAIT its
-split (p waiting for the peer, r waiting to run, q queue delay), CALLER the function that
-called net.(*conn).Read.
+Columns: LVL water level (skbs queued), VOL volume (sk_rmem_alloc, ss -tm "r"), UNRD unread
+payload bytes (SIOCINQ, ss Recv-Q), CAP capacity (sk_rcvbuf, "rb"), FILL volume/capacity, DROP
+the socket's drop counter (sk_drops), ! alerts firing.
+
+Go readers (with --go-binary/--go-pid), one row per goroutine and fd: PID, GOID, FD, PORT, SLOW
+its slow reads, MAX the slowest (blocked time, or how long the bytes it found had waited), WHY
+the last one's verdict (PEER waited for the peer, RUN data came but it did not run, LAG data
+stood in the queue, ? unknown; ! the process's read-skew alert), WAIT its split (p waiting for
+the peer, r waiting to run, q queue delay), CALLER the function that called net.(*conn).Read.
+
 With --json: "snapshot" records, Go slow reads as "read" (ts_start_ns, ts_end_ns, pid, tid,
 goid, fd, sock_key, requested, returned, stack, source, parked, queue_delay_ns), their
 "verdict"s, "alert" transitions, "lost" and "notice" records, and summaries at the end.
@@ -307,8 +307,8 @@ def _check_go_targets(go_binary, go_pids, probes):
               help="Accept --port values no socket uses yet (a service about to start).")
 @click.option("--otlp-endpoint", default=None, metavar="URL",
               help="Export slow reads as spans and the water as metrics over OTLP to this "
-              "Collector, e.g. http://localhost:4317. Precedence: this flag > "
-              "OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT > off.  [default: off]")
+              "Collector, e.g. http://localhost:4317. Precedence: this flag > the "
+              "OTEL_EXPORTER_OTLP_*ENDPOINT variables > off.  [default: off]")
 @click.option("--otlp-protocol", type=click.Choice(["grpc", "http/protobuf"]), default=None,
               help="OTLP transport. Precedence: this flag > OTEL_EXPORTER_OTLP_PROTOCOL > "
               "grpc (port 4317; http/protobuf: 4318). Headers, certificates, compression and "

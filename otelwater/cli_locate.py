@@ -15,10 +15,10 @@ import click
 from otelwater.probes.goelf import locate
 
 EPILOG = """\b
-examples:
-    otelwater locate ./server                 # where the Go read probes would go
-    otelwater locate /proc/1234/exe           # the binary of a running process
-    otelwater locate --json ./server | jq .offsets
+Examples:
+  otelwater locate ./server          # where the Go read probes would go
+  otelwater locate /proc/1234/exe    # the binary of a running process
+  otelwater locate --json ./server | jq .offsets
 """
 
 

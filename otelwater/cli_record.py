@@ -33,12 +33,11 @@ LIVE_ONLY = {"as_json": False, "rows": 15, "otlp_endpoint": None, "otlp_protocol
 RECORD_EPILOG = """
 \b
 Examples:
-  otelwater record -o day.otw.gz -P 8080 -d 600      # port 8080, ten minutes
-  otelwater record -o svc.otw.gz --go-binary ./server # + the Go reads of ./server
-  otelwater watch -p 1234 --record svc.otw.gz        # the live view, and a recording
-  otelwater correlate svc.otw.gz                     # then: why were the reads slow?
+  otelwater record -o day.otw.gz -P 8080 -d 600   # port 8080, ten minutes
+  otelwater record -o svc.otw.gz --go-binary ./srv  # + the Go reads of ./srv
+  otelwater watch -p 1234 --record svc.otw.gz     # the live view, and a file
+  otelwater correlate svc.otw.gz                  # then: why were reads slow?
 
-\b
 The file is gzip-compressed JSON Lines (zcat FILE | jq . reads it): a header (host, clock
 offset to wall time, the options, each traced process's executable and OTEL_SERVICE_NAME /
 OTEL_RESOURCE_ATTRIBUTES), the snapshots, reads, lost and notice records as `watch --json`
@@ -48,11 +47,10 @@ prints them, and an end record. Synced at least every second: a kill -9 loses at
 CORRELATE_EPILOG = """
 \b
 Examples:
-  otelwater correlate svc.otw.gz                    # the report: worst sockets and reads
-  otelwater correlate svc.otw.gz --plot water.png   # + a heat map of water per socket
-  otelwater correlate svc.otw.gz --json | jq 'select(.type=="verdict") | .verdict'
+  otelwater correlate svc.otw.gz                   # worst sockets and reads
+  otelwater correlate svc.otw.gz --plot water.png  # + a heat map of water
+  otelwater correlate svc.otw.gz --json | jq 'select(.type=="verdict")'
 
-\b
 --json prints every verdict and alert record as it is decided (the keys of `watch --json`),
 then one socket_summary per socket, one reader_summary per goroutine, and a last record of
 type "correlation" (the file, its counts, complete or where it broke). Exit 5 when the file

@@ -250,3 +250,12 @@ def test_locate_on_a_device_is_one_line_not_a_hang():
     r = CliRunner().invoke(main, ["locate", "/dev/zero"])
     assert r.exit_code == 4
     assert "not a regular file" in r.output
+
+
+@pytest.mark.parametrize("command", ["", "doctor", "watch", "record", "correlate", "locate"])
+def test_help_fits_80_columns(command):
+    runner = CliRunner()
+    got = runner.invoke(main, [*command.split(), "--help"], terminal_width=80)
+    assert got.exit_code == 0, got.output
+    wide = [line for line in got.output.splitlines() if len(line) > 80]
+    assert not wide, wide
