@@ -253,7 +253,7 @@ def test_cli_summary_and_json():
     assert out.exit_code == 0 and READ_FUNCTION in out.output and "table" in out.output
     out = CliRunner().invoke(locate_command, ["--json", path])
     assert json.loads(out.output) == locate(path).to_json()
-    assert "examples:" in CliRunner().invoke(locate_command, ["--help"]).output
+    assert "Examples:" in CliRunner().invoke(locate_command, ["--help"]).output
     assert isinstance(CliRunner().invoke(locate_command, ["/bin/ls"]).exception, BinaryError)
 
 
