@@ -39,8 +39,9 @@
 #ifndef OTW_MAX_FDS
 #define OTW_MAX_FDS 4096
 #endif
-#ifndef OTW_RINGBUF_PAGES
-#define OTW_RINGBUF_PAGES 64
+#ifndef OTW_READ_RINGBUF_PAGES  /* pages of read_events; a macro of its own: compiled into
+                                * bpf/water.c, whose `events` has OTW_RINGBUF_PAGES */
+#define OTW_READ_RINGBUF_PAGES 64
 #endif
 #ifndef OTW_TP_RET_OFF
 #define OTW_TP_RET_OFF 16      /* sys_exit_read's `long ret` (tracefs format) */
@@ -56,7 +57,7 @@ BPF_ARRAY(parks, struct goread_park, OTW_MAX_PROCS * OTW_MAX_FDS);
 BPF_TABLE("lru_hash", u64, struct goread_park, parks_big, 16384);
 BPF_TASK_STORAGE(tasks, struct goread_task);
 BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
-BPF_RINGBUF_OUTPUT(read_events, OTW_RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(read_events, OTW_READ_RINGBUF_PAGES);
 
 #if OTW_EXEC_WATCH
 /* With a binary path: a process that execs it is watched from its first instruction, not

@@ -25,8 +25,9 @@
 #define OTW_WATER_EMBED 0   /* 1 when bpf/water.c compiles this file in (socks is its map) */
 #endif
 
-#ifndef OTW_RINGBUF_PAGES
-#define OTW_RINGBUF_PAGES 64
+#ifndef OTW_READ_RINGBUF_PAGES  /* pages of read_events; a macro of its own: compiled into
+                                * bpf/water.c, whose `events` has OTW_RINGBUF_PAGES */
+#define OTW_READ_RINGBUF_PAGES 64
 #endif
 #ifndef OTW_MAX_INFLIGHT
 #define OTW_MAX_INFLIGHT 65536
@@ -34,7 +35,7 @@
 
 BPF_TABLE("lru_hash", struct goread_key, struct goread_inflight, inflight, OTW_MAX_INFLIGHT);
 BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
-BPF_RINGBUF_OUTPUT(read_events, OTW_RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(read_events, OTW_READ_RINGBUF_PAGES);
 
 int otw_up_read_entry(struct pt_regs *ctx)
 {

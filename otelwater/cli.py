@@ -275,7 +275,8 @@ def _check_go_targets(go_binary, go_pids, probes):
               metavar="BYTES", help="Volume at which a socket's rise is recorded at once "
               "(below it, the periodic sweep reports it).")
 @click.option("--ringbuf-pages", type=int, default=64, show_default=True,
-              help="Ring buffer size in 4 KiB pages (a power of two, at most 524288: 2 GiB).")
+              help="Each ring buffer's size (the water probe's, and the Go read sampler's) "
+              "in 4 KiB pages: a power of two, at most 524288 (2 GiB).")
 @click.option("--rows", type=click.IntRange(min=1), default=15, show_default=True,
               help="Sockets shown in the live view.")
 @click.option("--go-binary", type=click.Path(dir_okay=False), default=None, metavar="PATH",

@@ -19,8 +19,10 @@ cheap), at most a bounded share per round (a producer faster than the loop fills
 buffer, whose overflow is counted as lost, instead of holding the loop: sweeps, output, signals
 and the duration stay on schedule), every `interval_s` it sweeps the socket table (trigger
 "periodic"), refreshes filters, reports lost records and ticks the sinks (the view redraws). On
-stop (duration, SIGINT, SIGTERM, SIGHUP) it drains everything once more, then the caller's
-context managers detach every probe, and the pipeline closes its sinks within a deadline.
+stop (duration, SIGINT, SIGTERM, SIGHUP) each probe detaches and hands over everything its ring
+buffer still holds with its final lost totals (so every record counted is delivered or counted
+lost), the reads still pending get their verdicts, and the pipeline closes its sinks within a
+deadline.
 """
 
 from __future__ import annotations
@@ -82,6 +84,24 @@ class WatchLoop:
             backlogged = backlogged or getattr(self.readers, "backlogged", False)
         return batch, backlogged
 
+    def _stop(self, backlogged: bool) -> list:
+        """The end: each probe detaches (the water probe's program first: an embedded sampler
+        is in it), then hands over all its ring buffer still holds and its exact lost totals,
+        so every record counted was delivered or counted as lost. A source without stop()
+        is drained for a bounded time instead."""
+        out: list = []
+        stops = [getattr(src, "stop", None) for src in (self.water, self.readers)
+                 if src is not None]
+        if stops and all(stops):
+            for stop in stops:
+                out.extend(stop())
+            return out
+        until = time.monotonic() + self.final_drain_s
+        while backlogged and time.monotonic() < until:
+            more, backlogged = self._poll()
+            out.extend(more)
+        return out
+
     def run(self, stopper: Stopper) -> None:
         t0 = time.monotonic()
         next_sweep = t0 + self.interval_s
@@ -91,11 +111,8 @@ class WatchLoop:
             done = stopper.event.is_set() or (
                 self.duration_s is not None and now - t0 >= self.duration_s)
             batch, backlogged = self._poll()
-            if done:  # what the ring buffers still hold, within a bounded time
-                until = time.monotonic() + self.final_drain_s
-                while backlogged and time.monotonic() < until:
-                    more, backlogged = self._poll()
-                    batch.extend(more)
+            if done:
+                batch.extend(self._stop(backlogged))
             sweep = done or now >= next_sweep
             if sweep:
                 batch.extend(self.water.sweep())

@@ -30,7 +30,7 @@ def describe(pids, ports, cgroups) -> str:
     return " and ".join(parts) if parts else "all TCP sockets"
 
 
-def open_readers(go_binary, go_pids, probes, blocked_ns):
+def open_readers(go_binary, go_pids, probes, blocked_ns, ringbuf_pages=64):
     if not go_binary and not go_pids:
         return contextlib.nullcontext(None)
     from otelwater.probes.goread import GoReadOptions, GoReadSampler
@@ -38,7 +38,8 @@ def open_readers(go_binary, go_pids, probes, blocked_ns):
     # the sampler is compiled into the water probe's program, which hands it each read's
     # socket and queue evidence (the uprobe sampler only when one binary is traced)
     return GoReadSampler(GoReadOptions(binary=go_binary, pids=frozenset(go_pids),
-                                       mechanism=probes, threshold_ns=blocked_ns, embed=True))
+                                       mechanism=probes, threshold_ns=blocked_ns, embed=True,
+                                       ringbuf_pages=ringbuf_pages))
 
 
 def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high_water,
@@ -76,7 +77,7 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                 sinks.append(exporter)
     # the pipeline closes last: the exporter's deadline runs after the probes are detached
     with Pipeline(sinks=sinks, raw_sinks=raw_sinks) as pipeline, Stopper() as stopper, \
-            open_readers(go_binary, go_pids, probes, blocked_ns) as readers, \
+            open_readers(go_binary, go_pids, probes, blocked_ns, ringbuf_pages) as readers, \
             WaterProbe(opts, readers=readers if readers and readers.embedded else None) \
             as water:
         # reads that began before this moment are "unknown": their start was not seen
@@ -95,6 +96,8 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
         if exporter is not None and otlp is not None:
             print(f"Exporting over OTLP ({otlp.protocol}) to {otlp.target}.", file=sys.stderr,
                   flush=True)
+        # at the end each probe detaches and hands over what its ring buffer still holds
+        # (WatchLoop: every record counted is delivered or counted as lost)
         pipeline.run_live(WatchLoop(water, pipeline.feed, interval_s=interval,
                                     duration_s=duration, readers=readers), stopper)
         if readers is not None:

@@ -7,6 +7,7 @@ mechanisms that produce the same ReadRecord.
         s.stats()                     # counts and log2 latency histogram of every read seen
         s.lost_total()                # records the ring buffer could not take
         s.lost_sweep(ts_ns)           # the sweep's LostEvents (or None): kernel.LossLedger
+        s.stop()                      # at the end: detached, the rest, the exact loss
 
 A record the ring buffer could not take travels in-band: the next record the same CPU delivers
 carries how many were lost before it and when (first and last), and poll() puts a LostEvents
@@ -22,9 +23,13 @@ carries how many were lost before it and when (first and last), and poll() puts 
   later; with pids: one set of probes per pid. Exact Go-level latency of every Read.
 
 User stacks are symbolized here from .symtab or .gopclntab (goelf.Symbolizer), PIE binaries
-through their load bias in /proc/PID/maps. close() drains the ring buffer (poll() still
-returns what was drained) and detaches everything; when the process dies the kernel detaches
-them anyway (BCC holds them as perf fds).
+through their load bias in /proc/PID/maps. The read ring buffer has a consumer of its own
+(loader.RingBuffer), also when compiled into the water probe's program. stop() ends a run
+exactly: detached (embedded: by the water probe's stop(), called first), what the ring buffer
+still holds and the final lost total; every read stats() counts as recorded (blocked +
+queue_slow) is then a ReadRecord delivered, a loss counted, or not_socket. close() detaches,
+drains the ring buffer (poll() still returns what was drained) and frees everything; when the
+process dies the kernel detaches them anyway (BCC holds them as perf fds).
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ from otelwater.events.layout import header
 from otelwater.events.model import LostEvents, Notice, ReadRecord
 from otelwater.probes import host
 from otelwater.probes.kernel import LossLedger
-from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, check_ringbuf_pages,
-                                     kernel_cflags, load_bpf, one_line,
-                                     running_kernel_btf)
+from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_SETTLE_S, RingBuffer,
+                                     check_ringbuf_pages, detach_all, kernel_cflags, load_bpf,
+                                     one_line, running_kernel_btf)
 
 GOREAD_H = header("goread.h")
 GoReadEvent = GOREAD_H.structs["goread_event"]
@@ -232,6 +237,8 @@ class GoReadSampler:
     def __init__(self, opts: GoReadOptions):
         self.opts = opts
         self._bpfs: list = []                 # one BPF object (uprobe: one per binary)
+        self._rings: list[RingBuffer] = []    # the read_events of each, consumed on its own
+        self._stopped = False                 # detached (or, embedded, closed)
         self._owned = True                    # False when bound into the water probe's
         self._pending: list = []              # ReadRecord, LostEvents (in-band)
         self._carried: list[int] = []         # indexes of in-band LostEvents in _pending
@@ -325,16 +332,14 @@ class GoReadSampler:
         return out
 
     def _cflags(self) -> list[str]:
-        return kernel_cflags(self.offsets, self.opts.ringbuf_pages) + [
+        return kernel_cflags(self.offsets, self.opts.ringbuf_pages,
+                             ring="OTW_READ_RINGBUF_PAGES") + [
             f"-DOTW_THRESHOLD_NS={self.opts.threshold_ns}ULL"]
 
     def _load(self, src: str, cflags: list[str]):
         b = load_bpf(src, cflags, f"the Go read sampler ({src})")
         self._bpfs.append(b)
-        try:
-            b["read_events"].open_ring_buffer(self._on_event)
-        except Exception as e:
-            raise ProbeLoadError(f"cannot open the read ring buffer: {one_line(e)}") from e
+        self._rings.append(RingBuffer(b, "read_events", self._on_event))
         return b
 
     @property
@@ -364,10 +369,9 @@ class GoReadSampler:
             raise ProbeLoadError("bind() is for a sampler made with embed=True, once")
         self._bpfs.append(b)
         self._owned = False
-        try:
-            b["read_events"].open_ring_buffer(self._on_event)
-        except Exception as e:
-            raise ProbeLoadError(f"cannot open the read ring buffer: {one_line(e)}") from e
+        # not BCC's consumer, which it shares with the water probe's `events`: a flooded
+        # `events` would end every consume before this one was read (loader.RingBuffer)
+        self._rings.append(RingBuffer(b, "read_events", self._on_event))
         if self.opts.mechanism == "tracepoint":
             self._bind_tracepoint(b)
         else:
@@ -598,8 +602,8 @@ class GoReadSampler:
             if self.opts.pids and time.monotonic() >= self._next_exit_check:
                 self._next_exit_check = time.monotonic() + RESCAN_S
                 self._check_exits()
-            for b in self._bpfs:
-                b.ring_buffer_consume()
+            for r in self._rings:
+                r.consume()
         out, self._pending = self._pending, []
         if self._carried:
             self._ledger.settle(out, self._carried, self.lost_total())
@@ -653,7 +657,37 @@ class GoReadSampler:
         return self._ledger.sweep(ts_ns, total, pending)
 
     # -- lifecycle -------------------------------------------------------------------------
+    def _detach(self) -> None:
+        """Stop the programs adding records and counts (keeping the maps). Embedded, the
+        program is the water probe's: its stop() or close() detaches it."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._owned and self._bpfs:
+            for b in self._bpfs:
+                detach_all(b)
+            time.sleep(STOP_SETTLE_S)   # a program that was running as we detached ends
+
+    def stop(self) -> list:
+        """The end of a run: detached (embedded: call the water probe's stop() first), every
+        record the ring buffer still holds (all of them: nothing adds to it any more), and the
+        sweep's lost record with the final, exact total. After it, every read stats() counts
+        as recorded was delivered or counted as lost (or is not_socket)."""
+        if self._closed or not self._bpfs:
+            return []
+        self._detach()
+        out: list = []
+        while True:
+            out += self.poll()
+            if not self.backlogged:
+                break
+        lost = self.lost_sweep(time.monotonic_ns())
+        return out + [lost] if lost is not None else out
+
     def _cleanup(self) -> None:
+        rings, self._rings = self._rings, []
+        for r in rings:
+            r.close()
         bpfs, self._bpfs = self._bpfs, []
         if not self._owned:
             return  # embedded: the water probe detaches its program
@@ -669,10 +703,11 @@ class GoReadSampler:
             return
         try:
             if self._bpfs:
+                self._detach()   # owned: nothing adds to the counts after the final ones
                 self._budget = len(self._pending) + (1 << 30)
                 self._deadline = time.monotonic() + DRAIN_TIME_S
-                for b in self._bpfs:
-                    b.ring_buffer_consume()
+                for r in self._rings:
+                    r.consume()
                 self._final_stats = self.stats()
         finally:
             self._closed = True

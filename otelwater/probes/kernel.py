@@ -6,13 +6,17 @@ attaches it to tracepoints, and turns its ring buffer and socket table into Wate
         for snap in probe.sweep(): ...       # periodic: every socket whose state moved
         probe.lost_total()                   # records the ring buffer could not take
         probe.lost_sweep(ts_ns)              # the sweep's LostEvents (or None), see LossLedger
+        probe.stop()                         # at the end: detached, the rest, the exact loss
 
 A record the ring buffer could not take travels in-band: the next record the same CPU delivers
 carries how many were lost before it and when (first and last), and poll() puts a LostEvents
 (located: since_ns, until_ns, count) just before that record.
 
-Everything attached is detached by close() (also on SIGINT/SIGTERM through the caller's
-context manager, and by the kernel when the process dies: BCC holds them as perf fds).
+stop() ends a run exactly: the programs are detached first (the maps stay), so what the ring
+buffer still holds and the lost total are final, and every record the probe made is then
+delivered or counted as lost. Everything attached is detached by close() (also on
+SIGINT/SIGTERM through the caller's context manager, and by the kernel when the process dies:
+BCC holds them as perf fds).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from otelwater.events.layout import header
 from otelwater.events.model import TCP_STATES, TRIGGERS, LostEvents, WaterSnapshot
 from otelwater.hostsockets import OwnerResolver, socket_inodes
 from otelwater.probes import host
-from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, kernel_cflags, load_bpf,
+from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_SETTLE_S, RingBuffer,
+                                     detach_all, kernel_cflags, load_bpf, merge_cflags,
                                      running_kernel_btf)
 from otelwater.sockkey import addr_text
 
@@ -221,6 +226,8 @@ class WaterProbe:
         self.opts = opts
         self.readers = readers
         self._bpf = None
+        self._events: RingBuffer | None = None
+        self._stopped = False
         self._pending: list = []          # WaterSnapshot, LostEvents (in-band)
         self._carried: list[int] = []     # indexes of in-band LostEvents in _pending
         self._ledger = LossLedger("water")
@@ -241,7 +248,7 @@ class WaterProbe:
         self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk(),
                                    sock_done_bit(btf))
         if readers is not None:
-            self.cflags += [f for f in readers.embed_cflags() if f not in self.cflags]
+            self.cflags = merge_cflags(self.cflags, readers.embed_cflags())
         self._load()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -250,7 +257,9 @@ class WaterProbe:
                              embed=(self.readers.embed_source,) if self.readers else ())
         try:
             self._configure()
-            self._bpf["events"].open_ring_buffer(self._on_event)
+            # a consumer of its own (loader.RingBuffer): a flooded `events` must not keep the
+            # embedded sampler's read_events from being read
+            self._events = RingBuffer(self._bpf, "events", self._on_event)
             if self.readers is not None:
                 self.readers.bind(self._bpf)
         except BaseException:
@@ -299,6 +308,9 @@ class WaterProbe:
 
     def _close_bpf(self) -> None:
         self._close_standing()
+        if self._events is not None:
+            self._events.close()
+            self._events = None
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()
@@ -356,7 +368,7 @@ class WaterProbe:
         `backlogged` tells whether records were left for the next call."""
         self._budget = max_records
         self._deadline = time.monotonic() + POLL_TIME_S
-        self._bpf.ring_buffer_consume()
+        self._events.consume()
         out, self._pending = self._pending, []
         if self._carried:
             self._ledger.settle(out, self._carried, self.lost_total())
@@ -392,6 +404,26 @@ class WaterProbe:
             # standing water the probe has seen no event of: reported again on every sweep
             out += self._standing.sweep(now, self._standing.keys - keys)
         return out
+
+    def stop(self) -> list:
+        """The end of a run: detach every program of this probe (the embedded Go read
+        sampler's too: it is the same program; its records are then its own stop()'s), keeping
+        the maps; then every record the ring buffer still holds (all of them: nothing adds to
+        it any more), and the sweep's lost record with the final, exact total. After it, every
+        record the probe made was delivered or counted as lost. poll() and sweep() still work;
+        close() detaches nothing more."""
+        if self._bpf is None or self._stopped:
+            return []
+        detach_all(self._bpf)
+        self._stopped = True
+        time.sleep(STOP_SETTLE_S)   # a program that was running as we detached ends
+        out: list = []
+        while True:
+            out += self.poll()
+            if not self.backlogged:
+                break
+        lost = self.lost_sweep(time.monotonic_ns())
+        return out + [lost] if lost is not None else out
 
     def lost_total(self) -> int:
         if self._bpf is None:

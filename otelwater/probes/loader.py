@@ -33,6 +33,8 @@ def one_line(e: BaseException) -> str:
 # in the ring buffer for the next poll.
 POLL_BUDGET = 2048
 POLL_TIME_S = 0.05
+# After detaching, a program already running finishes (microseconds) before the final counts.
+STOP_SETTLE_S = 0.02
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # A BPF ring buffer's size (max_entries, u32) must be a power of two and a page multiple.
@@ -46,13 +48,83 @@ def check_ringbuf_pages(pages: int) -> None:
                          f"kernel's limit), got {pages}", "e.g. --ringbuf-pages 64 (the default), 128, 256")
 
 
-def kernel_cflags(offsets: dict[str, int], ringbuf_pages: int) -> list[str]:
-    """The include path, every BTF offset as -D, and the ring buffer size."""
+def kernel_cflags(offsets: dict[str, int], ringbuf_pages: int,
+                  ring: str = "OTW_RINGBUF_PAGES") -> list[str]:
+    """The include path, every BTF offset as -D, and the ring buffer size as `ring` (each
+    ring buffer has its own macro: the Go read sampler's is compiled into the water probe's
+    program beside the water probe's own)."""
     check_ringbuf_pages(ringbuf_pages)
     flags = [f"-I{BPF_DIR}"]
     flags += [f"-D{k}={v}" for k, v in sorted(offsets.items())]
-    flags.append(f"-DOTW_RINGBUF_PAGES={ringbuf_pages}")
+    flags.append(f"-D{ring}={ringbuf_pages}")
     return flags
+
+
+def merge_cflags(flags: list[str], more: list[str]) -> list[str]:
+    """flags + the ones of `more` not already there; a macro both define differently is a
+    bug (clang would take the last silently: a sampler's setting overriding the probe's)."""
+    def macro(f):
+        return f[2:].split("=", 1)[0] if f.startswith("-D") else None
+
+    have = {macro(f): f for f in flags if macro(f)}
+    out = list(flags)
+    for f in more:
+        m = macro(f)
+        if m in have and have[m] != f:
+            raise ProbeLoadError(f"the embedded program redefines {m} ({have[m]} vs {f})",
+                                 "an otelwater bug: please report it")
+        if f not in out:
+            out.append(f)
+    return out
+
+
+class RingBuffer:
+    """One BPF ring buffer with a libbpf consumer of its own.
+
+    BCC keeps every ring buffer of a program in one consumer, and its consume goes through
+    them in order and stops at the first callback that returns < 0, which is how a poll keeps
+    to its budget: with the Go read sampler compiled into the water probe's program, a
+    flooded water ring buffer (--follow) ended every consume before the read sampler's, which
+    then was never read (every read lost or left in it). So each probe consumes its own.
+    `callback(ctx, data, size)` returns < 0 to stop this consume after the record."""
+
+    def __init__(self, bpf, name: str, callback):
+        from bcc.libbcc import _RINGBUF_CB_TYPE, lib
+
+        self._lib = lib
+        # kept referenced while libbpf may call it
+        self._fn = _RINGBUF_CB_TYPE(lambda ctx, data, size: int(callback(ctx, data, size) or 0))
+        try:
+            fd = bpf[name].map_fd
+        except Exception as e:  # noqa: BLE001 - BCC raises bare exceptions for maps
+            raise ProbeLoadError(f"cannot open the ring buffer {name}: {one_line(e)}") from e
+        self._mgr = lib.bpf_new_ringbuf(fd, self._fn, None)
+        if not self._mgr:
+            raise ProbeLoadError(f"cannot open the ring buffer {name}",
+                                 "run 'otelwater doctor'")
+
+    def consume(self) -> None:
+        """What the ring buffer holds now (never blocks), until a callback says stop."""
+        if self._mgr:
+            self._lib.bpf_consume_ringbuf(self._mgr)
+
+    def close(self) -> None:
+        if self._mgr:
+            self._lib.bpf_free_ringbuf(self._mgr)
+            self._mgr = None
+
+
+def detach_all(b) -> None:
+    """Detach every program of BCC object `b` from its attach points (tracepoints, raw
+    tracepoints, uprobes), keeping its maps: its ring buffers and counters stay readable, and
+    nothing adds to them any more (wait STOP_SETTLE_S for a program that was running).
+    BPF.cleanup() does the rest."""
+    for k in list(b.uprobe_fds):
+        b.detach_uprobe_event(k)
+    for k in list(b.tracepoint_fds):
+        b.detach_tracepoint(k)
+    for k in list(b.raw_tracepoint_fds):
+        b.detach_raw_tracepoint(k)
 
 
 def running_kernel_btf():
