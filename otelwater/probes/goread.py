@@ -44,7 +44,7 @@ from otelwater.errors import BinaryError, NoSuchProcess, ProbeLoadError, UsageEr
 from otelwater.events.layout import header
 from otelwater.events.model import LostEvents, Notice, ReadRecord
 from otelwater.probes import host
-from otelwater.probes.kernel import LossLedger
+from otelwater.probes.kernel import LossLedger, drain_at_stop
 from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_SETTLE_S, RingBuffer,
                                      check_ringbuf_pages, detach_all, kernel_cflags, load_bpf,
                                      one_line, running_kernel_btf)
@@ -676,13 +676,7 @@ class GoReadSampler:
         if self._closed or not self._bpfs:
             return []
         self._detach()
-        out: list = []
-        while True:
-            out += self.poll()
-            if not self.backlogged:
-                break
-        lost = self.lost_sweep(time.monotonic_ns())
-        return out + [lost] if lost is not None else out
+        return drain_at_stop(self, self._rings, GoReadEvent.ts_end_ns.offset)
 
     def _cleanup(self) -> None:
         rings, self._rings = self._rings, []

@@ -31,9 +31,9 @@ from otelwater.events.layout import header
 from otelwater.events.model import TCP_STATES, TRIGGERS, LostEvents, WaterSnapshot
 from otelwater.hostsockets import OwnerResolver, socket_inodes
 from otelwater.probes import host
-from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_SETTLE_S, RingBuffer,
-                                     detach_all, kernel_cflags, load_bpf, merge_cflags,
-                                     running_kernel_btf)
+from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_DRAIN_S, STOP_SETTLE_S,
+                                     RingBuffer, detach_all, kernel_cflags, load_bpf,
+                                     merge_cflags, running_kernel_btf)
 from otelwater.sockkey import addr_text
 
 WATER_H = header("water.h")
@@ -122,6 +122,34 @@ def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict
     )
 
 
+def drain_at_stop(probe, rings: list, ts_offset: int, time_s: float | None = None) -> list:
+    """A detached probe's last records: decoded for at most `time_s` (STOP_DRAIN_S), then what
+    is left only counted (about 1 us a record instead of ~10), as lost records located where
+    they were made, so a flood in a huge ring buffer does not hold Ctrl-C; then the sweep's
+    lost record with the final, exact total. `probe`: a WaterProbe or GoReadSampler;
+    `ts_offset`: where a record's time lies in it."""
+    until = time.monotonic() + (STOP_DRAIN_S if time_s is None else time_s)
+    out: list = []
+    while True:
+        out += probe.poll()
+        if not probe.backlogged:
+            break
+        if time.monotonic() >= until:
+            count, first, last = 0, 0, 0
+            for ring in rings:
+                n, f, t = ring.count_rest(ts_offset)
+                if n:
+                    first = min(first, f) if count else f
+                    last = max(last, t)
+                    count += n
+            if count:
+                out.append(probe._ledger.left_unread(time.monotonic_ns(), count, first, last,
+                                                     probe.lost_total()))
+            break
+    lost = probe.lost_sweep(time.monotonic_ns())
+    return out + [lost] if lost is not None else out
+
+
 class LossLedger:
     """One probe's lost ring-buffer records as LostEvents, located in time (bpf/goread.h,
     otw_lost_take). Shared by the water probe and the Go read sampler.
@@ -139,7 +167,16 @@ class LossLedger:
     def __init__(self, probe: str):
         self.probe = probe
         self.total = 0                   # the largest lost_total put in a record so far
+        self.unread = 0                  # left in the ring buffer at the stop, not decoded
         self._swept: dict = {}           # (program, cpu) -> (since_ns, pending, seen at)
+
+    def left_unread(self, ts_ns: int, count: int, first_ns: int, last_ns: int,
+                    total: int) -> LostEvents:
+        """Records still in the ring buffer when the stop's drain ran out of time, counted
+        (not decoded) and lost from here on: `total` is the kernel's, without them."""
+        self.unread += count
+        self.total = max(self.total, total + self.unread)
+        return LostEvents(ts_ns, self.probe, self.total, min(first_ns, last_ns), count, last_ns)
 
     def carried(self, ts_ns: int, count: int, since_ns: int, until_ns: int) -> LostEvents:
         """A placeholder until settle() knows the total (lost_total -1)."""
@@ -149,7 +186,7 @@ class LossLedger:
     def settle(self, records: list, at: list[int], total: int) -> None:
         """Give the placeholders at these indexes of `records` the probe's total (read after
         the ring buffer was consumed, so it counts every loss they carry)."""
-        self.total = total = max(self.total, total)
+        self.total = total = max(self.total, total + self.unread)
         for i in at:
             r = records[i]
             records[i] = LostEvents(r.ts_ns, r.probe, total, r.since_ns, r.count, r.until_ns)
@@ -175,6 +212,7 @@ class LossLedger:
                 until = max(until, last)
             swept[where] = (first, n, ts_ns)   # seen up to now: later ones came after
         self._swept = swept
+        total += self.unread
         if not count and total <= self.total:
             return None
         self.total = total = max(self.total, total)
@@ -417,13 +455,7 @@ class WaterProbe:
         detach_all(self._bpf)
         self._stopped = True
         time.sleep(STOP_SETTLE_S)   # a program that was running as we detached ends
-        out: list = []
-        while True:
-            out += self.poll()
-            if not self.backlogged:
-                break
-        lost = self.lost_sweep(time.monotonic_ns())
-        return out + [lost] if lost is not None else out
+        return drain_at_stop(self, [self._events], WaterEvent.ts_ns.offset)
 
     def lost_total(self) -> int:
         if self._bpf is None:

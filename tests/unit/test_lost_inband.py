@@ -178,3 +178,59 @@ def test_sweep_reports_pending_losses_once_and_only_new_ones_later():
     r = led.sweep(6 * S, 12, {(0, 0): (0, 0, 0)})
     assert r == LostEvents(6 * S, "reads", 12, 6 * S, 0, 6 * S)
     assert led.sweep(7 * S, 12, {}) is None
+
+
+class _FloodedProbe:
+    """A detached probe whose ring buffer still holds `left` records (1 ms apart from 1 s):
+    poll() decodes 100 at a time; count_rest() empties the ring without decoding."""
+
+    def __init__(self, left: int, kernel_lost: int = 7):
+        self.left, self.next_ts = left, 1_000_000_000
+        self.backlogged = False
+        self._ledger = LossLedger("water")
+        self.kernel_lost = kernel_lost
+        self.ring = self
+
+    def _take(self, n):
+        ts = [self.next_ts + i * 1_000_000 for i in range(min(n, self.left))]
+        self.left -= len(ts)
+        self.next_ts += len(ts) * 1_000_000
+        return ts
+
+    def count_rest(self, ts_offset):     # the ring buffer, counted only
+        ts = self._take(self.left)
+        return (len(ts), ts[0], ts[-1]) if ts else (0, 0, 0)
+
+    def poll(self):
+        got = self._take(100)
+        self.backlogged = self.left > 0
+        return [("snapshot", t) for t in got]
+
+    def lost_total(self):
+        return self.kernel_lost
+
+    def lost_sweep(self, ts_ns):
+        return self._ledger.sweep(ts_ns, self.kernel_lost, {})
+
+
+def test_the_stop_drain_decodes_what_it_has_time_for_and_counts_the_rest_as_lost():
+    from otelwater.probes.kernel import drain_at_stop
+
+    p = _FloodedProbe(left=250)
+    out = drain_at_stop(p, [p.ring], 0)              # time enough: everything decoded
+    assert len([r for r in out if type(r) is tuple]) == 250
+    assert [r for r in out if type(r) is LostEvents] == [
+        LostEvents(out[-1].ts_ns, "water", 7, out[-1].ts_ns, 0, out[-1].ts_ns)]
+
+    p = _FloodedProbe(left=10_000)
+    out = drain_at_stop(p, [p.ring], 0, time_s=0)    # no time: one poll, the rest counted
+    decoded = [r for r in out if type(r) is tuple]
+    lost = [r for r in out if type(r) is LostEvents]
+    assert len(decoded) == 100 and p.left == 0
+    unread = lost[0]
+    assert unread.count == 9_900 and unread.lost_total == 7 + 9_900
+    assert unread.since_ns == 1_000_000_000 + 100 * 1_000_000      # the first one not decoded
+    assert unread.until_ns == 1_000_000_000 + 9_999 * 1_000_000    # the last
+    # the probe's totals from now on include them: nothing decreases
+    assert p.lost_sweep(5 * 10**9) is None
+    assert p._ledger.sweep(6 * 10**9, 8, {}).lost_total == 8 + 9_900
