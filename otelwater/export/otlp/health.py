@@ -21,8 +21,10 @@ class ExportHealth:
     """What export could not deliver, counted; the first failure of an outage is said once
     on `out` ("failing ... still retrying"), and the first success after it ("works again")."""
 
-    def __init__(self, target: str | None, out: IO[str] | None = None):
+    def __init__(self, target: str | None, out: IO[str] | None = None, *,
+                 outages_said: bool = True):
         self.target = target        # None: a sink with no OTLP destination (Prometheus only)
+        self.outages_said = outages_said   # False: the caller says the outcome once, at the end
         self.name = f"OTLP export to {target}" if target else "export"
         self.out = out if out is not None else sys.stderr
         self.lock = threading.Lock()
@@ -53,7 +55,8 @@ class ExportHealth:
             self.failing = False
             msg = (f"OTLP export to {self.target} works again ({self.spans_dropped} spans, "
                    f"{self.points_dropped} metric points dropped so far)")
-        self._say(msg)
+        if self.outages_said:
+            self._say(msg)
 
     def overflow(self, spans: int = 1) -> None:
         """Spans dropped at a full queue: more slow reads than export keeps up with (or a
@@ -107,7 +110,8 @@ class ExportHealth:
             self.outages += 1
             msg = (f"OTLP export to {self.target} failing ({self.spans_dropped} spans, "
                    f"{self.points_dropped} metric points dropped so far); still retrying")
-        self._say(msg)
+        if self.outages_said:
+            self._say(msg)
 
 
 def _count_points(metrics_data) -> int:

@@ -19,7 +19,9 @@ MeterProvider exports here; the points are built from the records as they come
 and handed to the metric exporter at close().
 
 The first request that fails ends its kind (spans, or points): the rest are counted as not
-delivered, so a Collector that is down costs one request timeout for each, not one per batch.
+delivered, so a Collector that is down costs one request timeout for each, not one per batch,
+and at most `timeout_s` in all. Nothing is said while it happens: shortfall() gives the one
+line `correlate` exits 6 with.
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from otelwater import names as N
 from otelwater.clock import WallClock
 from otelwater.export.offline_metrics import OfflineMetrics
 from otelwater.export.otlp.health import (ExportHealth, _count_points,
-                                          _counting_metric_exporter, _counting_span_exporter,
-                                          say_delivery)
+                                          _counting_metric_exporter, _counting_span_exporter)
 from otelwater.export.otlp.options import ExportOptions, quiet_sdk_logs, resolve_options
 from otelwater.export.otlp.resources import Identity, Services
 from otelwater.export.otlp.spans import WINDOW_NS, AlertWindow, start_read_span
@@ -110,7 +111,8 @@ class OfflineOtlpSink(Sink):
         self.header = header
         self.config = config
         self.timeout_s = timeout_s
-        self.health = ExportHealth(opts.target, out)
+        # what was not delivered is said once, by the caller (shortfall()), not as it happens
+        self.health = ExportHealth(opts.target, out, outages_said=False)
         self.recorded = dict(getattr(header, "processes", {}) or {})   # pid -> ProcessInfo
         host = (getattr(header, "host", None) or {}).get("name") or socketlib.gethostname()
         self.clock = WallClock.from_recording(header.clock)
@@ -192,8 +194,8 @@ class OfflineOtlpSink(Sink):
 
     def close(self, timeout_s: float | None = None) -> None:
         """The last spans, then every metric point (the first request that fails ends them),
-        each request's timeout at most what is left of `timeout_s` (at least 1 s); then what
-        was not delivered is said."""
+        each request's timeout at most what is left of `timeout_s` (at least 1 s). What was
+        not delivered is the caller's to say, once (shortfall())."""
         from opentelemetry.sdk.metrics.export import MetricExportResult
 
         if self._closed:
@@ -223,7 +225,6 @@ class OfflineOtlpSink(Sink):
             self.batches.shutdown()
             for svc in self.registry.all():
                 svc.shutdown(0.0)
-        say_delivery(self.health, self.spans, delivers=True)
 
     def shortfall(self) -> str | None:
         """None when every span and metric point was delivered, else what was."""
