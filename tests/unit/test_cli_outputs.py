@@ -38,8 +38,10 @@ def test_a_full_disk_behind_stdout_is_one_line_and_exit_1(json):
 
 
 def test_stdout_closed_is_said_before_any_work():
-    got = otelwater("correlate", str(RECORDING), "--json", stdout=None,
-                    preexec_fn=lambda: os.close(1))
+    # the shell closes it (a preexec_fn could deadlock the fork: other tests leave threads)
+    got = subprocess.run(["sh", "-c", 'exec "$0" -m otelwater correlate "$1" --json >&-',
+                          sys.executable, str(RECORDING)], capture_output=True, text=True,
+                         timeout=120)
     assert got.returncode == 2, got.stderr
     assert lines(got.stderr) == ["otelwater: standard output is closed: nowhere to write the "
                                  "JSON Lines; redirect it to a file or a pipe (> out.jsonl)"]
