@@ -22,8 +22,9 @@ Conditions, interleaved round-robin within each round (the order rotates every r
   tp        GoReadSampler(mechanism="tracepoint") on the server's pid
   up-empty  empty uprobes at the entry and every `ret` of net.(*conn).Read (bench/empty_uprobe.c)
   up        GoReadSampler(mechanism="uprobe") on the server's pid
-  water-empty  empty programs on the water probe's raw tracepoints (bench/empty_water_raw.c):
-            the floor of the watch row
+  water-empty  empty programs on the water probe's raw tracepoints (bench/empty_water_raw.c,
+            with sock_send_length as the watch attaches it for Go readers): the floor of the
+            watch row
   watch     what `otelwater watch -p PID --go-pid PID` loads: the water probe filtered to the
             pid with the tracepoint sampler compiled into it. The sampler attaches nothing of
             its own there: the water probe's sock_recv_length ends each socket read
@@ -221,7 +222,8 @@ class Floors:
         for tp in list(self.tp.tracepoint_fds):
             self.tp.detach_tracepoint(tp)
         self.water = BPF(src_file=str(HERE / "empty_water_raw.c"),
-                         cflags=[f"-DOTW_HAVE_KFREE_SKB_RX_SK={int(host.kfree_skb_has_rx_sk())}"])
+                         cflags=[f"-DOTW_HAVE_KFREE_SKB_RX_SK={int(host.kfree_skb_has_rx_sk())}",
+                                 "-DOTW_SEND_FLOOR=1"])   # the watch's Go rows attach it too
         self.water_points = list(self.water.raw_tracepoint_fds)
         self.detach_water()
         self.up = BPF(src_file=str(HERE / "empty_uprobe.c"))

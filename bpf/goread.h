@@ -33,7 +33,19 @@
 #define OTW_CNT_SUM_NS 9       /* sum of the latencies of all completed reads */
 #define OTW_CNT_QSLOW 10       /* reads that found data which had waited >= threshold: recorded */
 #define OTW_CNT_QSLOW_LIMITED 11 /* ...beyond OTW_QSLOW_PER_S a socket a second: counted only */
-#define OTW_CNT_SLOTS 12
+#define OTW_CNT_CUT 12         /* slow reads the record token bucket kept off the ring buffer
+                                * (counted in `verdicts` all the same) */
+#define OTW_CNT_IDLE 13        /* slow reads whose verdict is idle (not recorded unless asked) */
+#define OTW_CNT_SLOTS 14
+
+/* the kernel's verdict of a slow read (goread_event.kverdict, `verdicts` keys): the rules of
+ * otelwater/correlate/rules.py, decided where the read ends, so the counts are exact whatever
+ * the ring buffer loses; 0: not a slow read */
+#define OTW_V_PEER 1           /* peer-starved */
+#define OTW_V_RUN 2            /* runtime-starved */
+#define OTW_V_LAG 3            /* consumer-lagging */
+#define OTW_V_UNKNOWN 4
+#define OTW_V_IDLE 5           /* the peer owed nothing while the read waited */
 
 /* the per-CPU `counts` array's only slot: one lookup per event covers counts and histogram,
  * and the losses this CPU has not reported in-band yet (n[OTW_CNT_LOST] counts them all) */
@@ -43,6 +55,29 @@ struct goread_counts {
     u64 lost_pending;  /* records lost since this CPU last delivered one */
     u64 lost_since_ns; /* when the first of those was lost (meaningful while lost_pending) */
     u64 lost_until_ns; /* ...and the last */
+    u64 tb_tat_ns;     /* the record token bucket's theoretical arrival time (GCRA) */
+};
+
+/* the `verdicts` per-CPU hash: slow reads counted by process, socket role and verdict */
+struct otw_vkey {
+    u32 tgid;
+    u8 role;           /* OTW_ROLE_* (bpf/water.h) */
+    u8 verdict;        /* OTW_V_* */
+    u16 _pad;
+};
+
+struct otw_vcount {
+    u64 reads;         /* slow reads with this verdict */
+    u64 recorded;      /* of those, put on the ring buffer */
+    u64 cut;           /* of those, kept off by a token bucket: the records' (OTW_CNT_CUT) or
+                        * the socket's share of queue-delay slow reads (OTW_CNT_QSLOW_LIMITED) */
+    u64 dur_sum_ns;    /* sum of their durations */
+    u64 wait_sum_ns;   /* sum of their verdict's wait (peer: wait_peer, runtime: wait_run,
+                        * consumer-lagging: queue delay, idle: wait_idle, unknown: duration) */
+    u64 last_dur_ns;   /* the last one's duration and wait (the histogram slots are taken from */
+    u64 last_wait_ns;  /*   these, reloaded: the verifier's precision tracking stops there) */
+    u64 dur_hist[OTW_HIST_SLOTS];   /* log2 buckets as goread_counts.hist */
+    u64 wait_hist[OTW_HIST_SLOTS];
 };
 
 /* one blocked read on the ring buffer */
@@ -59,6 +94,9 @@ struct goread_event {
     u64 queue_delay_ns; /* how long the oldest byte returned stood in the queue (OTW_EV_QDELAY) */
     u64 lost_since_ns; /* lost_before > 0: when the first of those records was lost */
     u64 lost_until_ns; /*   ...and the last */
+    u64 send_ns;       /* our last send on the socket before the arrival that woke the read
+                        * (before its return when none did); 0 when none or unknown */
+    u64 prev_arrival_ns; /* parked reads: the newest arrival before the park began (0: none) */
     u64 ips[OTW_STACK_DEPTH]; /* user stack, innermost first */
     u32 stack_len;     /* valid entries in ips */
     u32 pid;           /* tgid */
@@ -66,11 +104,16 @@ struct goread_event {
     s32 fd;            /* -1 when unknown */
     u32 lost_before;   /* records this CPU could not put on the ring buffer since it last
                         * delivered one: the loss travels in-band, with the next record */
+    u16 rport;         /* the peer's port (0 unknown) */
     u8 source;         /* OTW_SOURCE_* */
     u8 has_goid;
     u8 parked;         /* 1: the read found the queue empty and waited (-EAGAIN first) */
     u8 evidence;       /* OTW_EV_* bits: what the water probe told about this read */
+    u8 role;           /* OTW_ROLE_* of its socket (bpf/water.h) */
+    u8 kverdict;       /* OTW_V_*: the kernel's verdict */
+    u8 raddr[16];      /* the peer's address, IPv6 form (IPv4 as ::ffff:a.b.c.d); 0 unknown */
     char comm[16];
+    u8 _pad[4];
 };
 
 /* what the water probe tells the read sampler about the read in flight (struct otw_read_ev,
@@ -130,8 +173,13 @@ struct otw_read_ev {
     u64 sock_key;
     u64 qdelay_ns;         /* queue delay of the oldest byte returned (OTW_EV_QDELAY) */
     u64 empty_arrival_ns;  /* the socket's last arrival onto an empty queue */
+    u64 send_ns;           /* goread_event.send_ns */
+    u64 prev_arrival_ns;   /* goread_event.prev_arrival_ns */
+    u8 raddr[16];          /* the socket's peer (water_state.raddr), 0 unknown */
     u32 flags;             /* OTW_EV_* */
-    u32 _pad;
+    u16 rport;
+    u8 role;               /* OTW_ROLE_* */
+    u8 _pad;
 };
 
 #define OTW_AF_INET 2
@@ -263,6 +311,112 @@ static __always_inline int otw_count_read(struct goread_counts *c, u64 dur)
     if (dur < OTW_THRESHOLD_NS)
         return 0;
     c->n[OTW_CNT_BLOCKED] += 1;
+    return 1;
+}
+
+#ifndef OTW_RUN_NS
+#define OTW_RUN_NS OTW_THRESHOLD_NS   /* runtime-starved: data waited this long for the reader */
+#endif
+#ifndef OTW_RECORD_INTERVAL_NS
+#define OTW_RECORD_INTERVAL_NS 0      /* record token bucket, per CPU: one slow read on the ring
+                                       * buffer per this many ns on average; 0: all of them */
+#endif
+#ifndef OTW_RECORD_BURST
+#define OTW_RECORD_BURST 64           /* ...and at most this many at once */
+#endif
+#ifndef OTW_IDLE_RECORDS
+#define OTW_IDLE_RECORDS 0            /* 1: idle slow reads are recorded too */
+#endif
+#ifndef OTW_ROLE_ACCEPTED
+#define OTW_ROLE_DIALED 1
+#define OTW_ROLE_ACCEPTED 2
+#endif
+
+/* The verdict of a slow read, by the rules of otelwater/correlate/rules.py (kept equal by
+ * tests/integration/test_kernel_verdicts.py): `role` and the send/arrival stamps split a
+ * parked read's wait into idle (the peer owed nothing) and waiting for the peer.
+ *   accepted socket: idle when we sent during the park (our response: what comes next is a new
+ *     request) or our last send came after the newest arrival before the park (we had
+ *     answered); else the peer was mid-message: all of it is waiting for the peer.
+ *   dialed socket: idle until our send when we sent during the park (our request went out
+ *     then), waiting for the peer from then on.
+ * runtime-starved first (wait to run >= OTW_RUN_NS), then peer-starved when the peer's part
+ * alone is slow (>= OTW_THRESHOLD_NS), then idle when the idle part is the larger.
+ * *wait: the figure the verdict rests on (its `verdicts` histogram). */
+static __always_inline u8 otw_kverdict(u8 parked, u8 role, u64 start, u64 end, u64 arrival,
+                                       u64 send, u64 prev_arrival, u32 evf, u64 qd, u64 *wait)
+{
+    if (end < start) {
+        *wait = 0;
+        return OTW_V_UNKNOWN;
+    }
+    u64 dur = end - start;
+    *wait = dur;
+    if (!parked) {
+        if ((evf & OTW_EV_QDELAY) && qd >= OTW_THRESHOLD_NS) {
+            *wait = qd;
+            return OTW_V_LAG;
+        }
+        return OTW_V_UNKNOWN;
+    }
+    int answered = role == OTW_ROLE_ACCEPTED && (send > start || send >= prev_arrival);
+    if (!arrival || arrival < start || arrival > end) {
+        /* no data woke it (EOF, deadline, close): idle only when the peer owed nothing */
+        return answered ? OTW_V_IDLE : OTW_V_UNKNOWN;
+    }
+    u64 run = end - arrival, idle = 0, peer = arrival - start;
+    if (answered) {
+        idle = peer;
+        peer = 0;
+    } else if (role == OTW_ROLE_DIALED && send > start && send <= arrival) {
+        idle = send - start;
+        peer = arrival - send;
+    }
+    if (run >= OTW_RUN_NS) {
+        *wait = run;
+        return OTW_V_RUN;
+    }
+    if (peer < OTW_THRESHOLD_NS && idle > peer) {
+        *wait = idle;
+        return OTW_V_IDLE;
+    }
+    *wait = peer;
+    return OTW_V_PEER;
+}
+
+/* Add a slow read to its `verdicts` slot (the samplers look the slot up: BCC rewrites map
+ * calls in a program's own file only) */
+static __always_inline void otw_vcount_add(struct otw_vcount *v, u64 dur, u64 wait, int recorded,
+                                           int cut)
+{
+    v->reads += 1;
+    v->recorded += recorded;
+    v->cut += cut;
+    v->dur_sum_ns += dur;
+    v->wait_sum_ns += wait;
+    /* an index computed from dur and wait directly would make the verifier track their exact
+     * values back through every branch of otw_kverdict, and it could no longer prune: slots
+     * come from the copies in the map value instead */
+    v->last_dur_ns = dur;
+    v->last_wait_ns = wait;
+    u32 s = otw_hist_slot(*(volatile u64 *)&v->last_dur_ns);
+    if (s < OTW_HIST_SLOTS)
+        v->dur_hist[s] += 1;
+    s = otw_hist_slot(*(volatile u64 *)&v->last_wait_ns);
+    if (s < OTW_HIST_SLOTS)
+        v->wait_hist[s] += 1;
+}
+
+/* The record token bucket (GCRA, per CPU): 1 when a slow read may go on the ring buffer, evenly
+ * spread (no per-second reset that takes a second's share in its first milliseconds) */
+static __always_inline int otw_record_token(struct goread_counts *c, u64 now)
+{
+    if (!OTW_RECORD_INTERVAL_NS)
+        return 1;
+    u64 tat = c->tb_tat_ns > now ? c->tb_tat_ns : now;
+    if (tat - now > (OTW_RECORD_BURST - 1) * (u64)OTW_RECORD_INTERVAL_NS)
+        return 0;
+    c->tb_tat_ns = tat + OTW_RECORD_INTERVAL_NS;
     return 1;
 }
 

@@ -30,6 +30,7 @@
  * The pid filter is the `procs` hash, filled by Python (-D macros: see goread.py).
  */
 #include <linux/sched.h>
+#define OTW_GOREAD_PROG 1
 #include "sockkey.h"
 #include "goread.h"
 
@@ -58,6 +59,8 @@ BPF_TABLE("lru_hash", u64, struct goread_park, parks_big, 16384);
 BPF_TASK_STORAGE(tasks, struct goread_task);
 BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
 BPF_RINGBUF_OUTPUT(read_events, OTW_READ_RINGBUF_PAGES);
+
+#include "goverdict.c"
 
 #if OTW_EXEC_WATCH
 /* With a binary path: a process that execs it is watched from its first instruction, not
@@ -147,7 +150,8 @@ static __always_inline struct goread_park *otw_park(const struct goread_proc *p,
 static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, struct pt_regs *regs,
                                      const struct goread_proc *p, u64 id, long fd, long ret,
                                      u64 count, u64 start, u64 end,
-                                     const struct otw_read_ev *ev, u8 parked, u64 arrival)
+                                     const struct otw_read_ev *ev, u8 parked, u64 arrival,
+                                     u8 kverdict)
 {
     u32 evf = ev->flags;
     u64 key = ev->sock_key;  /* the water probe's table has this socket: no fd walk */
@@ -180,6 +184,12 @@ static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, st
     e->queue_delay_ns = (evf & OTW_EV_QDELAY) ? ev->qdelay_ns : 0;
     e->parked = parked;
     e->evidence = (u8)evf;
+    e->send_ns = ev->send_ns;
+    e->prev_arrival_ns = parked ? ev->prev_arrival_ns : 0;
+    __builtin_memcpy(e->raddr, ev->raddr, 16);
+    e->rport = ev->rport;
+    e->role = ev->role;
+    e->kverdict = kverdict;
     e->pid = id >> 32;
     e->tid = (u32)id;
     e->fd = (s32)fd;
@@ -198,23 +208,44 @@ static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, st
     read_events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
-/* Count a finished read; 1 when it is recorded: it blocked the threshold, or it did not park
- * but the bytes it found had waited the threshold in the queue (within its socket's records
- * a second; beyond, counted only) */
-static __always_inline int otw_read_slow(struct goread_counts *c, u64 dur, u8 parked,
-                                         const struct otw_read_ev *ev)
+/* Count a finished read. A slow one (it blocked the threshold, or it did not park but the bytes
+ * it found had waited the threshold in the queue) gets the kernel's verdict and is counted in
+ * `verdicts`; returns that verdict when the read goes on the ring buffer, else 0. Not recorded:
+ * idle reads (unless OTW_IDLE_RECORDS), queue-delay slow reads beyond their socket's share
+ * (OTW_QSLOW_PER_S), and what the record token bucket cuts. */
+static __always_inline u8 otw_read_slow(struct goread_counts *c, u32 tgid, u64 start, u64 end,
+                                        u8 parked, u64 arrival, const struct otw_read_ev *ev)
 {
-    if (otw_count_read(c, dur))
-        return 1;
+    u64 dur = end - start;
+    int blocked = otw_count_read(c, dur);
     u32 evf = ev->flags;
-    if (parked || !(evf & OTW_EV_QDELAY) || ev->qdelay_ns < OTW_THRESHOLD_NS)
+    int qslow = !parked && (evf & OTW_EV_QDELAY) && ev->qdelay_ns >= OTW_THRESHOLD_NS;
+    if (!blocked && !qslow)
         return 0;
-    if (!(evf & OTW_EV_QSLOW_OK)) {
-        c->n[OTW_CNT_QSLOW_LIMITED] += 1;
-        return 0;
+    u64 wait = 0;
+    u8 v = otw_kverdict(parked, ev->role, start, end, arrival, ev->send_ns,
+                        ev->prev_arrival_ns, evf, ev->qdelay_ns, &wait);
+    int record = 1, cut = 0;
+    if (v == OTW_V_IDLE) {
+        c->n[OTW_CNT_IDLE] += 1;
+        record = OTW_IDLE_RECORDS;
     }
-    c->n[OTW_CNT_QSLOW] += 1;
-    return 1;
+    if (record && !blocked) {
+        if (!(evf & OTW_EV_QSLOW_OK)) {    /* beyond its socket's share: cut too */
+            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
+            record = 0;
+            cut = 1;
+        } else {
+            c->n[OTW_CNT_QSLOW] += 1;
+        }
+    }
+    if (record && !otw_record_token(c, end)) {
+        c->n[OTW_CNT_CUT] += 1;
+        record = 0;
+        cut = 1;
+    }
+    otw_count_verdict(tgid, ev->role, v, dur, wait, record, cut);
+    return record ? v : 0;
 }
 
 /* A parked read was woken by the first arrival onto its empty queue after the park (0:
@@ -269,10 +300,11 @@ static __always_inline void otw_read_end(void *ctx, struct task_struct *task,
         }
         pk->start_ns = 0;
     }
-    if (!otw_read_slow(c, now - start, parked, ev))
+    u64 arrival = otw_woken_at(parked, start, ev);
+    u8 v = otw_read_slow(c, tgid, start, now, parked, arrival, ev);
+    if (!v)
         return;
-    otw_read_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now, ev, parked,
-                  otw_woken_at(parked, start, ev));
+    otw_read_emit(ctx, c, regs, p, id, fd, ret, regs->dx, start, now, ev, parked, arrival, v);
 }
 
 #ifdef OTW_TP_AT_RECV
@@ -312,11 +344,14 @@ static __always_inline void otw_watch_read_end(void *ctx, const struct goread_pr
     c->n[OTW_CNT_EXIT] += 1;
     u8 parked = park_start != 0;
     u64 start = parked ? park_start : now;
-    if (!otw_read_slow(c, now - start, parked, ev))
+    u64 id = bpf_get_current_pid_tgid();
+    u64 arrival = otw_woken_at(parked, start, ev);
+    u8 v = otw_read_slow(c, id >> 32, start, now, parked, arrival, ev);
+    if (!v)
         return;
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    otw_read_emit(ctx, c, regs, p, bpf_get_current_pid_tgid(), regs->di, ret, regs->dx, start,
-                  now, ev, parked, otw_woken_at(parked, start, ev));
+    otw_read_emit(ctx, c, regs, p, id, regs->di, ret, regs->dx, start, now, ev, parked,
+                  arrival, v);
 }
 #else
 /* alone: the read(2) tracepoints (the watch calls otw_read_end from sock_recv_length) */

@@ -19,6 +19,7 @@
  * buffer cannot take is counted, and the next one this CPU delivers says how many and when.
  */
 #include <linux/sched.h>
+#define OTW_GOREAD_PROG 1
 #include "sockkey.h"
 #include "goread.h"
 #ifndef OTW_WATER_EMBED
@@ -36,6 +37,7 @@
 BPF_TABLE("lru_hash", struct goread_key, struct goread_inflight, inflight, OTW_MAX_INFLIGHT);
 BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
 BPF_RINGBUF_OUTPUT(read_events, OTW_READ_RINGBUF_PAGES);
+#include "goverdict.c"
 
 int otw_up_read_entry(struct pt_regs *ctx)
 {
@@ -103,7 +105,10 @@ int otw_up_read_return(struct pt_regs *ctx)
         bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + OFF_NETFD_PFD + OFF_FD_SYSFD));
     u64 key = 0;
     u32 evf = 0;
-    u64 arrival = 0, qdelay = 0;
+    u64 arrival = 0, qdelay = 0, send = 0, prev_arrival = 0;
+    u8 role = 0;
+    const u8 *peer = 0;
+    u16 rport = 0;
 #if OTW_WATER_EMBED
     /* compiled into the water probe: this Read's last read(2) just returned on the socket,
      * and the water probe noted its evidence there (otw_note_read) */
@@ -119,17 +124,16 @@ int otw_up_read_return(struct pt_regs *ctx)
         evf = ws->a.ev_flags;
         arrival = ws->a.ev_arrival_ns;
         qdelay = ws->a.ev_qdelay_ns;
+        send = ws->a.ev_send_ns;
+        prev_arrival = ws->a.ev_prev_arrival_ns;
+        role = ws->s.role;
+        rport = ws->s.rport;
+        peer = ws->s.raddr;
     }
-    if (!blocked) {
-        /* not blocked: still a slow read if the bytes it found had waited the threshold */
-        if ((evf & OTW_EV_PARKED) || !(evf & OTW_EV_QDELAY) || qdelay < OTW_THRESHOLD_NS)
-            return 0;
-        if (!(evf & OTW_EV_QSLOW_OK)) {
-            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
-            return 0;
-        }
-        c->n[OTW_CNT_QSLOW] += 1;
-    }
+    /* not blocked: still a slow read if the bytes it found had waited the threshold */
+    int qslow = !(evf & OTW_EV_PARKED) && (evf & OTW_EV_QDELAY) && qdelay >= OTW_THRESHOLD_NS;
+    if (!blocked && !qslow)
+        return 0;
     if (ws && ws->s.watched)
         key = ws->s.sock_key;
     else if (otw_fd_sock_key(fd, &key) < 0)
@@ -140,6 +144,34 @@ int otw_up_read_return(struct pt_regs *ctx)
         return 0;
     }
 #endif
+    /* the kernel's verdict, counted whether or not the read is recorded (otw_read_slow in
+     * goread_tp.c: the same steps) */
+    u8 parked = (evf & OTW_EV_PARKED) ? 1 : 0;
+    u64 wait = 0;
+    u8 v = otw_kverdict(parked, role, start, now, arrival, send, prev_arrival, evf, qdelay,
+                        &wait);
+    int record = 1, cut = 0;
+    if (v == OTW_V_IDLE) {
+        c->n[OTW_CNT_IDLE] += 1;
+        record = OTW_IDLE_RECORDS;
+    }
+    if (record && !blocked) {
+        if (!(evf & OTW_EV_QSLOW_OK)) {    /* beyond its socket's share: cut too */
+            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
+            record = 0;
+            cut = 1;
+        } else {
+            c->n[OTW_CNT_QSLOW] += 1;
+        }
+    }
+    if (record && !otw_record_token(c, now)) {
+        c->n[OTW_CNT_CUT] += 1;
+        record = 0;
+        cut = 1;
+    }
+    otw_count_verdict(k.tgid, role, v, dur, wait, record, cut);
+    if (!record)
+        return 0;
     struct goread_event *e = read_events.ringbuf_reserve(sizeof(struct goread_event));
     if (!e) {
         c->n[OTW_CNT_LOST] += 1;
@@ -164,8 +196,17 @@ int otw_up_read_return(struct pt_regs *ctx)
     e->caller_ip = 0;
     e->arrival_ns = arrival;        /* 0 and no evidence when the water probe runs apart */
     e->queue_delay_ns = (evf & OTW_EV_QDELAY) ? qdelay : 0;
-    e->parked = (evf & OTW_EV_PARKED) ? 1 : 0;
+    e->parked = parked;
     e->evidence = (u8)evf;
+    e->send_ns = send;
+    e->prev_arrival_ns = parked ? prev_arrival : 0;
+    e->rport = rport;
+    e->role = role;
+    e->kverdict = v;
+    if (peer)
+        bpf_probe_read_kernel(e->raddr, 16, peer);
+    else
+        __builtin_memset(e->raddr, 0, 16);
     bpf_probe_read_user(&e->caller_ip, sizeof(e->caller_ip), (void *)ctx->sp);
     long n = bpf_get_stack(ctx, e->ips, sizeof(e->ips), BPF_F_USER_STACK);
     e->stack_len = n > 0 ? n / sizeof(u64) : 0;

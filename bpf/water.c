@@ -27,6 +27,9 @@
  */
 #include "water.h"
 #include "sockkey.h"
+#if OTW_GO_TP || OTW_GO_UPROBE
+#define OTW_GOREAD_PROG 1  /* goread.h's sampler part (its maps) too */
+#endif
 #include "goread.h"
 
 #ifndef OTW_MAX_SOCKETS
@@ -55,9 +58,17 @@ BPF_PERCPU_ARRAY(fresh_sock, struct water_sock, 1); /* scratch: too big for the 
 BPF_ARRAY(cfg, struct water_cfg, 1);
 BPF_PERCPU_ARRAY(lost, struct water_lost, 1);
 BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
+/* (network namespace inode << 16 | port) of listening sockets: a socket whose local port is a
+ * listener's was accepted, else dialed. Python writes the listeners it finds at start; the
+ * kernel adds the port of every connection accepted since (SYN_RECV -> ESTABLISHED). */
+BPF_HASH(listen_ports, u64, u8, 16384);
 
 #ifndef OTW_QSLOW_PER_S
-#define OTW_QSLOW_PER_S 50 /* queue-delay slow reads recorded per socket per second */
+#define OTW_QSLOW_PER_S 50 /* queue-delay slow reads recorded per socket per second (on average,
+                            * a token bucket: evenly spread, OTW_QSLOW_BURST at once) */
+#endif
+#ifndef OTW_QSLOW_BURST
+#define OTW_QSLOW_BURST 5
 #endif
 #define OTW_MSG_PEEK 2
 
@@ -202,6 +213,24 @@ static __always_inline const struct goread_proc *otw_go_proc(struct water_state 
 }
 #endif
 
+static __always_inline u64 otw_listen_key(u32 netns, u16 lport)
+{
+    return (u64)netns << 16 | lport;
+}
+
+/* Dialed or accepted, by the listeners of the socket's namespace: decided once Python has
+ * written the listeners it found at start (the filter generation moves from 0 after that); a
+ * socket seen before stays unknown until its next event. */
+static __always_inline void otw_decide_role(struct water_state *st)
+{
+    u32 zero = 0;
+    struct water_cfg *c = cfg.lookup(&zero);
+    if (!c || !c->generation)
+        return;
+    u64 lk = otw_listen_key(st->netns, st->lport);
+    st->role = listen_ports.lookup(&lk) ? OTW_ROLE_ACCEPTED : OTW_ROLE_DIALED;
+}
+
 /* The socket's state entry, created on first sight. NULL when the socket is not watched. */
 static __always_inline struct water_state *otw_state(const void *sk, int process_ctx)
 {
@@ -209,8 +238,11 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
     struct water_sock *ws = socks.lookup(&key);
     if (ws) {
         struct water_state *st = &ws->s;
-        if (st->watched)
+        if (st->watched) {
+            if (!st->role)
+                otw_decide_role(st);
             return st;
+        }
 #if OTW_FILTER_PORTS || OTW_FILTER_PIDS || OTW_FILTER_CGROUPS
         /* filtered out earlier: decide again only if the filter sets changed since (the
          * loader bumps the generation once the filters are written, so a socket decided
@@ -271,6 +303,10 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
     f->netns = t.netns;
     f->ino = otw_sock_ino(sk);
     f->tcp_state = state;
+    f->role = state == OTW_TCP_SYN_SENT ? OTW_ROLE_DIALED
+            : state == OTW_TCP_SYN_RECV ? OTW_ROLE_ACCEPTED : OTW_ROLE_UNKNOWN;
+    if (!f->role)
+        otw_decide_role(f);
     f->fin = otw_fin(sk);
     /* the key is computed once, for every socket: one decided "not watched" now may be
      * decided "watched" later (a new connection's first arrival comes before its inode is
@@ -379,8 +415,10 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
         a->seq[i] = st->rcv_nxt;
         a->from[i] = onto_empty ? before : st->rcv_nxt;
         a->head += 1;
-        if (onto_empty)
+        if (onto_empty) {
             st->empty_arrival_ns = now;
+            a->arrival_send_ns = a->last_send_ns;
+        }
     }
 #endif
     otw_after_flow(st, OTW_TRIGGER_ARRIVAL, now);
@@ -388,6 +426,29 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
 }
 
 #if OTW_READ_EVIDENCE
+static __always_inline void otw_read_ev_peer(struct otw_read_ev *ev, const struct water_state *st)
+{
+    __builtin_memcpy(ev->raddr, st->raddr, 16);
+    ev->rport = st->rport;
+    ev->role = st->role;
+}
+
+/* Our sends: sock:sock_send_length runs inside every sendmsg/write on a socket, in the
+ * sender's context. With a Go reader traced, a socket's last send splits a parked read's wait
+ * into idle and waiting for the peer (otw_kverdict). An entry lookup in place a send. */
+RAW_TRACEPOINT_PROBE(sock_send_length)
+{
+    /* TP_PROTO(struct sock *sk, int ret, int flags) */
+    int ret = (int)ctx->args[1];
+    if (ret <= 0)
+        return 0;
+    const void *sk = (const void *)ctx->args[0];
+    struct water_state *st = otw_state(sk, 1);
+    if (st)
+        otw_arrivals(st)->last_send_ns = bpf_ktime_get_ns();
+    return 0;
+}
+
 /* A read on a watched socket returned (sock_recv_length: inside the reader's read(2)). Keep,
  * in the socket's kernel-only part, what the Go read sampler asks about it: whether the
  * reader parked since its last read (a -EAGAIN), the arrival that woke it (the last arrival
@@ -401,10 +462,14 @@ static __always_inline void otw_note_read(struct water_state *st, int ret, int f
         return;
     u32 evf = OTW_EV_SOCKET;
     u64 arrival = 0, qd = 0;
+    /* our last send before the arrival that woke the read (a later one is a response to it) */
+    u64 send = a->last_send_ns;
     if (a->park_ns) {
         evf |= OTW_EV_PARKED;
-        if (st->empty_arrival_ns >= a->park_ns)
+        if (st->empty_arrival_ns >= a->park_ns) {
             arrival = st->empty_arrival_ns;
+            send = a->arrival_send_ns;
+        }
         a->park_ns = 0;
     }
     if (ret > 0 && !(flags & OTW_MSG_PEEK)) {
@@ -429,12 +494,11 @@ static __always_inline void otw_note_read(struct water_state *st, int ret, int f
             qd = now - arrived;
             evf |= OTW_EV_QDELAY | (exact ? OTW_EV_EXACT : 0);
             if (qd >= OTW_THRESHOLD_NS) {
-                if (now - a->qslow_window_ns >= 1000000000ULL) {
-                    a->qslow_window_ns = now;
-                    a->qslow_count = 0;
-                }
-                if (a->qslow_count < OTW_QSLOW_PER_S) {
-                    a->qslow_count += 1;
+                /* GCRA: one token every 1 s / OTW_QSLOW_PER_S, OTW_QSLOW_BURST at most */
+                u64 gap = 1000000000ULL / OTW_QSLOW_PER_S;
+                u64 tat = a->qslow_tat_ns > now ? a->qslow_tat_ns : now;
+                if (tat - now <= (OTW_QSLOW_BURST - 1) * gap) {
+                    a->qslow_tat_ns = tat + gap;
                     evf |= OTW_EV_QSLOW_OK;
                 }
             }
@@ -444,12 +508,17 @@ static __always_inline void otw_note_read(struct water_state *st, int ret, int f
     ev->empty_arrival_ns = st->empty_arrival_ns;
     ev->qdelay_ns = qd;
     ev->flags = evf;
+    ev->send_ns = send;
+    ev->prev_arrival_ns = a->park_arrival_ns;
+    otw_read_ev_peer(ev, st);
 #if OTW_GO_UPROBE
     /* the uprobe sampler's return probe of this Read takes it from the socket's entry */
     a->ev_read_ns = now;
     a->ev_arrival_ns = arrival;
     a->ev_qdelay_ns = qd;
     a->ev_flags = evf;
+    a->ev_send_ns = send;
+    a->ev_prev_arrival_ns = a->park_arrival_ns;
 #endif
 }
 #endif
@@ -474,8 +543,10 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
              * entry: not TCP) */
             u64 key = (u64)sk;
             struct water_sock *ws = socks.lookup(&key);
-            if (ws)
+            if (ws) {
                 ev.sock_key = ws->s.sock_key;
+                otw_read_ev_peer(&ev, &ws->s);
+            }
             otw_read_end(ctx, task, &ts->proc, 0, bpf_ktime_get_ns(), ret, &ev);
         }
 #endif
@@ -505,6 +576,7 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
         if (!a->park_ns || a->park_g != g) {
             a->park_ns = bpf_ktime_get_ns();
             a->park_g = g;
+            a->park_arrival_ns = a->head ? a->ts_ns[(a->head - 1) & (OTW_ARRIVALS - 1)] : 0;
         }
 #endif
         return 0;
@@ -613,11 +685,27 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
             otw_close(sk);
         return 0;
     }
+    if (newstate == OTW_TCP_ESTABLISHED && oldstate == OTW_TCP_SYN_RECV) {
+        /* an accepted connection: its local port is a listener's (a listener older than
+         * otelwater that Python did not find, or in another network namespace) */
+        struct otw_tuple t = {};
+        if (otw_sock_tuple(sk, &t) == 0) {
+            u64 lk = otw_listen_key(t.netns, t.lport);
+            if (!listen_ports.lookup(&lk)) {
+                u8 one = 1;
+                listen_ports.update(&lk, &one);
+            }
+        }
+    }
     u64 key = (u64)sk;
     struct water_sock *ws = socks.lookup(&key);
     if (ws) {
         ws->s.tcp_state = newstate;
         ws->s.fin = otw_fin(sk);
+        if (newstate == OTW_TCP_ESTABLISHED && oldstate == OTW_TCP_SYN_SENT)
+            ws->s.role = OTW_ROLE_DIALED;
+        else if (newstate == OTW_TCP_ESTABLISHED && oldstate == OTW_TCP_SYN_RECV)
+            ws->s.role = OTW_ROLE_ACCEPTED;
     }
     return 0;
 }

@@ -16,6 +16,12 @@
 
 #define OTW_ARRIVALS 8         /* arrivals remembered per socket, for the queue delay of reads */
 
+/* a socket's role (water_state.role): who opened the connection */
+#define OTW_ROLE_UNKNOWN 0
+#define OTW_ROLE_DIALED 1      /* we connected (SYN_SENT; or its local port is not a listener's) */
+#define OTW_ROLE_ACCEPTED 2    /* the peer connected: accepted from a listener (SYN_RECV; or its
+                                * local port is a listener's in the same network namespace) */
+
 /* TCP states (the kernel's enum, include/net/tcp_states.h: stable for decades; the loader
  * checks each against the running kernel's BTF before loading) */
 #define OTW_TCP_ESTABLISHED 1
@@ -63,7 +69,8 @@ struct water_state {
     u8 last_trigger;
     char comm[16];     /* of the last reader */
     u8 fin;            /* the peer's FIN arrived (SOCK_DONE): rcv_nxt counts it, unread bytes do not */
-    u8 _pad[3];
+    u8 role;           /* OTW_ROLE_* */
+    u8 _pad[2];
 };
 
 /* the last OTW_ARRIVALS arrivals of a socket: TCP delivers bytes in order, so the arrival that
@@ -71,7 +78,15 @@ struct water_state {
  * that byte, and the read's queue delay is now minus its time */
 struct water_arrivals {
     u64 ts_ns[OTW_ARRIVALS];   /* when (sk_data_ready) */
-    u64 qslow_window_ns;       /* start of the current second of queue-delay slow reads */
+    u64 qslow_tat_ns;          /* queue-delay slow reads recorded: the token bucket's
+                                * theoretical arrival time (GCRA, OTW_QSLOW_PER_S a second) */
+    /* request/response, without payload: our sends against the peer's arrivals (watch with a
+     * Go reader only: sock:sock_send_length) */
+    u64 last_send_ns;          /* our last send (sendmsg/write that queued bytes) */
+    u64 arrival_send_ns;       /* last_send_ns when the last arrival onto an empty queue came */
+    u64 park_arrival_ns;       /* the newest arrival before the park began (0: none seen) */
+    u64 ev_send_ns;            /* (uprobe sampler) the last read's send, as in the event */
+    u64 ev_prev_arrival_ns;    /*   ...and park_arrival_ns of its park */
     /* the last read of the socket, for the Go read sampler (with Go readers only) */
     u64 park_ns;               /* first -EAGAIN read since the last read that returned */
     u64 park_g;                /* the watch's Go reader: the goroutine (*g) that parked then */
@@ -82,7 +97,7 @@ struct water_arrivals {
     u32 from[OTW_ARRIVALS];    /* rcv_nxt before it when the queue was empty then, else = seq:
                                 * a byte in [from, seq) arrived exactly then */
     u32 head;                  /* arrivals pushed so far; slot head % OTW_ARRIVALS is next */
-    u32 qslow_count;           /* queue-delay slow reads recorded in that second */
+    u32 _pad0;
     u32 ev_flags;              /* OTW_EV_* (bpf/goread.h) of that last read */
     /* the watch's tracepoint read sampler: is this socket's reader a traced process? Asked of
      * its table once per socket and reader, again when the table changed (its generation) */

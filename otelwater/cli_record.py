@@ -175,6 +175,9 @@ def offline_config(recorded: dict, config_file: str | None, flags: dict):
                                                    "milliseconds, e.g. --blocked-ms 1"),
               default=None, help="A read that lasted, or whose bytes waited, this long is "
               "slow and gets a verdict.  [default: the recording's, else 1]")
+@click.option("--include-idle", is_flag=True, default=None,
+              help="Idle reads (the peer owed nothing while they waited) are slow reads too, "
+              "with verdict idle.  [default: off, or correlate.include_idle]")
 @click.option("--config", "config_file", metavar="FILE", type=click.Path(dir_okay=False),
               default=None, help="YAML configuration (see examples/otelwater.yaml).")
 @click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True,
@@ -186,8 +189,8 @@ def offline_config(recorded: dict, config_file: str | None, flags: dict):
               "or OTEL_EXPORTER_OTLP_ENDPOINT]")
 @click.option("--otlp-protocol", type=click.Choice(["grpc", "http/protobuf"]), default=None,
               help="OTLP transport.  [default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc]")
-def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_file, top,
-                      otlp_endpoint, otlp_protocol):
+def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, include_idle, config_file,
+                      top, otlp_endpoint, otlp_protocol):
     """Why were the reads in a recording slow? A verdict with evidence for each slow read.
 
     Runs FILE (from `otelwater record` or `watch --record`) through the same analysis as
@@ -201,7 +204,8 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
     from otelwater.export.jsonl import JsonLinesSink
     from otelwater import report
 
-    flags = {"correlate.threshold_ms": blocked_ms, "correlate.window_ms": window_ms}
+    flags = {"correlate.threshold_ms": blocked_ms, "correlate.window_ms": window_ms,
+             "correlate.include_idle": include_idle}
     if plot_png:  # a PNG that cannot be written is said now, not after the whole analysis
         where = os.path.dirname(os.path.abspath(plot_png))
         if not os.path.isdir(where) or not os.access(where, os.W_OK):
@@ -242,9 +246,11 @@ def correlate_command(file, as_json, plot_png, window_ms, blocked_ms, config_fil
     if shortfall:
         from otelwater.errors import ExportFailed
 
+        cause = exporter.cause()
         failed = ExportFailed(f"OTLP export to {otlp.target} {shortfall}",
-                              "check that the Collector runs and listens there "
-                              "(--otlp-endpoint, --otlp-protocol), then run correlate again")
+                              (cause.fix if cause else "check that the Collector runs and "
+                               "listens there (--otlp-endpoint, --otlp-protocol)")
+                              + ", then run correlate again")
         if col.error is None:
             raise failed
         click.echo(f"otelwater: {failed.one_line()}", err=True)   # and the file's own error:

@@ -77,6 +77,20 @@ def _tcp_rows(pid: int | str):
             yield line.split()
 
 
+LISTEN = 0x0A   # TCP_LISTEN in /proc/net/tcp's st column
+
+
+def listening(pid: int | str = "self") -> tuple[int, set[int]] | None:
+    """(network namespace inode, local ports of its listening TCP sockets) as the process sees
+    them, or None when the process is gone or not ours to look at."""
+    try:
+        netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+    return netns, {int(p[1].split(":")[1], 16) for p in _tcp_rows(pid)
+                   if len(p) > 3 and int(p[3], 16) == LISTEN}
+
+
 def tcp_table(pid: int) -> dict[int, TcpEntry]:
     """inode -> TCP socket, from the process's own network namespace view."""
     out = {}

@@ -119,6 +119,9 @@ class WatchLoop:
                 refresh = getattr(self.water, "refresh_filters", None)
                 if refresh:
                     refresh()
+                counts = getattr(self.readers, "counts_sweep", None)
+                if counts is not None:      # the kernel's exact verdict counts that moved
+                    batch.extend(counts(time.monotonic_ns()))
                 for name, src in (("water", self.water), ("reads", self.readers)):
                     if src is None:
                         continue
@@ -175,7 +178,8 @@ class Analysis:
         self.rain = RainGauges(cfg.rainwater.samples, cfg.rainwater.series)
         c = cfg.correlate
         self.correlator = Correlator(CorrelatorConfig(
-            window_ns=c.window_ns, slow_ns=c.threshold_ns, run_ns=c.run_threshold_ns),
+            window_ns=c.window_ns, slow_ns=c.threshold_ns, run_ns=c.run_threshold_ns,
+            include_idle=c.include_idle),
             start_ns=start_ns)
         self.closed_rain: dict = {}     # sock_key -> RainFigure taken at close (bounded)
         self.rain_kept = 65536

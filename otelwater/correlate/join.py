@@ -30,9 +30,12 @@ verdict is the same, because no rule uses snapshots. If all records arrive withi
 ``lateness_ns`` and reads last at most ``history_ns - window_ns``, and no cap is reached, the
 join equals the brute-force join (``tests/unit/test_correlate.py`` checks it).
 
-**Lost records.** A ``lost`` record says where records of its probe were lost, and reads
-overlapping that span get ``unknown`` when the probe is in ``unknown_on_lost`` (``reads``);
-otherwise (``water``) their evidence is marked incomplete. Two kinds:
+**Lost records.** A ``lost`` record says where records of its probe were lost. A verdict rests
+on the read's own stamps, so a delivered read keeps it: reads overlapping the span only have
+their evidence marked incomplete (the snapshots that may have joined them could be among the
+lost records; a lost read record itself is not here to judge, and the kernel counted it under
+its verdict anyway). A probe named in ``unknown_on_lost`` (empty by default) turns such reads
+``unknown`` instead, as otelwater did before the kernel counted verdicts. Two kinds:
 
 - *located* (``since_ns`` set): ``count`` records were lost within ``[since_ns, until_ns]``
   (``ts_ns`` when ``until_ns`` is None), edges included. The kernel puts a loss on the next
@@ -67,7 +70,7 @@ from otelwater.correlate.rules import classify, is_slow
 from otelwater.correlate.summary import Summaries
 from otelwater.errors import UsageError
 from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
-from otelwater.events.verdict import Verdict
+from otelwater.events.verdict import IDLE, Verdict
 
 _NEVER = -(1 << 63)
 _PRUNE_AT = 32          # a socket holding this many snapshots drops the old ones as it goes
@@ -88,7 +91,8 @@ class CorrelatorConfig:
     max_sockets: int = 65536
     max_summaries: int = 65536
     dominance: float = 0.6
-    unknown_on_lost: tuple[str, ...] = ("reads",)
+    unknown_on_lost: tuple[str, ...] = ()
+    include_idle: bool = False               # idle reads are slow reads (verdicts, spans) too
 
     def __post_init__(self) -> None:
         for name in ("window_ns", "slow_ns", "slack_ns", "lateness_ns", "history_ns",
@@ -168,7 +172,7 @@ class Correlator:
         self._widest = c.loss_span_ns                        # no span held is wider (hi - lo)
         self.counts = dict.fromkeys((
             "snapshots", "reads", "lost", "other", "slow_reads", "late_snapshots",
-            "late_reads", "late_lost", "snapshots_pruned", "snapshots_capped",
+            "late_reads", "late_lost", "idle_reads", "snapshots_pruned", "snapshots_capped",
             "snapshots_evicted", "sockets_evicted"), 0)
 
     # -- input -----------------------------------------------------------------------------
@@ -347,7 +351,7 @@ class Correlator:
                 if probe in unknown_probes:
                     why = (f"{probe} records were lost up to {hi} ns and this read began "
                            "before that")
-                else:
+                elif probe != "reads":   # lost reads hold no other read's evidence
                     water = True
         spans = self._spans
         i = bisect.bisect_left(spans, (start,))
@@ -365,7 +369,7 @@ class Correlator:
                                  f"within {(hi - lo) / 1e9:.2f} s around this read")
                         why = (f"{n} {what} records were lost (ring buffer full) {where}: "
                                "its own evidence may be among them")
-                else:
+                elif probe != "reads":
                     water = True
             i += 1
         return why, water
@@ -387,16 +391,20 @@ class Correlator:
         c = self.config
         slow = is_slow(read, c.slow_ns)
         lost, water_lost = self._losses(read.ts_start_ns, read.ts_end_ns)
-        verdict, reason, wait_peer, wait_run = classify(
+        verdict, reason, wait_peer, wait_run, wait_idle = classify(
             read, slow_ns=c.slow_ns, run_ns=c.run_threshold_ns, slack_ns=c.slack_ns,
             start_ns=self.start_ns, lost=lost)
+        if slow and verdict == IDLE and not c.include_idle:
+            self.summaries.add_read(read, None, None, None, idle=True)
+            self.counts["idle_reads"] += 1
+            return None
         self.summaries.add_read(read, verdict if slow else None, wait_peer, wait_run)
         if not slow:
             return None
         self.counts["slow_reads"] += 1
         evidence, total, complete = self._evidence(read, s)
         return Verdict(read, verdict, reason, wait_peer, wait_run, read.queue_delay_ns,
-                       evidence, total, complete and not late and not water_lost)
+                       evidence, total, complete and not late and not water_lost, wait_idle)
 
     def _evidence(self, read: ReadRecord, s: _Socket | None):
         w = self.config.window_ns

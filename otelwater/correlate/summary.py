@@ -84,20 +84,24 @@ def dominant(counts: dict[str, int], dominance: float) -> str | None:
 class _Figures:
     """What socket and reader summaries share: read counts, verdicts, delay sketches."""
 
-    __slots__ = ("reads", "slow_reads", "verdicts", "queue_delay", "wait_run", "wait_peer")
+    __slots__ = ("reads", "slow_reads", "idle_reads", "verdicts", "queue_delay", "wait_run",
+                 "wait_peer")
 
     def __init__(self) -> None:
         self.reads = 0
         self.slow_reads = 0
+        self.idle_reads = 0       # idle long reads not counted as slow (the default)
         self.verdicts = dict.fromkeys(VERDICTS, 0)
         self.queue_delay = LogSketch()
         self.wait_run = LogSketch()
         self.wait_peer = LogSketch()
 
     def add_read(self, read: ReadRecord, verdict: str | None, wait_peer: int | None,
-                 wait_run: int | None) -> None:
+                 wait_run: int | None, idle: bool = False) -> None:
         self.reads += 1
-        if verdict is not None:
+        if idle:
+            self.idle_reads += 1
+        elif verdict is not None:
             self.slow_reads += 1
             self.verdicts[verdict] += 1
         if read.queue_delay_ns is not None:
@@ -107,7 +111,7 @@ class _Figures:
             self.wait_peer.add(wait_peer)
 
     def figures_json(self, dominance: float) -> dict:
-        return {"reads": self.reads, "slow_reads": self.slow_reads,
+        return {"reads": self.reads, "slow_reads": self.slow_reads, "idle_reads": self.idle_reads,
                 "verdicts": dict(self.verdicts),
                 "verdict": dominant(self.verdicts, dominance),
                 "queue_delay_ns": self.queue_delay.to_json(),
@@ -223,10 +227,10 @@ class Summaries:
         return r
 
     def add_read(self, read: ReadRecord, verdict: str | None, wait_peer: int | None,
-                 wait_run: int | None) -> None:
+                 wait_run: int | None, idle: bool = False) -> None:
         if read.sock_key:
-            self.socket(read.sock_key).add_read(read, verdict, wait_peer, wait_run)
+            self.socket(read.sock_key).add_read(read, verdict, wait_peer, wait_run, idle)
         r = self.reader(read.pid, read.goid)
         r.comm = read.comm or r.comm
         r.last_sock_key = read.sock_key
-        r.add_read(read, verdict, wait_peer, wait_run)
+        r.add_read(read, verdict, wait_peer, wait_run, idle)

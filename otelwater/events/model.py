@@ -15,6 +15,8 @@ from otelwater.sockkey import format_key
 # names of the codes the kernel probe sends, from their one definition in bpf/water.h
 TRIGGERS = {v: k.lower() for k, v in header("water.h").defines_with_prefix("OTW_TRIGGER_").items()}
 TCP_STATES = {v: k for k, v in header("water.h").defines_with_prefix("OTW_TCP_").items()}
+ROLES = {v: k.lower() for k, v in header("water.h").defines_with_prefix("OTW_ROLE_").items()
+         if k != "UNKNOWN"}
 
 
 def _plain(record) -> dict:
@@ -49,6 +51,7 @@ class WaterSnapshot:
     trigger: str          # arrival, read, overflow, close, periodic
     tcp_state: str
     ino: int              # socket inode
+    role: str = ""        # "dialed" (we connected), "accepted" (from a listener), "" unknown
 
     @property
     def fill_ratio(self) -> float:
@@ -85,6 +88,14 @@ class ReadRecord:
     queue_delay_ns: int | None = None   # how long the oldest byte it returned stood in the queue
     queue_delay_exact: bool | None = None  # False: a lower bound (the byte came before the
                                            # arrivals the kernel remembers per socket)
+    # Request/response, without payload (the watch; "" / None where unknown):
+    role: str = ""                      # its socket's: "dialed" (we connected) or "accepted"
+    peer_addr: str = ""                 # the other end of its socket
+    peer_port: int = 0
+    ts_send_ns: int | None = None       # our last send on the socket before the arrival that
+                                        # woke the read (before its return when none did)
+    ts_prev_arrival_ns: int | None = None  # parked: the newest arrival before the park began
+    kernel_verdict: str | None = None   # the verdict the kernel counted it under (the same rules)
 
     @property
     def duration_ns(self) -> int:
@@ -135,3 +146,37 @@ class Notice:
 
     def to_json(self) -> dict:
         return {"type": "notice", "ts_ns": self.ts_ns, "source": self.source, "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictCounts:
+    """The kernel's count of the slow reads of one process, socket role and verdict since
+    otelwater attached (bpf/goread.h ``verdicts``): exact whatever the ring buffer lost, the
+    record token bucket cut, or Python decoded. Cumulative: a later record of the same (pid,
+    role, verdict) replaces the earlier one. The watch sends the rows that moved at each sweep
+    and all of them at the end. Histograms: log2 buckets, ``hist[i]`` counts values in
+    ``[2**(i-1), 2**i)`` ns (``hist[0]``: 0 ns), trailing empty buckets left out."""
+
+    ts_ns: int
+    pid: int
+    role: str             # "dialed", "accepted", "" unknown
+    verdict: str          # otelwater.events.verdict.VERDICTS
+    reads: int            # slow reads with this verdict
+    recorded: int         # of those, put on the ring buffer (delivered or lost)
+    cut: int              # of those, kept off it by the record token bucket
+    dur_sum_ns: int       # their durations, summed
+    wait_sum_ns: int      # the verdict's wait (peer, run, queue delay, idle; unknown: duration)
+    dur_hist: tuple[int, ...] = ()
+    wait_hist: tuple[int, ...] = ()
+
+    def to_json(self) -> dict:
+        d = _plain(self)
+        d["type"] = "counts"
+        d["dur_hist"] = list(self.dur_hist)
+        d["wait_hist"] = list(self.wait_hist)
+        return d
+
+
+def hist_bounds(slot: int) -> tuple[int, int]:
+    """[low, high) ns of a log2 bucket of VerdictCounts and goread's latency histogram."""
+    return (0, 1) if slot == 0 else (1 << (slot - 1), 1 << slot)

@@ -32,7 +32,7 @@ from urllib.parse import unquote
 
 from otelwater import __version__
 from otelwater.errors import OtelwaterError, RecordingError, UsageError
-from otelwater.events.model import LostEvents, Notice, ReadRecord, WaterSnapshot
+from otelwater.events.model import LostEvents, Notice, ReadRecord, VerdictCounts, WaterSnapshot
 
 FORMAT = "otelwater-recording"
 VERSION = 1
@@ -221,6 +221,12 @@ def _check_stack(v):
     return tuple(v)
 
 
+def _check_counts(v):
+    if type(v) is not list or any(type(x) is not int or x < 0 for x in v):
+        raise TypeError("a list of counts")
+    return tuple(v)
+
+
 def _check_key(v):
     if type(v) is not str or not 1 <= len(v) <= 16:
         raise TypeError("16 hex digits")
@@ -234,7 +240,8 @@ def _check_dict(v):
 
 
 _CHECKS = {"int": _check_int, "str": _check_str, "bool": _check_bool,
-           "tuple[str, ...]": _check_stack, "dict": _check_dict}
+           "tuple[str, ...]": _check_stack, "dict": _check_dict,
+           "tuple[int, ...]": _check_counts}
 
 
 def _field_checks(cls, overrides: dict) -> tuple[tuple[str, Any, bool, Any], ...]:
@@ -282,6 +289,7 @@ snapshot_from_json = _reader(WaterSnapshot, {"sock_key": _check_key})
 read_from_json = _reader(ReadRecord, {"sock_key": _check_key})
 lost_from_json = _reader(LostEvents)
 notice_from_json = _reader(Notice)
+counts_from_json = _reader(VerdictCounts)
 _process_fields = _reader(ProcessInfo, {
     "resource_attributes": _check_optional(_check_dict),
     "cmdline": _check_stack})
@@ -292,9 +300,10 @@ def process_from_json(d: dict) -> ProcessInfo:
 
 
 FROM_JSON = {"snapshot": snapshot_from_json, "read": read_from_json, "lost": lost_from_json,
-             "notice": notice_from_json, "process": process_from_json}
+             "notice": notice_from_json, "process": process_from_json,
+             "counts": counts_from_json}
 RECORD_TYPES = {WaterSnapshot: "snapshot", ReadRecord: "read", LostEvents: "lost",
-                Notice: "notice", ProcessInfo: "process"}
+                Notice: "notice", ProcessInfo: "process", VerdictCounts: "counts"}
 
 
 # -- from JSON, fast: msgspec checks the same things in C ----------------------------------------

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable
 
 from otelwater.events.alert import AlertTransition
-from otelwater.events.model import LostEvents, Notice, ReadRecord, WaterSnapshot
+from otelwater.events.model import LostEvents, Notice, ReadRecord, VerdictCounts, WaterSnapshot
 from otelwater.events.recording import ProcessInfo
 from otelwater.events.verdict import Verdict
 
@@ -46,12 +46,14 @@ KINDS: dict[type, str] = {
     LostEvents: "lost",
     Notice: "notice",
     ProcessInfo: "process",
+    VerdictCounts: "counts",
     AlertTransition: "alert",
     Verdict: "verdict",
     Summary: "summary",
 }
 KIND_NAMES: tuple[str, ...] = tuple(KINDS.values())
-RAW_KINDS = frozenset({"snapshot", "read", "lost", "notice", "process"})  # before analysis
+RAW_KINDS = frozenset({"snapshot", "read", "lost", "notice", "process", "counts"})  # before
+#                                                                                 analysis
 
 
 class UnknownRecord(TypeError):

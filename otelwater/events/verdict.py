@@ -15,7 +15,9 @@ PEER_STARVED = "peer-starved"
 RUNTIME_STARVED = "runtime-starved"
 CONSUMER_LAGGING = "consumer-lagging"
 UNKNOWN = "unknown"
-VERDICTS = (PEER_STARVED, RUNTIME_STARVED, CONSUMER_LAGGING, UNKNOWN)
+IDLE = "idle"               # the peer owed nothing while the read waited: not a slow read unless
+                            # asked for (the correlator's include_idle)
+VERDICTS = (PEER_STARVED, RUNTIME_STARVED, CONSUMER_LAGGING, UNKNOWN, IDLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,8 @@ class Verdict:
     evidence_total: int = 0             # snapshots that joined (before keeping the nearest)
     evidence_complete: bool = True      # False: some joining snapshots may be missing (late,
                                         # lost or pruned records); the verdict does not use them
+    wait_idle_ns: int | None = None     # parked: the part of the wait the peer owed nothing
+                                        # (before our request went out, or after our response)
 
     @property
     def sock_key(self) -> int:
@@ -44,6 +48,7 @@ class Verdict:
         d["reason"] = self.reason
         d["wait_peer_ns"] = self.wait_peer_ns
         d["wait_run_ns"] = self.wait_run_ns
+        d["wait_idle_ns"] = self.wait_idle_ns
         d["queue_delay_ns"] = self.queue_delay_ns
         d["evidence"] = [s.to_json() for s in self.evidence]
         d["evidence_total"] = self.evidence_total

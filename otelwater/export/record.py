@@ -31,7 +31,7 @@ class RecordingSink(Sink):
     def _raw(self, record) -> None:
         self.writer.write([record])
 
-    on_snapshot = on_read = on_lost = on_notice = on_process = _raw
+    on_snapshot = on_read = on_lost = on_notice = on_process = on_counts = _raw
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         if self.writer.header is not None:

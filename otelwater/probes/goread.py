@@ -42,7 +42,10 @@ from dataclasses import dataclass, field
 
 from otelwater.errors import BinaryError, NoSuchProcess, ProbeLoadError, UsageError
 from otelwater.events.layout import header
-from otelwater.events.model import LostEvents, Notice, ReadRecord
+from otelwater.events.model import ROLES, LostEvents, Notice, ReadRecord, VerdictCounts
+from otelwater.events.verdict import (CONSUMER_LAGGING, IDLE, PEER_STARVED, RUNTIME_STARVED,
+                                      UNKNOWN)
+from otelwater.sockkey import addr_text
 from otelwater.probes import host
 from otelwater.probes.kernel import LossLedger, drain_at_stop
 from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_SETTLE_S, RingBuffer,
@@ -54,6 +57,10 @@ GoReadEvent = GOREAD_H.structs["goread_event"]
 GoReadProc = GOREAD_H.structs["goread_proc"]
 GoReadCounts = GOREAD_H.structs["goread_counts"]
 _D = GOREAD_H.defines
+# the kernel's verdict codes (OTW_V_*) by name
+KERNEL_VERDICTS = {_D["OTW_V_PEER"]: PEER_STARVED, _D["OTW_V_RUN"]: RUNTIME_STARVED,
+                   _D["OTW_V_LAG"]: CONSUMER_LAGGING, _D["OTW_V_UNKNOWN"]: UNKNOWN,
+                   _D["OTW_V_IDLE"]: IDLE}
 SOURCES = {_D["OTW_SOURCE_TRACEPOINT"]: "tracepoint", _D["OTW_SOURCE_UPROBE"]: "uprobe"}
 MECHANISMS = ("tracepoint", "uprobe")
 READ_FUNCTION = "net.(*conn).Read"
@@ -68,6 +75,10 @@ class GoReadOptions:
     pids: frozenset[int] = frozenset()      # or these processes
     mechanism: str = "tracepoint"           # "tracepoint" | "uprobe"
     threshold_ns: int = 1_000_000           # a read lasting this long is a blocked read
+    run_ns: int | None = None               # runtime-starved at this wait to run (None: threshold)
+    record_rate: float = 0.0                # slow reads a second on the ring buffer (0: all);
+                                            # the kernel counts all of them (`verdicts`)
+    include_idle: bool = False              # idle slow reads go on the ring buffer too
     ringbuf_pages: int = 64                 # ring buffer size in pages (power of two)
     max_procs: int = 64                     # tracepoint: processes with an array row of parks
     max_fds: int = 4096                     # tracepoint: fds per row (larger fds: LRU hash)
@@ -91,6 +102,8 @@ class GoReadStats:
     latency_sum_ns: int
     queue_slow: int = 0          # reads that found data which had waited >= threshold: recorded
     queue_slow_limited: int = 0  # ...beyond the per-socket rate: counted only
+    cut: int = 0                 # slow reads the record token bucket kept off the ring buffer
+    idle: int = 0                # slow reads whose verdict is idle
     histogram: tuple[tuple[int, int], ...] = field(default=())  # (upper bound ns, count), log2
 
     @property
@@ -233,6 +246,24 @@ class _Binary:
         return n
 
 
+def _trimmed(hist: list[int]) -> tuple[int, ...]:
+    n = len(hist)
+    while n and not hist[n - 1]:
+        n -= 1
+    return tuple(hist[:n])
+
+
+def verdict_cflags(opts: GoReadOptions, cpus: int | None = None) -> list[str]:
+    """The kernel's verdict rules' knobs (bpf/goread.h otw_kverdict, otw_record_token). The
+    record rate is kept per CPU: each CPU's bucket takes its share, bursts of 64."""
+    run_ns = opts.threshold_ns if opts.run_ns is None else opts.run_ns
+    flags = [f"-DOTW_RUN_NS={run_ns}ULL", f"-DOTW_IDLE_RECORDS={int(opts.include_idle)}"]
+    if opts.record_rate > 0:
+        cpus = cpus or os.cpu_count() or 1
+        flags.append(f"-DOTW_RECORD_INTERVAL_NS={max(1, int(cpus * 1e9 / opts.record_rate))}ULL")
+    return flags
+
+
 class GoReadSampler:
     def __init__(self, opts: GoReadOptions):
         self.opts = opts
@@ -260,6 +291,7 @@ class GoReadSampler:
         self._next_exit_check = 0.0
         self._closed = False
         self._final_stats: GoReadStats | None = None
+        self._counts_sent: dict[tuple[int, int, int], int] = {}   # counts_sweep: reads sent
         self._validate()
         btf = self._btf = running_kernel_btf()
         self._targets = self._resolve_targets()
@@ -334,10 +366,10 @@ class GoReadSampler:
     def _cflags(self) -> list[str]:
         return kernel_cflags(self.offsets, self.opts.ringbuf_pages,
                              ring="OTW_READ_RINGBUF_PAGES") + [
-            f"-DOTW_THRESHOLD_NS={self.opts.threshold_ns}ULL"]
+            f"-DOTW_THRESHOLD_NS={self.opts.threshold_ns}ULL"] + verdict_cflags(self.opts)
 
     def _load(self, src: str, cflags: list[str]):
-        b = load_bpf(src, cflags, f"the Go read sampler ({src})")
+        b = load_bpf(src, cflags, f"the Go read sampler ({src})", embed=("goverdict.c",))
         self._bpfs.append(b)
         self._rings.append(RingBuffer(b, "read_events", self._on_event))
         return b
@@ -587,6 +619,12 @@ class GoReadSampler:
             queue_delay_ns=int(e.queue_delay_ns) if e.evidence & _D["OTW_EV_QDELAY"] else None,
             queue_delay_exact=(bool(e.evidence & _D["OTW_EV_EXACT"])
                                if e.evidence & _D["OTW_EV_QDELAY"] else None),
+            role=ROLES.get(e.role, ""),
+            peer_addr=addr_text(bytes(e.raddr)) if e.rport else "",
+            peer_port=int(e.rport),
+            ts_send_ns=int(e.send_ns) or None,
+            ts_prev_arrival_ns=(int(e.prev_arrival_ns) or None) if e.parked else None,
+            kernel_verdict=KERNEL_VERDICTS.get(e.kverdict),
         )
 
     def poll(self, max_records: int = POLL_BUDGET) -> list[ReadRecord]:
@@ -637,6 +675,7 @@ class GoReadSampler:
             reentries=n[_D["OTW_CNT_REENTER"]], lost=n[_D["OTW_CNT_LOST"]],
             not_socket=n[_D["OTW_CNT_NOT_SOCKET"]], latency_sum_ns=n[_D["OTW_CNT_SUM_NS"]],
             queue_slow=n[_D["OTW_CNT_QSLOW"]], queue_slow_limited=n[_D["OTW_CNT_QSLOW_LIMITED"]],
+            cut=n[_D["OTW_CNT_CUT"]], idle=n[_D["OTW_CNT_IDLE"]],
             histogram=tuple((1 << i, c) for i, c in enumerate(hist) if c),
         )
 
@@ -655,6 +694,49 @@ class GoReadSampler:
                 pending[(i, cpu)] = (int(v.lost_pending), int(v.lost_since_ns),
                                      int(v.lost_until_ns))
         return self._ledger.sweep(ts_ns, total, pending)
+
+    def kernel_verdicts(self) -> dict[tuple[int, int, int], list]:
+        """The `verdicts` map summed over CPUs: (pid, role code, verdict code) -> [reads,
+        recorded, cut, dur_sum_ns, wait_sum_ns, dur_hist, wait_hist]."""
+        out: dict[tuple[int, int, int], list] = {}
+        for b in self._bpfs:
+            try:
+                table = b["verdicts"]
+            except KeyError:
+                continue
+            for k, per_cpu in table.items():
+                key = (int(k.tgid), int(k.role), int(k.verdict))
+                row = out.get(key)
+                if row is None:
+                    row = out[key] = [0, 0, 0, 0, 0, [0] * _D["OTW_HIST_SLOTS"],
+                                      [0] * _D["OTW_HIST_SLOTS"]]
+                for v in per_cpu:
+                    row[0] += int(v.reads)
+                    row[1] += int(v.recorded)
+                    row[2] += int(v.cut)
+                    row[3] += int(v.dur_sum_ns)
+                    row[4] += int(v.wait_sum_ns)
+                    for i in range(_D["OTW_HIST_SLOTS"]):
+                        row[5][i] += int(v.dur_hist[i])
+                        row[6][i] += int(v.wait_hist[i])
+        return out
+
+    def counts_sweep(self, ts_ns: int) -> list[VerdictCounts]:
+        """The kernel's verdict counts that moved since the last sweep (all of them are
+        cumulative), one VerdictCounts per (process, role, verdict)."""
+        if self._closed:
+            return []
+        out = []
+        for (pid, role, verdict), row in sorted(self.kernel_verdicts().items()):
+            if self._counts_sent.get((pid, role, verdict)) == row[0]:
+                continue
+            self._counts_sent[(pid, role, verdict)] = row[0]
+            out.append(VerdictCounts(
+                ts_ns=ts_ns, pid=pid, role=ROLES.get(role, ""),
+                verdict=KERNEL_VERDICTS.get(verdict, str(verdict)), reads=row[0],
+                recorded=row[1], cut=row[2], dur_sum_ns=row[3], wait_sum_ns=row[4],
+                dur_hist=_trimmed(row[5]), wait_hist=_trimmed(row[6])))
+        return out
 
     # -- lifecycle -------------------------------------------------------------------------
     def _detach(self) -> None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from otelwater.errors import ProbeLoadError, UsageError
 from otelwater.events.layout import header
-from otelwater.events.model import TCP_STATES, TRIGGERS, LostEvents, WaterSnapshot
-from otelwater.hostsockets import OwnerResolver, socket_inodes
+from otelwater.events.model import ROLES, TCP_STATES, TRIGGERS, LostEvents, WaterSnapshot
+from otelwater.hostsockets import OwnerResolver, listening, socket_inodes
 from otelwater.probes import host
 from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_DRAIN_S, STOP_SETTLE_S,
                                      RingBuffer, detach_all, kernel_cflags, load_bpf,
@@ -118,7 +118,7 @@ def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict
         drop_reason=drop_names.get(st.drop_reason, str(st.drop_reason)) if st.drop_events else "",
         bytes_arrived=st.rcv_nxt, bytes_read=st.copied_seq,
         trigger=TRIGGERS.get(trigger, str(trigger)),
-        tcp_state=TCP_STATES.get(st.tcp_state, ""), ino=st.ino,
+        tcp_state=TCP_STATES.get(st.tcp_state, ""), ino=st.ino, role=ROLES.get(st.role, ""),
     )
 
 
@@ -276,6 +276,7 @@ class WaterProbe:
         self._owners = OwnerResolver()
         self._inodes: set[int] = set()
         self._generation = 0
+        self._netns_seen: set[int] = set()   # namespaces whose listeners the kernel was told
         self._standing = None
         self._seeded = False
         from otelwater.probes.btf import drop_reasons, kernel_offsets
@@ -292,7 +293,8 @@ class WaterProbe:
     # -- lifecycle -------------------------------------------------------------------------
     def _load(self) -> None:
         self._bpf = load_bpf("water.c", self.cflags, "the kernel probe",
-                             embed=(self.readers.embed_source,) if self.readers else ())
+                             embed=(self.readers.embed_source, "goverdict.c")
+                             if self.readers else ())
         try:
             self._configure()
             # a consumer of its own (loader.RingBuffer): a flooded `events` must not keep the
@@ -323,9 +325,26 @@ class WaterProbe:
             t = b["watch_cgroups"]
             for path in self.opts.cgroups:
                 t[ctypes.c_uint64(cgroup_id(path))] = ctypes.c_uint8(1)
+        self.learn_listeners(("self", *sorted(self.opts.pids)))
         # the programs ran while the filters were being written: sockets they decided under
         # generation 0 are decided again on their next event
         self._bump_generation()
+
+    def learn_listeners(self, pids) -> None:
+        """Tell the kernel the listening ports of the network namespaces of these processes
+        (once per namespace), so a socket accepted before otelwater attached is known as
+        accepted: the kernel learns listeners from the connections it sees accepted."""
+        if self._bpf is None:
+            return
+        t = self._bpf["listen_ports"]
+        for pid in pids:
+            seen = listening(pid)
+            if seen is None or seen[0] in self._netns_seen:
+                continue
+            netns, ports = seen
+            self._netns_seen.add(netns)
+            for port in ports:
+                t[ctypes.c_uint64(netns << 16 | port)] = ctypes.c_uint8(1)
 
     def _bump_generation(self) -> None:
         self._generation += 1
@@ -427,6 +446,8 @@ class WaterProbe:
         out = []
         seen = {}
         keys = set()
+        if self.readers is not None:     # traced processes found since (a namespace each)
+            self.learn_listeners(self.readers.watched_pids())
         for k, ws in self._bpf["socks"].items():
             st = ws.s
             if not st.watched:

@@ -5,8 +5,11 @@ embedded tracepoint read sampler watch it, and the correlator decides each slow 
 
 - **slow consumer**: the server sleeps 30 ms after each Read (4 KiB, which drains the queue),
   the client streams a 64-byte message every 6 ms: each Read finds its bytes waiting.
-- **slow peer**: the server reads at once, the client pauses 3 ms between ping-pong messages:
-  each Read parks and returns as soon as its message arrives.
+- **client think time**: the server reads at once, the client pauses 3 ms between ping-pong
+  messages: each Read parks after the server's answer went out and returns as soon as the next
+  message arrives. The peer owed nothing meanwhile: ``idle``, not the peer's fault (idle reads
+  are recorded and given verdicts here, as with ``--include-idle``; by default they are only
+  counted). A peer that is slow to answer is tested on real services (test_real_services.py).
 - **starved runtime**: data on time (ping-pong, 2 ms pauses) but ``GOMAXPROCS=1`` and
   ``slowreader -burn 1`` (a goroutine spinning on the only P): a Read woken by its data waits
   for Go's scheduler (sysmon's netpoll and 10 ms preemption) before it returns.
@@ -19,9 +22,10 @@ byte lies in message ``offset // size``; so for each Read:
 - the message was written before the Read began (``done <= start``): its bytes waited in the
   queue; truth queue delay lies in ``[start - done, end - send]`` (the kernel stamps it inside
   the Read); truth verdict ``consumer-lagging`` when that whole range is >= 1 ms;
-- the message was written after the Read began (``send >= start``): it parked; truth
-  ``wait_peer = send - start``, ``wait_run = end - send``, and the verdict ``runtime-starved``
-  when ``wait_run >= 1 ms``, else ``peer-starved``;
+- the message was written after the Read began (``send >= start``): it parked after the
+  server's answer, waiting for a client that owed nothing; truth ``wait_idle = send - start``,
+  ``wait_run = end - send``, and the verdict ``runtime-starved`` when ``wait_run >= 1 ms``,
+  else ``idle``;
 - anything else (the Write straddles the start, or a range straddles 1 ms) is *borderline*:
   either neighbouring verdict counts as a match.
 
@@ -47,7 +51,7 @@ MIN_FIGURES (95%) of the reads whose truth is not borderline, and the median wit
 - consumer: the stamped queue delay lies in the truth range widened by TOL_NS, and is at
   least the imposed sleep less the sender's pause (the oldest byte may come up to one pause
   after the previous Read) less TOL_NS;
-- peer: wait_peer and wait_run each within TOL_NS of the truth; wait_peer at least the
+- think time: wait_idle and wait_run each within TOL_NS of the truth; wait_idle at least the
   sender's pause less TOL_NS;
 - starved runtime: the same, and the median wait_run at least 5 ms (the starvation imposed).
 """
@@ -66,8 +70,7 @@ import pytest
 
 from otelwater.correlate import Correlator, CorrelatorConfig
 from otelwater.events.model import LostEvents, ReadRecord
-from otelwater.events.verdict import (CONSUMER_LAGGING, PEER_STARVED, RUNTIME_STARVED,
-                                      UNKNOWN)
+from otelwater.events.verdict import CONSUMER_LAGGING, IDLE, RUNTIME_STARVED, UNKNOWN
 from otelwater.probes.goread import GoReadOptions, GoReadSampler
 from otelwater.probes.kernel import WaterOptions, WaterProbe
 
@@ -110,9 +113,11 @@ def run(tmp_path: Path, server_args: list[str], load_args: list[str], size: int,
     """Serve, trace and correlate one scenario; the programs' logs and the live verdicts."""
     server = SlowReader(*server_args, log=tmp_path / "reads.jsonl", env=env)
     try:
-        sampler = GoReadSampler(GoReadOptions(pids=frozenset({server.pid}), embed=True))
+        sampler = GoReadSampler(GoReadOptions(pids=frozenset({server.pid}), embed=True,
+                                              include_idle=True))
         with WaterProbe(WaterOptions(ports=frozenset({server.port})), readers=sampler) as probe:
-            corr = Correlator(CorrelatorConfig(slow_ns=T_NS), start_ns=time.monotonic_ns())
+            corr = Correlator(CorrelatorConfig(slow_ns=T_NS, include_idle=True),
+                              start_ns=time.monotonic_ns())
             verdicts: list = []
             lost_seen = {"water": 0, "reads": 0}
 
@@ -156,7 +161,7 @@ class Truth:
     kind: str                  # "waiting" (bytes were there), "parked", "borderline"
     verdicts: frozenset        # acceptable verdicts
     slow: bool                 # clearly slow: in the denominator
-    wait_peer: int | None = None
+    wait_idle: int | None = None
     wait_run: int | None = None
     qd_lo: int | None = None   # truth queue delay range
     qd_hi: int | None = None
@@ -198,14 +203,14 @@ def truths(r: Run) -> list[Truth]:
                 out.append(Truth(t, "waiting" if len(ok) == 1 else "borderline", ok,
                                  lo >= T_NS + MARGIN_NS, qd_lo=lo, qd_hi=hi))
             elif m["send_ns"] >= start:      # it came while the Read was parked
-                wait_peer, wait_run = m["send_ns"] - start, end - m["send_ns"]
+                wait_idle, wait_run = m["send_ns"] - start, end - m["send_ns"]
                 # the Write took done - send: the arrival lies in it
-                ok = _pick(end - m["done_ns"], wait_run, PEER_STARVED, RUNTIME_STARVED)
+                ok = _pick(end - m["done_ns"], wait_run, IDLE, RUNTIME_STARVED)
                 out.append(Truth(t, "parked" if len(ok) == 1 else "borderline", ok,
-                                 end - start >= T_NS + MARGIN_NS, wait_peer, wait_run))
+                                 end - start >= T_NS + MARGIN_NS, wait_idle, wait_run))
             else:                            # the Write straddles the start
                 out.append(Truth(t, "borderline",
-                                 frozenset({PEER_STARVED, RUNTIME_STARVED, CONSUMER_LAGGING}),
+                                 frozenset({IDLE, RUNTIME_STARVED, CONSUMER_LAGGING}),
                                  end - start >= T_NS + MARGIN_NS))
     return out
 
@@ -283,8 +288,8 @@ def within(name: str, errors: list[int], what: str) -> None:
 def check_waits(name: str, ts: list[Truth], found: dict) -> list:
     """The waiting split of parked reads against the truth; their verdicts."""
     vs = [(t, found[id(t)]) for t in ts if t.slow and t.kind == "parked" and id(t) in found]
-    vs = [(t, v) for t, v in vs if v.wait_peer_ns is not None]
-    within(name, [v.wait_peer_ns - t.wait_peer for t, v in vs], "wait_peer")
+    vs = [(t, v) for t, v in vs if v.wait_idle_ns is not None]
+    within(name, [v.wait_idle_ns - t.wait_idle for t, v in vs], "wait_idle")
     within(name, [v.wait_run_ns - t.wait_run for t, v in vs], "wait_run")
     return vs
 
@@ -322,17 +327,19 @@ def test_slow_consumer_is_consumer_lagging(tmp_path):
     print(f"consumer: {exact:.1%} of the queue delays exact")
 
 
-def test_slow_peer_is_peer_starved(tmp_path):
+def test_client_think_time_is_idle_not_the_peers_fault(tmp_path):
     # Given a server that reads at once, and 4 clients pausing 3 ms between ping-pong messages
     pause_ms = 3
     r = run(tmp_path, ["-mode", "echo", "-readsize", "64"],
             ["-mode", "pingpong", "-conns", "4", "-count", "75", "-pause", f"{pause_ms}ms"],
             size=64)
     ts = truths(r)
-    # Then the slow reads are peer-starved, waiting for the peer about the pause imposed
-    found = check_verdicts("peer", r, ts, PEER_STARVED)
-    vs = check_waits("peer", ts, found)
-    short = [v.wait_peer_ns for _, v in vs if v.wait_peer_ns < pause_ms * MS - TOL_NS]
+    # Then the server's slow reads are idle (it had answered; the client owed nothing), on
+    # sockets it accepted, idle about the pause imposed
+    found = check_verdicts("think time", r, ts, IDLE)
+    assert {v.read.role for v in found.values()} == {"accepted"}
+    vs = check_waits("think time", ts, found)
+    short = [v.wait_idle_ns for _, v in vs if v.wait_idle_ns < pause_ms * MS - TOL_NS]
     assert len(short) <= (1 - MIN_FIGURES) * len(vs), short[:5]
 
 

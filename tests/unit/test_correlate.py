@@ -20,9 +20,11 @@ def snap(ts, key=1, volume=0, level=0, drops=0):
                          1 << 20, 0, drops, 0, "", 0, 0, "arrival", "ESTABLISHED", 9)
 
 
-def read(start, end, key=1, *, parked=None, arrival=None, qd=None, pid=7, goid=1):
-    return ReadRecord(start, end, pid, pid, goid, 3, key, 4096, 10, ("main.handle",),
-                      "tracepoint", "svc", parked, arrival, qd)
+def read(start, end, key=1, *, parked=None, arrival=None, qd=None, pid=7, goid=1, role="",
+         send=None, prev=None, returned=10):
+    return ReadRecord(start, end, pid, pid, goid, 3, key, 4096, returned, ("main.handle",),
+                      "tracepoint", "svc", parked, arrival, qd, role=role, ts_send_ns=send,
+                      ts_prev_arrival_ns=prev)
 
 
 def run(records, config=None, batch=None, **kw):
@@ -171,10 +173,15 @@ def test_bad_config_is_one_usage_error():
 
 # -- verdict rules ---------------------------------------------------------------------------
 
-def verdict_of(r, **kw):
+def figures_of(r, **kw):
     args = dict(slow_ns=MS, run_ns=MS, slack_ns=0)
     args.update(kw)
     return classify(r, **args)
+
+
+def verdict_of(r, **kw):
+    """(verdict, reason, wait_peer, wait_run): the figures that do not depend on the role."""
+    return figures_of(r, **kw)[:4]
 
 
 def test_parked_and_arrival_soon_before_return_is_peer_starved():
@@ -215,7 +222,10 @@ def test_bytes_that_stood_in_the_queue_are_consumer_lagging():
 
 
 @pytest.mark.parametrize("r, words", [
-    (read(0, 5 * MS, parked=True), "no data arrived"),
+    (read(0, 5 * MS, parked=True, returned=-11), "no data arrived"),
+    (read(0, 5 * MS, parked=True), "returned 10 bytes, but the arrival that woke it was not "
+                                   "stamped"),
+    (read(0, 5 * MS, parked=True, returned=0), "until the peer closed the connection"),
     (read(0, 5 * MS, parked=False), "no queue-delay stamp"),
     (read(0, 5 * MS, parked=False, qd=10), "inside the read"),
     (read(0, 5 * MS), "no park or queue-delay stamp"),
@@ -232,12 +242,23 @@ def test_a_read_that_began_before_attach_is_unknown():
     assert v.verdict == "unknown" and "before otelwater attached" in v.reason
 
 
-def test_lost_read_records_overlapping_a_read_make_it_unknown():
+def test_a_delivered_read_keeps_its_verdict_whatever_was_lost_around_it():
+    lost_at = 3 * S
+    r = read(lost_at - 500 * MS, lost_at - 400 * MS, parked=True, arrival=lost_at - 450 * MS)
+    (v,), _ = run([r, LostEvents(lost_at, "reads", 4)])
+    assert v.verdict == "runtime-starved" and v.evidence_complete   # a lost read held no
+    #                                                                 evidence of this one
+    (v,), _ = run([r, LostEvents(lost_at - 450 * MS, "reads", 4, lost_at - 460 * MS, 4)])
+    assert v.verdict == "runtime-starved"
+
+
+def test_lost_read_records_make_it_unknown_when_asked():
     lost_at = 3 * S
     overlapping = read(lost_at - 500 * MS, lost_at - 400 * MS, parked=True,
                        arrival=lost_at - 450 * MS)
     earlier = read(lost_at - 2 * S, lost_at - 2 * S + 5 * MS, parked=True, arrival=lost_at - 2 * S)
-    out, c = run([earlier, overlapping, LostEvents(lost_at, "reads", 4)])
+    voiding = cfg(unknown_on_lost=("reads",))
+    out, c = run([earlier, overlapping, LostEvents(lost_at, "reads", 4)], voiding)
     by_start = {v.read.ts_start_ns: v for v in out}
     v = by_start[overlapping.ts_start_ns]
     assert v.verdict == "unknown" and "4 Go read records were lost" in v.reason
@@ -246,7 +267,7 @@ def test_lost_read_records_overlapping_a_read_make_it_unknown():
     after = read(lost_at + 10 * MS, lost_at + 20 * MS, parked=True, arrival=lost_at + 19_500_000)
     out, _ = run([overlapping, LostEvents(lost_at, "reads", 4), after,
                   LostEvents(lost_at + 300 * MS, "reads", 4),
-                  LostEvents(lost_at + 600 * MS, "reads", 9)])
+                  LostEvents(lost_at + 600 * MS, "reads", 9)], voiding)
     assert [v.verdict for v in out] == ["unknown", "peer-starved"]
 
 
@@ -329,3 +350,89 @@ def test_streaming_join_equals_brute_force(data):
     assert all(v.evidence_complete for v in out)
     st_ = c.stats()
     assert st_["late_snapshots"] == st_["late_reads"] == 0 and st_["pending_reads"] == 0
+
+
+# -- request/response: idle waits -------------------------------------------------------------
+
+def test_a_server_waiting_for_the_next_request_after_its_response_is_idle():
+    # accepted: request arrived at 1 ms, our response went out at 3 ms, the read parked at 4 ms
+    r = read(4 * MS, 104 * MS, parked=True, arrival=103_900_000, role="accepted", send=3 * MS,
+             prev=MS)
+    v, why, peer, run_, idle = figures_of(r)
+    assert (v, peer, run_, idle) == ("idle", 0, 100_000, 99_900_000) and "owed nothing" in why
+
+
+def test_a_background_read_across_the_handler_and_the_client_think_time_is_idle():
+    # net/http's background read: parked right after the request (prev arrival 1 ms), the
+    # handler answered during the park (send 60 ms), the next request came at 160 ms
+    r = read(2 * MS, 160_100_000, parked=True, arrival=160 * MS, role="accepted", send=60 * MS,
+             prev=MS)
+    assert figures_of(r)[0] == "idle"
+
+
+def test_a_server_waiting_for_the_rest_of_a_request_waits_for_the_peer():
+    # accepted, mid-request: the last arrival (part of the request) came after our last send
+    r = read(10 * MS, 60 * MS, parked=True, arrival=59_900_000, role="accepted", send=2 * MS,
+             prev=9 * MS)
+    v, _, peer, run_, idle = figures_of(r)
+    assert (v, peer, idle) == ("peer-starved", 49_900_000, 0)
+
+
+def test_a_fresh_accepted_connection_waiting_for_its_first_request_is_idle():
+    r = read(0, 30 * MS, parked=True, arrival=29_900_000, role="accepted")
+    assert figures_of(r)[0] == "idle"
+
+
+def test_a_client_read_counts_the_peer_wait_from_its_request():
+    # dialed: readLoop parked at 0, the request went out at 100 ms, the answer came 50 ms later
+    r = read(0, 150_200_000, parked=True, arrival=150 * MS, role="dialed", send=100 * MS, prev=0)
+    v, why, peer, run_, idle = figures_of(r)
+    assert (v, peer, run_, idle) == ("peer-starved", 50 * MS, 200_000, 100 * MS)
+    assert "from our send" in why
+    # a request sent before the read began: all of it is the peer's
+    r = read(10 * MS, 60 * MS, parked=True, arrival=59_900_000, role="dialed", send=5 * MS)
+    assert figures_of(r)[:3] == ("peer-starved", figures_of(r)[1], 49_900_000)
+    # the pool's idle connection, its request sent late and answered at once
+    r = read(0, 100_400_000, parked=True, arrival=100_300_000, role="dialed", send=100 * MS)
+    assert figures_of(r)[0] == "idle"
+
+
+def test_an_idle_eof_is_idle_on_an_accepted_socket_and_unknown_on_a_dialed_one():
+    eof = dict(parked=True, returned=0, send=5 * MS, prev=MS)
+    assert figures_of(read(10 * MS, 90 * MS, role="accepted", **eof))[::4] == ("idle", 80 * MS)
+    assert figures_of(read(10 * MS, 90 * MS, role="dialed", **eof))[0] == "unknown"
+
+
+def test_runtime_starvation_wins_over_idle():
+    r = read(4 * MS, 104 * MS, parked=True, arrival=50 * MS, role="accepted", send=3 * MS,
+             prev=MS)
+    assert figures_of(r)[0] == "runtime-starved"
+
+
+@settings(max_examples=400, deadline=None)
+@given(start=st.integers(0, 10**9), dur=st.integers(0, 10**9), arr=st.integers(-10, 10**9 + 10),
+       send=st.one_of(st.none(), st.integers(0, 2 * 10**9)),
+       prev=st.one_of(st.none(), st.integers(0, 2 * 10**9)),
+       role=st.sampled_from(["", "dialed", "accepted"]))
+def test_the_waits_add_up_and_match_a_plain_reading_of_the_rule(start, dur, arr, send, prev, role):
+    end = start + dur
+    arrival = start + arr if 0 <= arr <= dur else None
+    if arrival is not None and send is not None and role == "dialed" and send > arrival:
+        send = arrival      # the stamp is our last send *before* the arrival: never after it
+    r = read(start, end, parked=True, arrival=arrival, role=role, send=send, prev=prev)
+    v, _, peer, run_, idle = figures_of(r)
+    s, p = send or 0, prev or 0
+    owed_nothing = role == "accepted" and (s > start or s >= p)
+    if arrival is None:
+        assert v == ("idle" if owed_nothing else "unknown")
+        return
+    assert idle + peer + run_ == dur
+    if owed_nothing:
+        assert peer == 0 and idle == arrival - start
+    elif role == "dialed" and s > start:
+        assert idle == s - start and peer == arrival - s
+    else:
+        assert idle == 0 and peer == arrival - start
+    want = ("runtime-starved" if run_ >= MS else "peer-starved" if peer >= MS else
+            "idle" if idle > peer else "peer-starved")
+    assert v == want

@@ -21,10 +21,11 @@ def test_water_state_layout_is_pinned():
         "volume": 92, "capacity": 96, "backlog": 100, "drops": 104, "rcv_nxt": 108,
         "copied_seq": 112, "peak_volume": 116, "drop_events": 120, "drop_reason": 124,
         "generation": 128, "lport": 132, "rport": 134, "watched": 136, "above": 137,
-        "tcp_state": 138, "last_trigger": 139, "comm": 140, "fin": 156, "_pad": 157}
+        "tcp_state": 138, "last_trigger": 139, "comm": 140, "fin": 156, "role": 157,
+        "_pad": 158}
     a = header("water.h").structs["water_arrivals"]
     n = header("water.h").defines["OTW_ARRIVALS"]
-    assert ctypes.sizeof(a) == 8 * n + 6 * 8 + 4 * n * 2 + 10 * 4
+    assert ctypes.sizeof(a) == 8 * n + 11 * 8 + 4 * n * 2 + 10 * 4
     # the go_* fields are a struct goread_proc, field for field (water.c casts them)
     go = [f for f, _ in a._fields_]
     assert go[go.index("go_slot"):go.index("go_known") + 1] == [
@@ -71,21 +72,27 @@ def test_parser_rejects_what_it_does_not_understand():
 def test_goread_layouts_are_pinned():
     h = header("goread.h")
     e = h.structs["goread_event"]
-    assert ctypes.sizeof(e) == 384
+    assert ctypes.sizeof(e) == 424
     assert offsets(e) == {
         "ts_start_ns": 0, "ts_end_ns": 8, "goid": 16, "sock_key": 24, "returned": 32,
         "requested": 40, "caller_ip": 48, "arrival_ns": 56, "queue_delay_ns": 64,
-        "lost_since_ns": 72, "lost_until_ns": 80, "ips": 88, "stack_len": 344, "pid": 348,
-        "tid": 352, "fd": 356, "lost_before": 360, "source": 364, "has_goid": 365,
-        "parked": 366, "evidence": 367, "comm": 368}
+        "lost_since_ns": 72, "lost_until_ns": 80, "send_ns": 88, "prev_arrival_ns": 96,
+        "ips": 104, "stack_len": 360, "pid": 364, "tid": 368, "fd": 372, "lost_before": 376,
+        "rport": 380, "source": 382, "has_goid": 383, "parked": 384, "evidence": 385,
+        "role": 386, "kverdict": 387, "raddr": 388, "comm": 404, "_pad": 420}
     assert ctypes.sizeof(h.structs["goread_proc"]) == 16
     assert offsets(h.structs["goread_proc"]) == {"slot": 0, "gen": 4, "goid_off": 8, "_pad": 12}
     assert offsets(h.structs["goread_park"]) == {"start_ns": 0, "g": 8, "gen": 16, "_pad": 20}
     counts = h.structs["goread_counts"]
     assert ctypes.sizeof(counts) == 8 * (
-        h.defines["OTW_CNT_SLOTS"] + h.defines["OTW_HIST_SLOTS"] + 3)
-    assert [f for f, _ in counts._fields_][-3:] == ["lost_pending", "lost_since_ns",
-                                                    "lost_until_ns"]
+        h.defines["OTW_CNT_SLOTS"] + h.defines["OTW_HIST_SLOTS"] + 4)
+    assert [f for f, _ in counts._fields_][-4:] == ["lost_pending", "lost_since_ns",
+                                                    "lost_until_ns", "tb_tat_ns"]
+    # the kernel's verdict counts: one key per (process, role, verdict)
+    assert ctypes.sizeof(h.structs["otw_vkey"]) == 8
+    assert ctypes.sizeof(h.structs["otw_vcount"]) == 8 * (7 + 2 * h.defines["OTW_HIST_SLOTS"])
+    assert h.defines_with_prefix("OTW_V_") == {"PEER": 1, "RUN": 2, "LAG": 3, "UNKNOWN": 4,
+                                               "IDLE": 5}
 
 
 def test_tcp_states_defined_once():

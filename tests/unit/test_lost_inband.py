@@ -21,8 +21,14 @@ def read(start, end, key=1, goid=1):
                       "tracepoint", "svc", True, end - 100_000, None)
 
 
+# A delivered read keeps its verdict whatever was lost (test at the end). Where losses lie still
+# matters to the reads' evidence, and to users who ask for the old rule (unknown_on_lost): the
+# location tests below use that rule, which shows exactly which reads a span reaches.
+VOIDING = CorrelatorConfig(unknown_on_lost=("reads",))
+
+
 def verdicts(records, config=None):
-    c = Correlator(config or CorrelatorConfig())
+    c = Correlator(config or VOIDING)
     out = c.feed(records) + c.finish()
     return {v.read.ts_start_ns: v.verdict for v in out}, {v.read.ts_start_ns: v for v in out}, c
 
@@ -110,7 +116,7 @@ def test_a_located_span_wider_than_the_old_rule_still_reaches_its_reads():
     # Given a CPU that lost records from 0.5 s to 3.4 s and delivered its next one at 3.5 s
     r = read(1 * S, 1 * S + 10 * MS)
     got, _, _ = verdicts([r, LostEvents(3500 * MS, "reads", 9, 500 * MS, 9, 3400 * MS)],
-                         CorrelatorConfig(lateness_ns=5 * S))
+                         CorrelatorConfig(lateness_ns=5 * S, unknown_on_lost=("reads",)))
     assert got[r.ts_start_ns] == "unknown"
 
 
@@ -118,10 +124,20 @@ def test_a_located_span_reaches_the_reads_its_own_record_decides():
     # The span is held before the watermark moves: with the default lateness (1.2 s) the
     # record at 3.5 s decides the read at 1 s, and that read already sees the loss
     r = read(1 * S, 1 * S + 10 * MS)
-    c = Correlator()
+    c = Correlator(VOIDING)
     assert c.feed([r]) == []
     (v,) = c.feed([LostEvents(3500 * MS, "reads", 1, 500 * MS, 1, 1005 * MS)])
     assert v.verdict == "unknown"
+
+
+def test_by_default_a_loss_voids_no_delivered_read():
+    a, b = read(100 * MS, 110 * MS, goid=1), read(130 * MS, 150 * MS, goid=2)
+    lost = LostEvents(160 * MS, "reads", 3, since_ns=140 * MS, count=3, until_ns=145 * MS)
+    old = LostEvents(170 * MS, "reads", 9)          # an older recording's unlocated loss
+    got, full, _ = verdicts([a, b, lost, old], CorrelatorConfig())
+    assert got == {100 * MS: "peer-starved", 130 * MS: "peer-starved"}
+    # lost Go read records held no snapshot: the evidence of the others is whole
+    assert all(v.evidence_complete for v in full.values())
 
 
 def test_located_water_losses_only_mark_evidence_incomplete():

@@ -15,7 +15,7 @@ import otelwater
 from otelwater.config import Config
 from otelwater.errors import RecordingError
 from otelwater.events.alert import AlertTransition
-from otelwater.events.model import LostEvents, Notice, ReadRecord, WaterSnapshot
+from otelwater.events.model import LostEvents, Notice, ReadRecord, VerdictCounts, WaterSnapshot
 from otelwater.events.recording import ProcessInfo
 from otelwater.events.records import (KIND_NAMES, KINDS, RecordHandler, Summary, UnknownRecord,
                                       kind_of, record_ts)
@@ -44,6 +44,8 @@ def one_of_each() -> list:
             ProcessInfo(10, 2 * MS, "/bin/svc", "svc", ("svc",), "svc", None, 1),
             AlertTransition(2 * MS, 7, 10, "fill_ratio", "fired", "warn", 0.9, 0.8),
             Verdict(r, "peer-starved", "why", 1 * MS, 1 * MS, None),
+            VerdictCounts(3 * MS, 10, "dialed", "peer-starved", 1, 1, 0, 2 * MS, MS, (0, 1),
+                          (1,)),
             Summary({"type": "socket_summary"})]
 
 
@@ -130,7 +132,7 @@ def test_json_lines_writes_every_kind_or_the_chosen_ones():
     JsonLinesSink(out).write(one_of_each())
     types = [json.loads(line)["type"] for line in out.getvalue().splitlines()]
     assert types == ["snapshot", "read", "lost", "notice", "process", "alert", "verdict",
-                     "socket_summary"]
+                     "counts", "socket_summary"]
     out = io.StringIO()
     JsonLinesSink(out, kinds=("verdict", "summary")).write(one_of_each())
     assert [json.loads(x)["type"] for x in out.getvalue().splitlines()] == [
