@@ -55,7 +55,6 @@ struct goread_counts {
     u64 lost_pending;  /* records lost since this CPU last delivered one */
     u64 lost_since_ns; /* when the first of those was lost (meaningful while lost_pending) */
     u64 lost_until_ns; /* ...and the last */
-    u64 tb_tat_ns;     /* the record token bucket's theoretical arrival time (GCRA) */
 };
 
 /* the `verdicts` per-CPU hash: slow reads counted by process, socket role and verdict */
@@ -318,8 +317,8 @@ static __always_inline int otw_count_read(struct goread_counts *c, u64 dur)
 #define OTW_RUN_NS OTW_THRESHOLD_NS   /* runtime-starved: data waited this long for the reader */
 #endif
 #ifndef OTW_RECORD_INTERVAL_NS
-#define OTW_RECORD_INTERVAL_NS 0      /* record token bucket, per CPU: one slow read on the ring
-                                       * buffer per this many ns on average; 0: all of them */
+#define OTW_RECORD_INTERVAL_NS 0      /* record token bucket: one slow read on the ring buffer
+                                       * per this many ns on average; 0: all of them */
 #endif
 #ifndef OTW_RECORD_BURST
 #define OTW_RECORD_BURST 64           /* ...and at most this many at once */
@@ -407,18 +406,6 @@ static __always_inline void otw_vcount_add(struct otw_vcount *v, u64 dur, u64 wa
         v->wait_hist[s] += 1;
 }
 
-/* The record token bucket (GCRA, per CPU): 1 when a slow read may go on the ring buffer, evenly
- * spread (no per-second reset that takes a second's share in its first milliseconds) */
-static __always_inline int otw_record_token(struct goread_counts *c, u64 now)
-{
-    if (!OTW_RECORD_INTERVAL_NS)
-        return 1;
-    u64 tat = c->tb_tat_ns > now ? c->tb_tat_ns : now;
-    if (tat - now > (OTW_RECORD_BURST - 1) * (u64)OTW_RECORD_INTERVAL_NS)
-        return 0;
-    c->tb_tat_ns = tat + OTW_RECORD_INTERVAL_NS;
-    return 1;
-}
 
 #endif /* OTELWATER_SOCKKEY_H */
 

@@ -239,7 +239,7 @@ static __always_inline u8 otw_read_slow(struct goread_counts *c, u32 tgid, u64 s
             c->n[OTW_CNT_QSLOW] += 1;
         }
     }
-    if (record && !otw_record_token(c, end)) {
+    if (record && !otw_record_token(end)) {
         c->n[OTW_CNT_CUT] += 1;
         record = 0;
         cut = 1;

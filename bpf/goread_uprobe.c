@@ -164,7 +164,7 @@ int otw_up_read_return(struct pt_regs *ctx)
             c->n[OTW_CNT_QSLOW] += 1;
         }
     }
-    if (record && !otw_record_token(c, now)) {
+    if (record && !otw_record_token(now)) {
         c->n[OTW_CNT_CUT] += 1;
         record = 0;
         cut = 1;

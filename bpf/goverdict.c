@@ -25,3 +25,25 @@ static __always_inline void otw_count_verdict(u32 tgid, u8 role, u8 verdict, u64
     }
     otw_vcount_add(v, dur, wait, recorded, cut);
 }
+
+/* The record token bucket (GCRA), one for all CPUs: 1 when a slow read may go on the ring
+ * buffer, evenly spread (no per-second reset that spends a second's share in its first
+ * milliseconds). Its one "theoretical arrival time" is read and written without a lock: two
+ * CPUs may take the same token now and then (a sample a little over the rate), which costs
+ * nothing that matters, where a per-CPU share would starve the CPU the reads land on. */
+BPF_ARRAY(record_tb, u64, 1);
+
+static __always_inline int otw_record_token(u64 now)
+{
+    if (!OTW_RECORD_INTERVAL_NS)
+        return 1;
+    u32 zero = 0;
+    u64 *tatp = record_tb.lookup(&zero);
+    if (!tatp)
+        return 1;
+    u64 tat = *tatp > now ? *tatp : now;
+    if (tat - now > (OTW_RECORD_BURST - 1) * (u64)OTW_RECORD_INTERVAL_NS)
+        return 0;
+    *tatp = tat + OTW_RECORD_INTERVAL_NS;
+    return 1;
+}

@@ -64,11 +64,13 @@ BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
 BPF_HASH(listen_ports, u64, u8, 16384);
 
 #ifndef OTW_QSLOW_PER_S
-#define OTW_QSLOW_PER_S 50 /* queue-delay slow reads recorded per socket per second (on average,
-                            * a token bucket: evenly spread, OTW_QSLOW_BURST at once) */
+#define OTW_QSLOW_PER_S 200 /* queue-delay slow reads recorded per socket per second (on
+                             * average, a token bucket: evenly spread, OTW_QSLOW_BURST at once;
+                             * a lagging socket makes every read slow, a body read in 4 KiB
+                             * pieces dozens per stall), the rest counted */
 #endif
 #ifndef OTW_QSLOW_BURST
-#define OTW_QSLOW_BURST 5
+#define OTW_QSLOW_BURST 32
 #endif
 #define OTW_MSG_PEEK 2
 
@@ -571,6 +573,13 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
             otw_watch_park();
         }
 #endif
+        if (!st->changes) {
+            /* a socket first met at this park (a new connection's first read): its empty
+             * queue's sequence numbers, so the arrival that wakes the read is known to land
+             * on an empty queue */
+            otw_refresh(sk, st);
+            st->changes = 1;
+        }
         /* the park starts at the first -EAGAIN; a park left by another goroutine (one whose
          * Read ended on a deadline, with no read(2) to close it) starts again here */
         if (!a->park_ns || a->park_g != g) {

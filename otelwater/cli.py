@@ -18,8 +18,8 @@ import click
 from otelwater import __version__
 from otelwater.cli_options import (MAX_BLOCKED_MS, MAX_HIGH_WATER, FiniteFloat, IntRangeFix,
                                    debugging, verbose_option)
-from otelwater.errors import (BinaryError, NoSuchProcess, OtelwaterError, TargetError,
-                              UsageError)
+from otelwater.errors import (BinaryError, NoSuchProcess, OtelwaterError, OutputFailed,
+                              TargetError, UsageError)
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 
@@ -114,8 +114,7 @@ class Group(click.Group):
             if e.errno not in OUTPUT_FULL:
                 raise _internal(ctx, e) from None
             # an output (stdout, a report) that cannot be written: the user's to fix
-            raise _OneLine(f"cannot write the output: {e.strerror or e}; free space, or send "
-                           "the output elsewhere", 1) from None
+            raise _OneLine(OutputFailed.writing("the output", e).one_line(), 1) from None
         except Exception as e:
             raise _internal(ctx, e) from None
 
@@ -217,10 +216,13 @@ def _check_cgroups(cgroups):
             raise TargetError(f"{d} is not a cgroup v2 directory", fix)
 
 
-def _check_go_targets(go_binary, go_pids, probes):
-    """What the Go read sampler will refuse, refused now (before the water probe attaches)."""
+def _check_go_targets(go_binary, go_pids, probes) -> list[str]:
+    """What the Go read sampler will refuse, refused now (before the water probe attaches).
+    Returns what is to be said once when the run starts: a Go program that never reads a
+    network connection through net.(*conn).Read (tracepoints still trace it: the run goes on,
+    but no Go reads will come of it)."""
     if not go_binary and not go_pids:
-        return
+        return []
     from otelwater.probes import goelf
     from otelwater.probes.goread import pid_exe
 
@@ -241,14 +243,23 @@ def _check_go_targets(go_binary, go_pids, probes):
         except BinaryError:  # uprobes need Go; read-syscall tracepoints, any ELF with symbols
             if probes == "uprobe" or not has_symbols(go_binary):
                 raise
+    notices = []
+    if go_binary:
+        notices.append(goelf.no_conn_read(go_binary))
     for pid in go_pids:
         exe = pid_exe(pid)
         if probes == "uprobe":
             goelf.locate(exe)
+        notices.append(goelf.no_conn_read(exe, shown=f"process {pid} ({exe})"))
+    going_on = ("; the watch goes on with the sockets alone (for Go reads, give the program "
+                "that serves the connections)")
+    return [n + going_on for n in notices if n]
 
 
 @main.command(epilog=WATCH_EPILOG)
-@click.option("-p", "--pid", "pids", type=int, multiple=True,
+@click.option("-p", "--pid", "pids", multiple=True, metavar="PID",
+              type=IntRangeFix(min=1, fix="give a process id (from 1 up), e.g. "
+                               "-p $(pgrep -n myservice)"),
               help="Watch sockets of this process (repeatable).")
 @click.option("-P", "--port", "ports", type=click.IntRange(1, 65535), multiple=True,
               help="Watch sockets whose local or remote port is this (repeatable).")
@@ -282,7 +293,9 @@ def _check_go_targets(go_binary, go_pids, probes):
 @click.option("--go-binary", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Also trace the Go reads of every process running this executable (now or "
               "later) and show the readers beside their sockets.")
-@click.option("--go-pid", "go_pids", type=int, multiple=True, metavar="PID",
+@click.option("--go-pid", "go_pids", multiple=True, metavar="PID",
+              type=IntRangeFix(min=1, fix="give a process id (from 1 up), e.g. "
+                               "--go-pid $(pgrep -n myservice)"),
               help="Also trace the Go reads of this process (repeatable).")
 @click.option("--probes", type=click.Choice(["tracepoint", "uprobe"]), default="tracepoint",
               show_default=True,
@@ -300,6 +313,19 @@ def _check_go_targets(go_binary, go_pids, probes):
               type=FiniteFloat(0, 60_000, fix="give milliseconds, e.g. --window-ms 5"),
               help="Snapshots of a read's socket within this of its start or end are its "
               "evidence.  [default: 5, or correlate.window_ms of the config]")
+@click.option("--include-idle", is_flag=True, default=None,
+              help="Idle reads are slow reads too (verdict idle, a span each): reads that "
+              "waited while the peer owed nothing (a server waiting for a keep-alive client's "
+              "next request, a client's connection before its request went out). By default "
+              "they are only counted.  [default: off, or correlate.include_idle]")
+@click.option("--record-rate", default=None, metavar="READS",
+              type=FiniteFloat(0, 10_000_000, fix="give slow reads a second, e.g. "
+                               "--record-rate 1000 (0: all)"),
+              help="Slow reads a second recorded in full (stack, stamps: the JSON lines and "
+              "spans), spread evenly by a token bucket in the kernel; every slow read is "
+              "counted there by verdict all the same, so the metrics stay exact. 0: all "
+              "(each costs otelwater ~50-75 us of CPU here).  [default: 1000, or "
+              "correlate.record_rate]")
 @click.option("--config", "config_file", default=None, metavar="FILE",
               help="YAML file of thresholds (alerts, correlation; examples/otelwater.yaml). "
               "Precedence: defaults < this file (or $OTELWATER_CONFIG) < OTELWATER_* "
@@ -331,7 +357,7 @@ def _check_go_targets(go_binary, go_pids, probes):
 @verbose_option
 def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water, ringbuf_pages,
           rows, go_binary, go_pids, probes, blocked_ms, window_ms, config_file, wait,
-          otlp_endpoint=None, otlp_protocol=None, otlp_span_rate=None, prometheus_port=None,
+          include_idle=None, record_rate=None, otlp_endpoint=None, otlp_protocol=None, otlp_span_rate=None, prometheus_port=None,
           prometheus_address="127.0.0.1", recorder=None, headless=False):
     """Watch TCP receive queues: the sockets holding the most water, live.
 
@@ -347,12 +373,12 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
                                              and k.endswith("ENDPOINT") for k in os.environ):
         from otelwater.export.otlp import resolve_options
 
-        otlp = resolve_options(otlp_endpoint, otlp_protocol)  # bad values: exit 2, now
+        otlp = resolve_options(otlp_endpoint, otlp_protocol, live=True)  # bad: exit 2, now
     check_ringbuf_pages(ringbuf_pages)
     _check_pids(pids)
     _check_pids(go_pids)
     _check_cgroups(cgroups)
-    _check_go_targets(go_binary, go_pids, probes)
+    notices = _check_go_targets(go_binary, go_pids, probes)
     if ports and not wait:
         used = ports_in_use()
         idle = [p for p in ports if p not in used]
@@ -365,6 +391,8 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
 
     config = load_config(config_file, flags={"correlate.threshold_ms": blocked_ms,
                                              "correlate.window_ms": window_ms,
+                                             "correlate.include_idle": include_idle,
+                                             "correlate.record_rate": record_rate,
                                              "export.span_rate": otlp_span_rate})
     endpoint = None
     if prometheus_port is not None:  # bound now: a taken port fails before anything attaches
@@ -377,7 +405,8 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
                   interval=interval, as_json=as_json, follow=follow, high_water=high_water,
                   ringbuf_pages=ringbuf_pages, rows=rows, go_binary=go_binary,
                   go_pids=go_pids, probes=probes, config=config, otlp=otlp,
-                  prometheus=endpoint, recorder=recorder, headless=headless)
+                  prometheus=endpoint, recorder=recorder, headless=headless,
+                  notices=notices)
     finally:
         if endpoint is not None:
             endpoint.close()

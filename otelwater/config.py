@@ -106,6 +106,12 @@ class CorrelateConfig:
                                doc="a read blocked, or its bytes waited, this long: slow")
     run_threshold_ms: float = _num(1.0, maximum=86_400_000,
                                    doc="waiting to run this long: runtime-starved")
+    include_idle: bool = field(default=False, metadata={
+        "doc": "idle reads (the peer owed nothing: think time, idle keep-alive) are slow reads "
+               "too (verdicts, spans); else only counted"})
+    record_rate: float = _num(1_000.0, maximum=10_000_000,
+                              doc="slow reads a second put in full on the ring buffer (a token "
+                                  "bucket, evenly); all are counted in the kernel; 0: all")
 
     @property
     def window_ns(self) -> int:
@@ -201,6 +207,16 @@ def _check(key: str, value: Any, source: str, from_text: bool = False) -> Any:
     def bad(problem: str, fix: str):
         return UsageError(f"{key} = {value!r} in {source}: {problem}", fix)
 
+    if kind == "bool":
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise bad("expected true or false", f"e.g. {key} = true")
     if kind == "str":
         if not isinstance(value, str) or value not in meta["choices"]:
             raise bad("not one of " + ", ".join(meta["choices"]),

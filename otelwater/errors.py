@@ -10,6 +10,7 @@
     ├── TargetError                exit 4   what the user pointed at is not usable
     │   ├── NoSuchProcess                   --pid / --go-pid names no live process
     │   └── BinaryError                     not an ELF, not x86-64, not Go, no net.(*conn).Read
+    ├── OutputFailed               exit 1   an output that cannot be written (a full disk)
     ├── RecordingError             exit 5   a malformed recording / input file
     └── ExportFailed               exit 6   an offline re-export that was not delivered
 
@@ -21,6 +22,8 @@ exit 1 (the traceback with OTELWATER_DEBUG=1 or --verbose).
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class OtelwaterError(Exception):
@@ -78,3 +81,21 @@ class RecordingError(OtelwaterError):
 
 class ExportFailed(OtelwaterError):
     exit_code = 6
+
+
+class OutputFailed(OtelwaterError):
+    """An output that cannot be written: stdout or a file behind it on a full disk, over a
+    quota, an I/O error. Exit 1 (README: an output that cannot be written)."""
+
+    @classmethod
+    def writing(cls, what: str, e: OSError) -> "OutputFailed":
+        """`what`: the output, e.g. "the JSON Lines output"; `e`: the write's error."""
+        code = errno.errorcode.get(e.errno or 0)
+        cause = (e.strerror or str(e)) + (f" ({code})" if code else "")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space, or send the output elsewhere"
+        elif e.errno == errno.EFBIG:
+            fix = "send the output to a filesystem that takes larger files, or elsewhere"
+        else:
+            fix = "send the output elsewhere (another file or a pipe)"
+        return cls(f"cannot write {what}: {cause}", fix)

@@ -8,7 +8,15 @@ code.*, service.*, host.name); everything else under `otelwater.`. Units are UCU
 conventions use them: "By" bytes, "s" seconds, "1" a ratio, "{skb}" a count of things.
 The Prometheus names are what the OpenTelemetry Prometheus exporter derives from these
 (otelwater_socket_water_volume_bytes, otelwater_read_duration_seconds_bucket,
-otelwater_read_verdicts_total, ...).
+otelwater_read_verdicts_total, otelwater_records_cut_total,
+otelwater_read_verdict_duration_seconds_bucket, otelwater_read_verdict_wait_seconds_bucket, ...).
+
+The verdict counts (READ_VERDICTS, RECORDS_CUT, VERDICT_DURATION, VERDICT_WAIT) are the
+kernel's exact counts by process (resource), VERDICT and SOCKET_ROLE where it counts the slow
+reads, else the verdicts' (otelwater.export.tally). RECORDS_CUT counts what the record token
+bucket (--record-rate) kept off the ring buffer: those reads are in READ_VERDICTS and the
+verdict histograms, and in nothing else (no read record, verdict or span; READ_DURATION, the
+histogram whose exemplars name spans, holds the slow reads that got a verdict record).
 """
 
 from __future__ import annotations
@@ -43,7 +51,22 @@ READ_DURATION = Instrument("otelwater.read.duration", "histogram", "s",
                            "Duration of slow Go reads (net.(*conn).Read); exemplars point at "
                            "each read's span.")
 READ_VERDICTS = Instrument("otelwater.read.verdicts", "counter", "{read}",
-                           "Slow Go reads by verdict.")
+                           "Slow Go reads by verdict and socket role: the kernel's exact "
+                           "count where it counts them (idle reads included, whatever the "
+                           "ring buffer lost or --record-rate cut), else the verdicts given.")
+RECORDS_CUT = Instrument("otelwater.records.cut", "counter", "{record}",
+                         "Slow reads the kernel counted but did not record (beyond "
+                         "--record-rate), by verdict and socket role: in "
+                         "otelwater.read.verdicts and the verdict histograms, with no read "
+                         "record, verdict or span.")
+VERDICT_DURATION = Instrument("otelwater.read.verdict.duration", "histogram", "s",
+                              "Duration of slow Go reads by verdict and socket role, every one "
+                              "counted (the kernel's log2 buckets: powers of two of ns).")
+VERDICT_WAIT = Instrument("otelwater.read.verdict.wait", "histogram", "s",
+                          "The wait a slow read's verdict rests on, by verdict and socket "
+                          "role: for the peer (peer-starved), to run (runtime-starved), in "
+                          "the queue (consumer-lagging), idle (idle), the whole read "
+                          "(unknown); the kernel's log2 buckets.")
 ALERTS_ACTIVE = Instrument("otelwater.alerts.active", "updowncounter", "{alert}",
                            "Alert rules firing now, by rule and severity.")
 RECORDS_LOST = Instrument("otelwater.records.lost", "counter", "{record}",
@@ -55,11 +78,22 @@ SPANS_LIMITED = Instrument("otelwater.spans.limited", "counter", "{span}",
                            "count them).")
 
 INSTRUMENTS = (WATER_LEVEL, WATER_VOLUME, WATER_UNREAD, CAPACITY, FILL_RATIO, DROPS,
-               READ_DURATION, READ_VERDICTS, ALERTS_ACTIVE, RECORDS_LOST, SPANS_LIMITED)
+               READ_DURATION, READ_VERDICTS, RECORDS_CUT, VERDICT_DURATION, VERDICT_WAIT,
+               ALERTS_ACTIVE, RECORDS_LOST, SPANS_LIMITED)
 
 # read.duration bucket boundaries, seconds: 1 ms (the slow-read threshold) to 10 s
 READ_DURATION_BOUNDS_S = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                           2.5, 5.0, 10.0)
+# read.verdict.duration and .wait bucket boundaries, seconds: the kernel's log2 buckets
+# (VerdictCounts: slot i counts [2**(i-1), 2**i) ns, the last slot, 39, everything from 2**38
+# ns) as 2**i ns, i = 10 .. 38: the slots below 2**10 ns (1.024 us) are the first bucket, slot
+# 39 the +Inf one, slot i the bucket whose upper bound is 2**i ns. The kernel's buckets hold
+# their lower bound, OpenTelemetry's their upper one: a read of exactly 2**i ns is counted in
+# the bucket above le=2**i ns (1 ns apart; every other value is where `le` says).
+VERDICT_HIST_FIRST_SLOT = 10
+VERDICT_HIST_LAST_SLOT = 39                     # bpf/goread.h OTW_HIST_SLOTS - 1
+VERDICT_HIST_BOUNDS_S = tuple((1 << i) / 1e9
+                              for i in range(VERDICT_HIST_FIRST_SLOT, VERDICT_HIST_LAST_SLOT))
 
 # -- attributes ------------------------------------------------------------------------------
 # resource (the traced service)
@@ -78,6 +112,9 @@ NETWORK_LOCAL_PORT = "network.local.port"
 NETWORK_PEER_ADDRESS = "network.peer.address"
 NETWORK_PEER_PORT = "network.peer.port"
 SOCKET_KEY = "otelwater.socket.key"            # 16 hex digits, or OTHER_SOCKETS
+SOCKET_ROLE = "otelwater.socket.role"          # "dialed" (we connected) | "accepted" (from a
+                                               # listener); absent: unknown. Spans, and the
+                                               # verdict metrics' series
 OTHER_SOCKETS = "other"                        # sockets beyond the top N, per (pid, local port)
 
 # per read (span attributes)
@@ -90,9 +127,16 @@ VERDICT = "otelwater.verdict"
 VERDICT_REASON = "otelwater.verdict.reason"
 WAIT_PEER_NS = "otelwater.wait.peer_ns"
 WAIT_RUN_NS = "otelwater.wait.run_ns"
+WAIT_IDLE_NS = "otelwater.wait.idle_ns"
 QUEUE_DELAY_NS = "otelwater.queue.delay_ns"
 READ_REQUESTED = "otelwater.read.requested"
 READ_RETURNED = "otelwater.read.returned"
+# the peer by the semantic conventions' role: network.peer.* always, and the same address as
+# server.* on a dialed socket (we are its client), client.* on an accepted one
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+CLIENT_ADDRESS = "client.address"
+CLIENT_PORT = "client.port"
 # what rebuilds the read exactly (otelwater.events.otlpjson): CLOCK_MONOTONIC times and the
 # kernel's stamps, each left out where it is None
 THREAD_NAME = "thread.name"                    # the reader's comm
@@ -102,6 +146,10 @@ READ_END_NS = "otelwater.read.end_ns"          # CLOCK_MONOTONIC
 READ_PARKED = "otelwater.read.parked"          # bool
 READ_ARRIVAL_NS = "otelwater.read.arrival_ns"  # CLOCK_MONOTONIC
 READ_QUEUE_DELAY_EXACT = "otelwater.read.queue_delay_exact"  # bool
+READ_SEND_NS = "otelwater.read.send_ns"        # CLOCK_MONOTONIC: our last send (ts_send_ns)
+READ_PREV_ARRIVAL_NS = "otelwater.read.prev_arrival_ns"  # CLOCK_MONOTONIC: ts_prev_arrival_ns
+READ_KERNEL_VERDICT = "otelwater.verdict.kernel"  # the verdict the kernel counted it under
+# (and SOCKET_ROLE: the read's role; network.peer.address/port: its peer_addr/peer_port)
 EVIDENCE_TOTAL = "otelwater.evidence.total"    # snapshots that joined the read
 EVIDENCE_COMPLETE = "otelwater.evidence.complete"  # bool
 
@@ -149,6 +197,7 @@ START_NS = "otelwater.start_ns"                # CLOCK_MONOTONIC when the probes
 THRESHOLD_MS = "otelwater.correlate.threshold_ms"
 RUN_THRESHOLD_MS = "otelwater.correlate.run_threshold_ms"
 WINDOW_MS = "otelwater.correlate.window_ms"
+INCLUDE_IDLE = "otelwater.correlate.include_idle"   # idle reads were slow reads (spans) too
 
 # -- spans and events ------------------------------------------------------------------------
 READ_SPAN = "net.(*conn).Read"                 # kind INTERNAL; the verdict is an attribute

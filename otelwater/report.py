@@ -5,11 +5,12 @@
                               recording's start)) -> the Collection (a sink: what the report
                               and the plot need; bounded: the plot's water series only when
                               asked for) and the caller's sinks (JSON Lines, OTLP re-export)
-    render(collection)        the report for a person, 80 columns: the recording, verdict
-                              counts, worst sockets, worst reads with their evidence, what was
-                              lost or unknown and why
+    render(collection)        the report for a person, 80 columns: the recording, per process
+                              where the slow time went (the answer first), verdict counts,
+                              worst sockets, worst reads with their evidence, what was lost,
+                              cut or unknown and why
     plot(collection, png)     a heat map of water (unread bytes) per socket over time, the slow
-                              reads marked by verdict (matplotlib, Agg)
+                              reads marked by verdict, sized by their wait (matplotlib, Agg)
 
 A malformed or cut file stops the reading at the record where it broke: the analysis is
 finished with what came before (so the results up to there are reported) and the
@@ -28,9 +29,10 @@ from typing import Callable
 from otelwater.errors import OtelwaterError, RecordingError, UsageError
 from otelwater.events.recording import Header, ProcessInfo
 from otelwater.events.records import Summary
-from otelwater.events.verdict import (CONSUMER_LAGGING, PEER_STARVED, RUNTIME_STARVED,
+from otelwater.events.verdict import (CONSUMER_LAGGING, IDLE, PEER_STARVED, RUNTIME_STARVED,
                                       UNKNOWN, VERDICTS, Verdict)
-from otelwater.export.live import caller, endpoint, human_bytes
+from otelwater.export.live import (WaitBook, caller, endpoint, human_bytes, severity_ns,
+                                   verdict_wait)
 from otelwater.export.sink import Sink
 from otelwater.sockkey import format_key
 
@@ -41,12 +43,13 @@ VERDICT_MEANING = {
     RUNTIME_STARVED: "data came while it parked; the goroutine ran late",
     CONSUMER_LAGGING: "its bytes stood in the kernel queue",
     UNKNOWN: "evidence missing (see below)",
+    IDLE: "the peer owed nothing: think time, idle keep-alive",
 }
 
 
-def severity(v: Verdict) -> int:
-    """How bad a slow read was: its duration or its bytes' time in the queue, the larger."""
-    return max(v.read.duration_ns, v.queue_delay_ns or 0)
+severity = severity_ns     # how bad a slow read was: its duration (less its idle part) or its
+                          # bytes' queue delay
+MAX_IDLE_GROUPS = 256     # idle reads folded by (pid, role, caller): at most this many groups
 
 
 @dataclass(eq=False)
@@ -73,7 +76,10 @@ class Collection(Sink):
     error: RecordingError | None = None
     # the plot's data (with plot=True): sock_key -> (ts array, unread array); marks
     series: dict | None = None
-    marks: list | None = None                           # (ts_end, sock_key, verdict)
+    marks: list | None = None                           # (ts_end, sock_key, verdict, wait)
+    book: WaitBook = field(default_factory=WaitBook)    # per process, where the time went
+    idle_groups: dict = field(default_factory=dict)     # (pid, role, caller) -> [n, worst]
+    roles: dict = field(default_factory=dict)           # the plot's: sock_key -> role
     _seq: int = 0
 
     name = "report"
@@ -113,19 +119,40 @@ class Collection(Sink):
         self.counts["process"] += 1
         self.processes.setdefault(r.pid, r)
 
+    def on_counts(self, r) -> None:
+        self.book.add_counts(r)
+
     def on_verdict(self, r) -> None:
         self.verdicts[r.verdict] += 1
         if r.verdict == UNKNOWN:
             why = re.sub(r"-?\d[\d.,]*( ms| ns| us)?", "N", r.reason)
             self.unknown_why[why] = self.unknown_why.get(why, 0) + 1
+        last = None
+        if not r.read.peer_addr and not r.evidence and self.analysis is not None:
+            s = self.analysis.correlator.summaries.sockets.get(r.sock_key)
+            last = s.last if s is not None else None
+        self.book.add_verdict(r, last)
         self._seq += 1
         item = (severity(r), -self._seq, r)
-        if len(self.worst) < self.top:
+        if r.verdict == IDLE:
+            # idle reads alike (one process, role and caller) are one row of the worst reads
+            key = (r.read.pid, r.read.role, caller(r.read.stack))
+            g = self.idle_groups.get(key)
+            if g is None:
+                if len(self.idle_groups) >= MAX_IDLE_GROUPS:
+                    key = (r.read.pid, r.read.role, None)
+                g = self.idle_groups.setdefault(key, [0, item])
+            g[0] += 1
+            if item > g[1]:
+                g[1] = item
+        elif len(self.worst) < self.top:
             heapq.heappush(self.worst, item)
         elif item > self.worst[0]:
             heapq.heapreplace(self.worst, item)
         if self.marks is not None:
-            self.marks.append((r.read.ts_end_ns, r.sock_key, r.verdict))
+            self.marks.append((r.read.ts_end_ns, r.sock_key, r.verdict, verdict_wait(r)))
+            if r.read.role:
+                self.roles[r.sock_key] = r.read.role
 
     def on_alert(self, r) -> None:
         if r.state == "fired":
@@ -247,14 +274,34 @@ def render(col: Collection) -> str:
         out.append(clip(f"CUT SHORT at record {getattr(col.error, 'record', '?')}: the results "
                         "below cover the file up to there", WIDTH))
 
+    # the answer first: per process, where the slow reads' time went
+    procs = process_times(col)
+    if procs:
+        out += ["", "Where the slow time went (each slow read under its verdict, with its wait)"]
+        for p in procs[:5]:
+            out += p.lines(WIDTH)
+        if len(procs) > 5:
+            out.append(f"  ... and {len(procs) - 5} more processes (--json: reader_summary)")
+        if any(p.exact for p in procs):
+            out += _wrap("exact: the kernel counted every slow read (recorded in full or not)"
+                         + ("" if all(p.exact for p in procs) else
+                            " of the processes it traced"), "  ")
+
     # verdicts
     total = col.slow_reads
     out += ["", f"Slow reads: {total:,} (a read that lasted, or whose bytes waited, "
             f">= {c.threshold_ms:g} ms)"]
     for v in VERDICTS:
         k = col.verdicts[v]
+        if v == IDLE and not k:
+            continue    # listed only when asked for (--include-idle) and seen
         pct = f"{100 * k / total:3.0f}%" if total else "   -"
         out.append(f"  {v:<16} {k:>6,} {pct} {VERDICT_MEANING[v]}")
+    if any(p.exact for p in procs):
+        counted = sum(p.slow + (p.idle if col.verdicts[IDLE] else 0) for p in procs)
+        if counted != total:
+            out += _wrap(f"(the records; {counted:,} with the kernel's exact counts: the "
+                         "figures at the top)", "  ")
 
     # worst sockets
     socks = a.socket_summaries() if a is not None else []
@@ -266,7 +313,7 @@ def render(col: Collection) -> str:
                 f"{'QDLY90':>6} {'PEAK':>5}"]
         for d in socks:
             verdict = {PEER_STARVED: "peer", RUNTIME_STARVED: "runtime",
-                       CONSUMER_LAGGING: "lagging", UNKNOWN: "unknown"}.get(
+                       CONSUMER_LAGGING: "lagging", UNKNOWN: "unknown", IDLE: "idle"}.get(
                 d["verdict"], d["verdict"] or "-")
             local = endpoint(d.get("laddr", "?"), d.get("lport", 0)) if "laddr" in d else \
                 d["sock_key"]
@@ -288,29 +335,33 @@ def render(col: Collection) -> str:
             if extra:
                 out += _wrap("; ".join(extra), "    ")
 
-    # worst reads
-    worst = [v for _, _, v in sorted(col.worst, reverse=True)]
+    # worst reads (idle reads alike folded into one row: the longest, and how many)
+    items = [(sev, seq, v, 1) for sev, seq, v in col.worst]
+    items += [(sev, seq, v, n) for n, (sev, seq, v) in col.idle_groups.values()]
+    items.sort(key=lambda x: (x[0], x[1]), reverse=True)
+    worst = [(v, n) for _, _, v, n in items[:col.top]]
     if worst:
         sockets = a.correlator.summaries.sockets if a is not None else {}
         out += ["", "Worst reads (longest wait first; +s from the start, the peer's port)",
                 f"  {'+S':>8} {'PID':>7} {'GOID':>6} {'RPORT':>5} {'DUR':>7} {'VERDICT':<16} "
                 f"FIGURES"]
-        for v in worst:
+        for v, n in worst:
             r = v.read
-            if v.wait_peer_ns is not None:
-                fig = f"peer {dur(v.wait_peer_ns)} run {dur(v.wait_run_ns)}"
-            elif v.queue_delay_ns is not None:
-                fig = f"queued {dur(v.queue_delay_ns)}"
-            else:
-                fig = "-"
+            fig = figures(v)
             ev = v.evidence
             last = ev[-1] if ev else getattr(sockets.get(r.sock_key), "last", None)
-            port = last.rport if last is not None else ""
+            port = last.rport if last is not None else (r.peer_port or "")
+            verdict = f"{v.verdict} ×{n:,}" if n > 1 else v.verdict
             out.append(clip(f"  {(r.ts_start_ns - h.start_ns) / 1e9:>+8.3f} {r.pid:>7} "
                             f"{'-' if r.goid is None else r.goid:>6} {port:>5} "
-                            f"{dur(r.duration_ns):>7} {v.verdict:<16} {fig}", WIDTH))
+                            f"{dur(r.duration_ns):>7} {verdict:<16} {fig}", WIDTH))
             evid = f"{v.evidence_total} snapshot{'s' * (v.evidence_total != 1)} within " \
                    f"±{c.window_ms:g} ms"
+            if n > 1:
+                evid = (f"the longest of {n:,} idle reads alike (pid {r.pid}"
+                        + (f", {r.role} sockets" if r.role else "") + ", one caller); " + evid)
+            elif v.wait_idle_ns and v.verdict != IDLE:
+                evid = f"idle {dur(v.wait_idle_ns)} while the peer owed nothing; " + evid
             if ev:
                 evid += (f", unread up to {human_bytes(max(s.unread_bytes for s in ev))}, "
                          f"level up to {max(s.level for s in ev)}")
@@ -329,6 +380,10 @@ def render(col: Collection) -> str:
                             "the evidence of reads near the loss is incomplete"), "  ")
     else:
         out.append("  no records were lost")
+    cut = sum(k.cut for k in col.book.kernel.values())
+    if cut:
+        out += _wrap(f"{cut:,} slow reads counted but not recorded in full (--record-rate): "
+                     "in the counts and totals at the top, not in the rest", "  ")
     for why, k in sorted(col.unknown_why.items(), key=lambda x: -x[1])[:8]:
         out += _wrap(f"{k:,} unknown: {why}", "  ")
     if a is not None:
@@ -346,10 +401,68 @@ def render(col: Collection) -> str:
     return "\n".join(out)
 
 
+def figures(v: Verdict) -> str:
+    """A slow read's waits, short: idle, peer and run for a parked read, else its queue
+    delay."""
+    parts = []
+    if v.wait_idle_ns and v.verdict == IDLE:    # else on the line below (it is not the cause)
+        parts.append(f"idle {dur(v.wait_idle_ns)}")
+    if v.wait_peer_ns is not None and (v.wait_peer_ns or not v.wait_idle_ns):
+        parts.append(f"peer {dur(v.wait_peer_ns)}")
+    if v.wait_run_ns is not None:
+        parts.append(f"run {dur(v.wait_run_ns)}")
+    if not parts and v.queue_delay_ns is not None:
+        parts.append(f"queued {dur(v.queue_delay_ns)}")
+    return " ".join(parts) or "-"
+
+
+def process_times(col: Collection) -> list:
+    """Per process, where its slow reads' time went (otelwater.export.live.ProcessTime), named
+    as the recording names it, most time first."""
+    idle: dict[int, int] = {}
+    if col.analysis is not None:        # idle reads that made no verdict record
+        for (pid, _), r in col.analysis.correlator.summaries.readers.items():
+            if r.idle_reads:
+                idle[pid] = idle.get(pid, 0) + r.idle_reads
+    procs = col.book.processes(idle)
+    for p in procs:
+        info = col.processes.get(p.pid)
+        if info is not None:
+            exe = (info.exe or "").rsplit("/", 1)[-1]
+            p.name = info.service_name or exe or info.comm or p.name
+    return procs
+
+
 # -- the picture --------------------------------------------------------------------------------
 
 MARKERS = {PEER_STARVED: ("o", "#17becf"), RUNTIME_STARVED: ("^", "#d62728"),
-           CONSUMER_LAGGING: ("s", "#ff7f0e"), UNKNOWN: ("D", "#e377c2")}
+           CONSUMER_LAGGING: ("s", "#ff7f0e"), UNKNOWN: ("D", "#e377c2"),
+           IDLE: ("o", "#bdbdbd")}
+WATER_SCALE_MIN = 65536         # the heat map's colour scale reaches at least this many bytes
+MARK_AREA = (6.0, 120.0)        # points^2: the shortest wait's mark, the longest's
+
+
+class mark_sizes:
+    """Area of a mark by its wait: log scale from `low` (the slow-read threshold, or the
+    shortest wait if below) to the longest wait; `ticks`: a few round waits in between, for
+    the legend."""
+
+    def __init__(self, waits: list[int], low: int):
+        import math
+
+        pos = [w for w in waits if w > 0]
+        self.low = max(1, min([low, *pos]) if pos else low)
+        self.high = max([self.low * 10, *pos])
+        self._span = math.log(self.high / self.low)
+        self.ticks = [t for t in (10 ** e for e in range(3, 13)) if self.low <= t <= self.high]
+        if len(self.ticks) > 4:
+            self.ticks = self.ticks[::-(-len(self.ticks) // 4)]
+
+    def __call__(self, wait: int) -> float:
+        import math
+
+        f = math.log(max(wait, self.low) / self.low) / self._span
+        return MARK_AREA[0] + (MARK_AREA[1] - MARK_AREA[0]) * min(f, 1.0)
 
 
 def plot(col: Collection, png: str, *, max_sockets: int = 30, bins: int = 600,
@@ -403,31 +516,43 @@ def plot(col: Collection, png: str, *, max_sockets: int = 30, bins: int = 600,
     height = max(3.0, 0.32 * len(keys) + 1.8)
     fig, ax = plt.subplots(figsize=(12, height), dpi=100)
     cmap = matplotlib.colormaps["viridis"].with_extremes(under="#e8edf2", bad="white")
-    vmax = np.nanmax(grid) if keys and np.isfinite(np.nanmax(grid)) else 1.0
+    vmax = np.nanmax(grid) if keys and np.isfinite(np.nanmax(grid)) else 0.0
     shown = np.where(grid == 0, 0.5, grid)
+    # a scale of at least 1 B .. 64 KiB: with little or no water (a service whose reads only
+    # wait for their peers) the colours still mean what they mean on any other plot
     mesh = ax.pcolormesh((edges - t0) / 1e9, np.arange(len(keys) + 1) if keys else [0, 1],
                          np.ma.masked_invalid(shown), cmap=cmap,
-                         norm=LogNorm(vmin=1, vmax=max(vmax, 2)), shading="flat")
-    fig.colorbar(mesh, ax=ax, label="unread bytes (log scale; grey: empty)", pad=0.01)
+                         norm=LogNorm(vmin=1, vmax=max(vmax, WATER_SCALE_MIN)), shading="flat")
+    fig.colorbar(mesh, ax=ax, pad=0.01, label="unread bytes (log scale; grey: empty)"
+                 + ("\nno water stood: every queue was empty" if vmax <= 0 else ""))
     row_of = {k: i for i, k in enumerate(keys)}
     marks = [m for m in (col.marks or []) if m[1] in row_of]
     if len(marks) > max_marks:
         step = len(marks) / max_marks
         marks = [marks[int(i * step)] for i in range(max_marks)]
+    # each mark's area grows with its wait (the wait its verdict names: for the peer, to
+    # run, its bytes' queue delay, idle), on a log scale from the slow-read threshold to
+    # the longest wait
+    size = mark_sizes([m[3] for m in marks], col.config.correlate.threshold_ns)
     for verdict in VERDICTS:
-        pts = [(ts, row_of[k]) for ts, k, v in marks if v == verdict]
+        pts = [(ts, row_of[k], size(w)) for ts, k, v, w in marks if v == verdict]
         if not pts:
             continue
         m, color = MARKERS[verdict]
-        x = [(ts - t0) / 1e9 for ts, _ in pts]
-        y = [r + 0.5 for _, r in pts]
-        ax.scatter(x, y, marker=m, s=22, color=color, edgecolors="black", linewidths=0.5,
-                   label=f"{verdict} ({col.verdicts[verdict]:,})", zorder=3)
+        ax.scatter([(ts - t0) / 1e9 for ts, _, _ in pts], [r + 0.5 for _, r, _ in pts],
+                   s=[a for _, _, a in pts], marker=m, color=color, edgecolors="black",
+                   linewidths=0.4, alpha=0.8, label=f"{verdict} ({col.verdicts[verdict]:,})",
+                   zorder=3)
+    if marks:
+        for w in size.ticks:        # what the sizes mean
+            ax.scatter([], [], s=size(w), marker="o", color="white", edgecolors="black",
+                       linewidths=0.4, label=dur(w))
     labels = []
     for k in keys:
         d = summaries.get(k, {})
         if "lport" in d:
-            labels.append(f"{d['lport']}<-{endpoint(d['raddr'], d['rport'])} "
+            arrow = "->" if col.roles.get(k) == "dialed" else "<-"
+            labels.append(f"{d['lport']}{arrow}{endpoint(d['raddr'], d['rport'])} "
                           f"pid {d.get('pid', 0)}")
         else:
             labels.append(format_key(k))
@@ -435,10 +560,10 @@ def plot(col: Collection, png: str, *, max_sockets: int = 30, bins: int = 600,
     ax.set_ylim(len(keys) if keys else 1, 0)
     ax.set_xlim(0, (t1 - t0) / 1e9)
     ax.set_xlabel(f"seconds since {_wall(h, t0)}")
-    fig.suptitle(f"Water per socket, slow reads marked by verdict: {col.path}"
+    fig.suptitle(f"Water per socket, slow reads marked by verdict, sized by wait: {col.path}"
                  + (" (CUT SHORT)" if col.error else ""), fontsize=10)
     if marks:
-        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, fontsize=8,
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=9, fontsize=8,
                   frameon=False, borderaxespad=0.2)
     fig.tight_layout()
     try:

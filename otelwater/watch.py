@@ -11,12 +11,29 @@ import contextlib
 import sys
 import time
 
+from otelwater.events.model import Notice
 from otelwater.export.jsonl import JsonLinesSink
 from otelwater.export.live import RunStats, ViewSink
 from otelwater.export.record import RecordingSink
-from otelwater.export.sink import RunInfo
+from otelwater.export.sink import RunInfo, writing
 from otelwater.pipeline import Analysis, Pipeline, Stopper, WatchLoop
 from otelwater.probes.kernel import WaterOptions, WaterProbe
+
+
+class LiveViewOutput(ViewSink):
+    """The live view as the command's own output: essential, as --json is, so stdout on a full
+    disk (or any error writing it) ends the run with one line and exit 1, the probes detached
+    first; a closed pipe ends it quietly."""
+
+    essential = True
+
+    def tick(self) -> None:
+        with writing("the live view"):
+            super().tick()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with writing("the live view"):
+            super().close(timeout_s)
 
 
 def describe(pids, ports, cgroups) -> str:
@@ -30,25 +47,31 @@ def describe(pids, ports, cgroups) -> str:
     return " and ".join(parts) if parts else "all TCP sockets"
 
 
-def open_readers(go_binary, go_pids, probes, blocked_ns, ringbuf_pages=64):
+def open_readers(go_binary, go_pids, probes, blocked_ns, ringbuf_pages=64, config=None):
     if not go_binary and not go_pids:
         return contextlib.nullcontext(None)
     from otelwater.probes.goread import GoReadOptions, GoReadSampler
 
     # the sampler is compiled into the water probe's program, which hands it each read's
     # socket and queue evidence (the uprobe sampler only when one binary is traced)
+    from otelwater.config import Config
+
+    c = (config or Config()).correlate
     return GoReadSampler(GoReadOptions(binary=go_binary, pids=frozenset(go_pids),
                                        mechanism=probes, threshold_ns=blocked_ns, embed=True,
-                                       ringbuf_pages=ringbuf_pages))
+                                       ringbuf_pages=ringbuf_pages,
+                                       run_ns=c.run_threshold_ns, record_rate=c.record_rate,
+                                       include_idle=c.include_idle))
 
 
 def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high_water,
               ringbuf_pages, rows, go_binary=None, go_pids=(), probes="tracepoint",
               blocked_ns=None, config=None, recorder=None, headless=False,
-              otlp=None, prometheus=None) -> None:
+              otlp=None, prometheus=None, notices=()) -> None:
     """Watch until the duration, SIGINT or SIGTERM. `recorder`: a recording Writer for the raw
     records (started here, closed with the pipeline); `headless` (`record`): no analysis, no
-    view, no export."""
+    view, no export. `notices`: lines to say once at the start, as notice records (on stderr,
+    in --json and in the recording), e.g. a Go binary that never reads a connection."""
     from otelwater.config import Config
 
     config = config or Config()
@@ -66,7 +89,7 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
         raw_sinks.append(stats)
     else:
         sinks.append(stats)
-        sinks.append(JsonLinesSink() if as_json else ViewSink(rows=rows))
+        sinks.append(JsonLinesSink() if as_json else LiveViewOutput(rows=rows))
         if otlp is not None or prometheus is not None:
             from otelwater.export.prometheus import export_sink
 
@@ -77,7 +100,8 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
                 sinks.append(exporter)
     # the pipeline closes last: the exporter's deadline runs after the probes are detached
     with Pipeline(sinks=sinks, raw_sinks=raw_sinks) as pipeline, Stopper() as stopper, \
-            open_readers(go_binary, go_pids, probes, blocked_ns, ringbuf_pages) as readers, \
+            open_readers(go_binary, go_pids, probes, blocked_ns, ringbuf_pages, config) \
+            as readers, \
             WaterProbe(opts, readers=readers if readers and readers.embedded else None) \
             as water:
         # reads that began before this moment are "unknown": their start was not seen
@@ -96,6 +120,8 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
         if exporter is not None and otlp is not None:
             print(f"Exporting over OTLP ({otlp.protocol}) to {otlp.target}.", file=sys.stderr,
                   flush=True)
+        if notices:
+            pipeline.feed([Notice(time.monotonic_ns(), "reads", text) for text in notices])
         # at the end each probe detaches and hands over what its ring buffer still holds
         # (WatchLoop: every record counted is delivered or counted as lost)
         pipeline.run_live(WatchLoop(water, pipeline.feed, interval_s=interval,
@@ -104,9 +130,9 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
             st = readers.stats()
             reads = (f", {st.reads} Go reads ({st.blocked} blocked, {st.queue_slow} found "
                      f"data that waited; mean wait {st.mean_latency_ns / 1e3:.0f} us a read)")
-            if stats.verdicts:
-                reads += "; slow reads: " + ", ".join(
-                    f"{n} {v}" for v, n in sorted(stats.verdicts.items(), key=lambda x: -x[1]))
+            text = stats.closing_text()   # the kernel's exact counts, idle and cut reads
+            if text:
+                reads += "; " + text
         else:
             reads = ""
     print(f"otelwater: {stats.snapshots} snapshots{reads}, {stats.lost} lost records; "

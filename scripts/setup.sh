@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One setup path for README, .ci/run and the tests: installs what is missing, safe to run again.
-#   - Debian packages: BCC (python3-bpfcc), bpftool, clang, kernel headers, Go 1.19, iproute2
+#   - Debian packages: BCC (python3-bpfcc), bpftool, clang, kernel headers, Go 1.19, iproute2;
+#     for tests/integration/test_real_services.py, real servers (postgresql, redis-server) and
+#     Go clients of them as Debian Go sources (lib/pq, redigo: built in GOPATH mode)
 #   - /lib/modules/$(uname -r)/{build,source} -> installed headers when the running kernel has none
 #     (BCC needs *some* headers to compile; every struct offset comes from BTF, never from them)
 #   - tracefs mounted at /sys/kernel/tracing
@@ -17,7 +19,8 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-APT_PKGS=(python3-bpfcc bpftool clang linux-headers-amd64 golang-go gcc python3-venv python3-pip iproute2 procps prometheus)
+APT_PKGS=(python3-bpfcc bpftool clang linux-headers-amd64 golang-go gcc python3-venv python3-pip iproute2 procps prometheus
+          postgresql redis-server golang-github-lib-pq-dev golang-github-gomodule-redigo-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,9 +10,12 @@ import pytest
 BIN = Path(__file__).resolve().parents[1] / "examples" / "bin"
 NOT_BUILT = (f"{BIN}/toolchains.json is missing or incomplete: run scripts/setup.sh (as root) "
              "to build the Go examples")
-# every toolchain builds slowreader these ways (scripts/setup-go.sh VARIANTS), and loadgen
+# every toolchain builds slowreader these ways (scripts/setup-go.sh VARIANTS), loadgen, and
+# httpchain plain and stripped; Debian's Go alone builds pgclient and redisclient (GOPATH mode,
+# from Debian's Go packages: absent when those are not installed)
 SLOWREADERS = tuple(f"slowreader{pie}{ext}{strip}" for pie in ("", "-pie") for ext in ("", "-ext")
                     for strip in ("", "-stripped"))
+HTTPCHAINS = ("httpchain", "httpchain-stripped")
 
 
 def toolchains() -> dict:
@@ -36,6 +39,23 @@ def built(version: str, name: str) -> str:
     if not path or not Path(path).is_file():
         pytest.skip(f"{version}/{name} is not built: {NOT_BUILT}")
     return path
+
+
+def newest() -> str:
+    """The newest Go version built (by version number, not by name)."""
+    listed = toolchains()
+    if not listed:
+        pytest.skip(f"the Go examples are not built: {NOT_BUILT}")
+    return max(listed, key=lambda v: tuple(int(x) for x in v.removeprefix("go").split(".")))
+
+
+def debian(name: str) -> str:
+    """Debian's Go build of one example: examples/bin/NAME (setup-go.sh's link); skips the test
+    when it is not built."""
+    path = BIN / name
+    if not path.is_file():
+        pytest.skip(f"examples/bin/{name} is not built: {NOT_BUILT}")
+    return str(path)
 
 
 def fixture(name: str) -> str:

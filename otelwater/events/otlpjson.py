@@ -253,6 +253,9 @@ def _run_of(res: dict, version: str) -> _Run:
         v = a.get(key, float)
         if v is not None:
             config[name] = float(v)
+    idle = a.get(N.INCLUDE_IDLE, bool)
+    if idle is not None:            # the spans hold idle reads too: correlate keeps them
+        config["include_idle"] = idle
     return _Run(a.get(N.CLOCK_OFFSET_NS, int), a.get(N.START_NS, int),
                 {"correlate": config} if config else {}, a.get(N.HOST_NAME, str), version)
 
@@ -289,6 +292,7 @@ def read_of(span: dict, res: dict, run: _Run, what: str):
     key = _key(a.get(N.SOCKET_KEY, str, required=True), what)
     stack = a.get(N.CODE_STACKTRACE, str)
     qd = a.get(N.QUEUE_DELAY_NS, int)
+    role = a.get(N.SOCKET_ROLE, str, "")
     read = ReadRecord(
         ts_start_ns=start, ts_end_ns=end, pid=pid, tid=a.get(N.THREAD_ID, int, required=True),
         goid=a.get(N.GOROUTINE_ID, int), fd=a.get(N.FD, int, required=True), sock_key=key,
@@ -297,7 +301,14 @@ def read_of(span: dict, res: dict, run: _Run, what: str):
         stack=tuple(stack.split("\n")) if stack else (),
         source=a.get(N.READ_SOURCE, str, "tracepoint"), comm=a.get(N.THREAD_NAME, str, ""),
         parked=a.get(N.READ_PARKED, bool), ts_arrival_ns=a.get(N.READ_ARRIVAL_NS, int),
-        queue_delay_ns=qd, queue_delay_exact=a.get(N.READ_QUEUE_DELAY_EXACT, bool))
+        queue_delay_ns=qd, queue_delay_exact=a.get(N.READ_QUEUE_DELAY_EXACT, bool),
+        # the read's own peer is the span's when it has a role (the kernel stamps the two
+        # together); a span without one took its peer from the socket's snapshots
+        role=role, peer_addr=a.get(N.NETWORK_PEER_ADDRESS, str, "") if role else "",
+        peer_port=a.get(N.NETWORK_PEER_PORT, int, 0) if role else 0,
+        ts_send_ns=a.get(N.READ_SEND_NS, int),
+        ts_prev_arrival_ns=a.get(N.READ_PREV_ARRIVAL_NS, int),
+        kernel_verdict=a.get(N.READ_KERNEL_VERDICT, str))
     laddr = a.get(N.NETWORK_LOCAL_ADDRESS, str, "")
     lport = a.get(N.NETWORK_LOCAL_PORT, int, 0)
     raddr = a.get(N.NETWORK_PEER_ADDRESS, str, "")
@@ -326,7 +337,7 @@ def read_of(span: dict, res: dict, run: _Run, what: str):
             bytes_read=e.get(N.WATER_BYTES_READ_ATTR, int, 0),
             trigger=e.get(N.TRIGGER, str, required=True),
             tcp_state=e.get(N.WATER_TCP_STATE_ATTR, str, ""),
-            ino=e.get(N.WATER_INODE_ATTR, int, 0)))
+            ino=e.get(N.WATER_INODE_ATTR, int, 0), role=read.role))
     return (read, snaps, a.get(N.EVIDENCE_TOTAL, int),
             a.get(N.EVIDENCE_COMPLETE, bool))
 

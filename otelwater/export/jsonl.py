@@ -10,9 +10,9 @@ import json
 import sys
 from typing import IO, Iterable
 
-from otelwater.errors import OtelwaterError, UsageError
+from otelwater.errors import UsageError
 from otelwater.events.records import KIND_NAMES, KINDS, kind_of
-from otelwater.export.sink import Sink
+from otelwater.export.sink import Sink, writing
 
 
 def _unwritten(record) -> bool:
@@ -46,19 +46,14 @@ class JsonLinesSink(Sink):
         lines = [_dumps(r) for r in records if type(r) in types or _unwritten(r)]
         if lines:
             lines.append("")
-            try:
+            # a closed pipe ends the CLI quietly; a full disk, a quota, an I/O error: one line
+            with writing("the JSON Lines output"):
                 self.stream.write("\n".join(lines))
                 self.stream.flush()
-            except BrokenPipeError:
-                raise                # the reader went away: the CLI ends quietly
-            except OSError as e:     # a full disk, a quota, an I/O error
-                raise OtelwaterError(f"cannot write the JSON Lines output: "
-                                     f"{e.strerror or e}", "free space, or send the output "
-                                     "elsewhere") from None
 
     # every kind has a line; write() batches them, these serve single records
     def _one(self, record) -> None:
         self.write([record])
 
-    on_snapshot = on_read = on_lost = on_notice = on_process = _one
+    on_snapshot = on_read = on_lost = on_notice = on_process = on_counts = _one
     on_alert = on_verdict = on_summary = _one

@@ -28,13 +28,19 @@ dashboard cannot tell a re-export from a live run:
   series and the rest are summed per (process, local port); a close ends a socket's series,
   and a socket with no snapshot for 10 minutes of the recording is forgotten (at the first
   snapshot that much later, as live).
-- Counters (drops, verdicts, lost records) and the alerts-active up-down counter: cumulative
-  from the recording's start (start_time_unix_nano, the same on every point of a series), and
-  each series starts at 0 as live: a service's verdicts and the probes' lost records at the
-  start, a drops series when its socket or per-port sum first appears.
-- Read duration: a cumulative explicit-bucket histogram per verdict; in each time bucket the
-  last slow read of each histogram bucket is an exemplar naming its span (the ids verdict()
-  was given, else span_of's), as live.
+- Counters (drops, lost records) and the alerts-active up-down counter: cumulative from the
+  recording's start (start_time_unix_nano, the same on every point of a series), and each
+  series starts at 0 as live: the probes' lost records at the start, a drops series when its
+  socket or per-port sum first appears.
+- Verdict counts (otelwater.read.verdicts, otelwater.records.cut, the log2 histograms
+  otelwater.read.verdict.duration and .wait): the rows of otelwater.export.tally, the rules
+  live shares (the kernel's counts records where the recording has them, else the verdicts),
+  a point for each row that moved at the end of the second of the verdict or counts record
+  that moved it (the latest such second: a cumulative value never goes back), cumulative from
+  the recording's start, each series from 0 at the start.
+- Read duration: a cumulative explicit-bucket histogram per verdict (and socket role); in each
+  time bucket the last slow read of each histogram bucket is an exemplar naming its span (the
+  ids verdict() was given, else span_of's), as live.
 - Owner (the resource): the traced process (the header's processes, or any pid with Go reads),
   else otelwater's own, as live; resolved at the end, so a pid learned late owns all its series.
 
@@ -51,10 +57,11 @@ from itertools import count, groupby
 from typing import Callable, Iterable, Iterator
 
 from otelwater import names as N
-from otelwater.events.model import ReadRecord
+from otelwater.events.model import ReadRecord, VerdictCounts
 from otelwater.events.recording import ProcessInfo
 from otelwater.events.records import RecordHandler
 from otelwater.events.verdict import Verdict
+from otelwater.export import tally as T
 from otelwater.export.series import (OWN, TOP_N, SocketSeries, drops_series, gauge_to_drops,
                                      gauge_values)
 
@@ -68,10 +75,11 @@ BOUNDS = tuple(N.READ_DURATION_BOUNDS_S)
 # series ids (tuples) start with their kind:
 #   gauges  ("gs", sock_key, pid)  ("go", pid, lport)      value (level, volume, unread, cap)
 #   drops   ("ds", sock_key, pid)  ("do", pid, lport)      cumulative int
-#   ("v", pid, verdict)  ("l", probe)  ("a", owner, rule, severity)   cumulative int
-#   ("h", pid, verdict)  (count, sum, bucket counts, min, max)
-INSTRUMENT = {"ds": N.DROPS, "do": N.DROPS, "v": N.READ_VERDICTS, "l": N.RECORDS_LOST,
-              "a": N.ALERTS_ACTIVE, "h": N.READ_DURATION}
+#   ("l", probe)  ("a", owner, rule, severity)                         cumulative int
+#   ("h", pid, verdict, role)  (count, sum, bucket counts, min, max)
+#   ("t", pid, verdict, role)  tally.Row: the verdict counts' points (tally.series_points)
+INSTRUMENT = {"ds": N.DROPS, "do": N.DROPS, "l": N.RECORDS_LOST, "a": N.ALERTS_ACTIVE,
+              "h": N.READ_DURATION}
 
 
 class _Points:
@@ -152,6 +160,9 @@ class OfflineMetrics(RecordHandler):
         self.meta: dict[tuple, tuple] = {}                # series id -> (pid, attrs)
         self.active: dict[tuple, tuple] = {}              # alert (key, rule) -> (owner, sev)
         self.lost_seen: dict[str, int] = {}
+        # verdict counts: rows (export.tally), taken at the end of each second they moved in
+        self.tally = T.VerdictTally()
+        self.tally_b: int | None = None
         self._done: tuple | None = None
 
     # -- records in ------------------------------------------------------------------------
@@ -182,7 +193,7 @@ class OfflineMetrics(RecordHandler):
         traced = self.traced
         for r in records:
             t = type(r)
-            if t is ReadRecord or t is ProcessInfo:
+            if t is ReadRecord or t is ProcessInfo or t is VerdictCounts:
                 traced.add(r.pid)
             elif t is Verdict:
                 traced.add(r.read.pid)
@@ -201,6 +212,33 @@ class OfflineMetrics(RecordHandler):
         self.traced.add(r.pid)
         self._seen(r.ts_start_ns)
         self._seen(r.ts_end_ns)
+        if self.tally_b is None:        # (a read does not move the tally to its second: its
+            self.tally_b = self.bucket(r.ts_end_ns)   # verdict, decided later, may be earlier)
+        self.tally.seen(r.pid, r.role)
+
+    def on_counts(self, c) -> None:
+        """The kernel's counts of one (process, role, verdict): the row's totals now."""
+        self._check()
+        self.traced.add(c.pid)
+        self._seen(c.ts_ns)
+        self._tally_at(self.bucket(c.ts_ns))
+        self.tally.counts(c)
+
+    def _tally_at(self, b: int) -> None:
+        """A verdict or counts record of second `b` comes: the rows moved in an earlier second
+        are taken at its end (a record of an earlier second than the last counts in it)."""
+        if self.tally_b is None:
+            self.tally_b = b
+        elif b > self.tally_b:
+            self._take_tally()
+            self.tally_b = b
+
+    def _take_tally(self) -> None:
+        b = self.tally_b
+        for key, row in self.tally.take_changed():
+            pid, verdict, role = key
+            sid = self._series(("t",) + key, pid, T.verdict_attributes(verdict, role))
+            self.events.append((b, sid, row))
 
     def on_process(self, p) -> None:
         self.traced.add(p.pid)
@@ -265,9 +303,10 @@ class OfflineMetrics(RecordHandler):
         self._seen(r.ts_start_ns)
         self._seen(r.ts_end_ns)
         b = self.bucket(r.ts_end_ns)
-        label = {N.VERDICT: v.verdict}
-        self.events.append((b, self._series(("v", r.pid, v.verdict), r.pid, label), 1))
-        self.events.append((b, self._series(("h", r.pid, v.verdict), r.pid, label),
+        self._tally_at(b)
+        self.tally.verdict(v)
+        label = T.verdict_attributes(v.verdict, r.role)
+        self.events.append((b, self._series(("h", r.pid, v.verdict, r.role), r.pid, label),
                             (r.duration_ns / 1e9, r.ts_end_ns, (r.pid, r.tid, r.ts_start_ns),
                              ids)))
 
@@ -310,16 +349,15 @@ class OfflineMetrics(RecordHandler):
             return
         if self.cur_b is not None:
             self._close()
+        if self.tally_b is not None:
+            self._take_tally()
         first_b, last_b = self.bucket(self.t_min), self.bucket(self.t_max)
-        from otelwater.events.verdict import VERDICTS
 
-        # counters start at 0, as live: every verdict of each traced service with a series,
-        # and otelwater's own lost records of each probe
+        # counters start at 0, as live: every verdict count series (from the recording's
+        # start), and otelwater's own lost records of each probe
         zero = []
-        owners = {self._resolve(sid) for sid in self.meta} - {OWN}
-        for pid in sorted(owners):
-            for v in VERDICTS:
-                zero.append((first_b, self._series(("v", pid, v), pid, {N.VERDICT: v}), 0))
+        for sid in [sid for sid in self.meta if sid[0] == "t"]:
+            zero.append((first_b, sid, T.ZERO_KERNEL if sid[1] in self.tally.kernel else T.ZERO))
         for probe in LOST_PROBES:
             zero.append((first_b, self._series(("l", probe), OWN, {N.PROBE: probe}), 0))
         events = zero + self.events
@@ -349,6 +387,9 @@ class OfflineMetrics(RecordHandler):
                         if i not in ex or ts >= ex[i][1]:
                             ex[i] = (value, ts, ids)
                     changed[sid] = None
+                elif sid[0] == "t":         # cumulative already: the row's value now
+                    totals[sid] = x
+                    changed[sid] = None
                 else:
                     totals[sid] = totals.get(sid, 0) + x
                     changed[sid] = None
@@ -375,7 +416,8 @@ class OfflineMetrics(RecordHandler):
         return self._done
 
     def point_count(self) -> int:
-        return sum(len(GAUGES) if p[1][0] in ("gs", "go") else 1 for p in self._points()[0])
+        return sum(len(GAUGES) if p[1][0] in ("gs", "go") else
+                   T.point_count(p[2]) if p[1][0] == "t" else 1 for p in self._points()[0])
 
     def owners(self) -> set[int]:
         """The resource keys the points belong to (otelwater.export.series.OWN: its own)."""
@@ -453,6 +495,11 @@ class OfflineMetrics(RecordHandler):
                     put(key, inst, NumberDataPoint(attributes=attrs, start_time_unix_nano=None,
                                                    time_unix_nano=t, value=v))
                 n += len(GAUGES)
+            elif kind == "t":
+                pts = T.series_points(attrs, value, start, t)
+                for inst, p in pts:
+                    put(key, inst, p)
+                n += len(pts)
             elif kind == "h":
                 count, total, counts, lo, hi = value
                 ex = []

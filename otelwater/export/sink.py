@@ -16,10 +16,25 @@ file): its failure (a full disk, a closed pipe) ends the run, as the user would 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from otelwater.errors import OutputFailed
 from otelwater.events.records import RecordHandler, kind_of
+
+
+@contextlib.contextmanager
+def writing(what: str):
+    """Around an essential sink's writes: a closed pipe stays a BrokenPipeError (the command
+    ends quietly), any other OSError (a full disk, a quota, an I/O error) becomes one line,
+    OutputFailed naming `what` could not be written and why (exit 1)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputFailed.writing(what, e) from None
 
 
 @dataclass(frozen=True)
@@ -81,5 +96,5 @@ class MemorySink(Sink):
     def _one(self, record) -> None:
         self.write([record])
 
-    on_snapshot = on_read = on_lost = on_notice = on_process = _one
+    on_snapshot = on_read = on_lost = on_notice = on_process = on_counts = _one
     on_alert = on_verdict = on_summary = _one

@@ -446,6 +446,24 @@ def read_support(path: str) -> ReadSupport:
     return ReadSupport(goids, stacks, "; ".join(missing) or None)
 
 
+def no_conn_read(path: str, shown: str | None = None) -> str | None:
+    """One line when `path` is a Go program that never reads a network connection through
+    net.(*conn).Read (it does not use package net's connections): the Go read sampler will see
+    no Go reads of it, whatever the mechanism. None otherwise (a Go program with the function,
+    a program that is not Go, or a file this cannot read: other checks speak for those).
+    Never raises. `shown`: how to name the binary (default: the path)."""
+    try:
+        g = _GoELF(path)
+        if g.go_version() is None:
+            return None                     # not Go (or no buildinfo): not this check's to say
+        if any(name == READ_FUNCTION for _, _, name in g.symbols()):
+            return None
+    except BinaryError:
+        return None
+    return (f"{shown or path} never reads a network connection through {READ_FUNCTION}, "
+            "so no Go reads will be seen")
+
+
 class Symbolizer:
     """ELF virtual address -> name of the Go function containing it (bisect over entries)."""
 

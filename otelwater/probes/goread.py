@@ -253,14 +253,13 @@ def _trimmed(hist: list[int]) -> tuple[int, ...]:
     return tuple(hist[:n])
 
 
-def verdict_cflags(opts: GoReadOptions, cpus: int | None = None) -> list[str]:
-    """The kernel's verdict rules' knobs (bpf/goread.h otw_kverdict, otw_record_token). The
-    record rate is kept per CPU: each CPU's bucket takes its share, bursts of 64."""
+def verdict_cflags(opts: GoReadOptions) -> list[str]:
+    """The kernel's verdict rules' knobs (bpf/goread.h otw_kverdict, bpf/goverdict.c
+    otw_record_token: one bucket for all CPUs, bursts of 64)."""
     run_ns = opts.threshold_ns if opts.run_ns is None else opts.run_ns
     flags = [f"-DOTW_RUN_NS={run_ns}ULL", f"-DOTW_IDLE_RECORDS={int(opts.include_idle)}"]
     if opts.record_rate > 0:
-        cpus = cpus or os.cpu_count() or 1
-        flags.append(f"-DOTW_RECORD_INTERVAL_NS={max(1, int(cpus * 1e9 / opts.record_rate))}ULL")
+        flags.append(f"-DOTW_RECORD_INTERVAL_NS={max(1, int(1e9 / opts.record_rate))}ULL")
     return flags
 
 

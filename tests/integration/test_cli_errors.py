@@ -120,3 +120,53 @@ def test_a_program_that_does_not_load_is_one_line_and_verbose_has_the_whole_log(
     assert "generated." in details  # clang's whole output ("2 errors generated.")
     assert "-DOTW_HIGH_WATER=no_such_identifier" in details  # and the cflags
     assert "no_such_identifier" not in capfd.readouterr().err  # kept, not sprayed on stderr
+
+
+@pytest.fixture
+def standing_water():
+    """A loopback connection holding unread bytes (seeded as `standing` at start: output)."""
+    import socket
+
+    lsn = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(lsn.getsockname())
+    server, _ = lsn.accept()
+    client.sendall(b"x" * 50_000)
+    yield
+    for s in (client, server, lsn):
+        s.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+@pytest.mark.parametrize("output,what", [(["--json"], "the JSON Lines output"),
+                                         ([], "the live view")], ids=["json", "live view"])
+def test_a_full_disk_behind_stdout_ends_watch_with_one_line(standing_water, output, what):
+    # stdout on a full disk: the run ends at the first write (not at -d), probes detached,
+    # one line naming the output and the errno, exit 1
+    t0 = time.monotonic()
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(OTELWATER + ["watch", "-d", "60", *output], stdout=full,
+                           stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT, timeout=120)
+    took = time.monotonic() - t0
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert err[-1] == (f"otelwater: cannot write {what}: No space left on device (ENOSPC); "
+                       "free space, or send the output elsewhere"), r.stderr
+    assert [x for x in err if x.startswith("otelwater: ")] == err[-1:], r.stderr
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    assert took < 40, f"took {took:.0f} s: the run went on after its output failed"
+
+
+def test_a_go_binary_that_never_reads_a_connection_is_said_and_the_watch_goes_on():
+    from tests.goexamples import fixture
+
+    nonet = fixture("nonet")
+    r, _ = otelwater("watch", "--go-binary", nonet, "-d", "1", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    said = (f"{nonet} never reads a network connection through net.(*conn).Read, so no Go "
+            "reads will be seen; the watch goes on with the sockets alone (for Go reads, give "
+            "the program that serves the connections)")
+    assert r.stderr.count(said) == 1 and f"otelwater: {said}" in r.stderr.splitlines(), r.stderr
+    import json
+
+    notices = [x for x in map(json.loads, r.stdout.splitlines()) if x["type"] == "notice"]
+    assert [n["text"] for n in notices] == [said]

@@ -154,8 +154,9 @@ def test_go_reads_in_json_beside_snapshots(mechanism):
         hello = json.loads(server.stdout.readline())
         addr, pid = hello["listening"], hello["pid"]
         port = int(addr.rsplit(":", 1)[1])
+        # (the server waits for the client's pauses: idle reads, recorded with --include-idle)
         proc = start_watch("-P", str(port), "--go-pid", str(pid), "--probes", mechanism,
-                           "--json", "-i", "0.3", "-d", "3")
+                           "--json", "-i", "0.3", "-d", "3", "--include-idle")
         client = subprocess.run([str(bin_dir / "loadgen"), "-addr", addr, "-conns", "2",
                                  "-size", "64", "-mode", "pingpong", "-count", "100",
                                  "-pause", "5ms"], capture_output=True, timeout=30)

@@ -108,7 +108,7 @@ def test_the_kernel_and_python_rules_agree_and_the_counts_are_the_records(tmp_pa
         time.sleep(0.3)
         pids = {echo.pid, lag.pid, *(c.pid for c in clients)}
         # every slow read recorded: no record rate, idle ones too
-        t = Traced(pids, include_idle=True, record_rate=0)
+        t = Traced(pids, include_idle=True, record_rate=0, ringbuf_pages=1024)
         t.run(3.0)
         t.stop()
     finally:
@@ -197,7 +197,8 @@ def test_counts_stay_exact_when_a_tiny_ring_buffer_loses_most_records(tmp_path):
 
 
 def test_the_record_token_bucket_cuts_evenly_and_counts_what_it_cut(tmp_path):
-    # Given ~3,000 slow reads a second and a record rate of 200 a second
+    # Given ~3,000 slow reads a second over 2 CPUs and a record rate of 200 a second (one
+    # bucket for all CPUs)
     server = SlowReader("-mode", "echo", "-readsize", "64")
     clients = [loadgen(server.addr, "-conns", "12", "-pause", "2ms", "-duration", "8s")]
     try:
@@ -221,6 +222,7 @@ def test_the_record_token_bucket_cuts_evenly_and_counts_what_it_cut(tmp_path):
     first = min(r.ts_end_ns for r in t.reads)
     bins = collections.Counter((r.ts_end_ns - first) // (250 * MS) for r in t.reads
                                if r.ts_end_ns - first >= 250 * MS)   # past the first burst
-    full = [bins[i] for i in range(1, 11)]
+    full = [bins[i] for i in range(1, max(bins))]   # the whole quarters: not the last
+    assert len(full) >= 8, full
     print(f"\nrecorded {recorded} of {counted}; per 250 ms: {full}")
-    assert min(full) >= 25 and max(full) <= 2 * 50, full
+    assert min(full) >= 40 and max(full) <= 60, full

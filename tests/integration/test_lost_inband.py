@@ -14,9 +14,13 @@ Then:
 - the records that follow a loss carry it: the in-band counts plus what is still pending on a
   CPU at the end add up to the kernel's exact total, and the last lost record's lost_total is
   that total;
-- the same records correlated twice: as recorded (located losses), and with the losses only
-  as the sweep used to report them (the total at each sweep, the 1.1 s rule). Located, far
-  fewer reads are unknown: only those overlapping a burst's losses.
+- by default no delivered read loses its verdict to a loss (its verdict rests on its own
+  stamps; the kernel counted the lost ones);
+- where the losses lie still matters (evidence, and users who ask for the old rule,
+  unknown_on_lost): the same records correlated twice with that rule, as recorded (located
+  losses) and with the losses only as the sweep used to report them (the total at each sweep,
+  the 1.1 s rule). Located, far fewer reads are unknown: only those overlapping a burst's
+  losses.
 """
 
 from __future__ import annotations
@@ -65,8 +69,9 @@ def traffic(server: SlowReader, stop: threading.Event) -> None:
             s.close()
 
 
-def correlate(records: list, start_ns: int) -> dict[str, int]:
-    c = Correlator(CorrelatorConfig(), start_ns=start_ns)
+def correlate(records: list, start_ns: int, voiding: bool = True) -> dict[str, int]:
+    c = Correlator(CorrelatorConfig(unknown_on_lost=("reads",) if voiding else ()),
+                   start_ns=start_ns)
     out = c.feed(sorted(records, key=lambda r: getattr(r, "ts_ns", None) or r.ts_end_ns))
     out += c.finish()
     counts: dict[str, int] = {}
@@ -140,6 +145,8 @@ def test_losses_travel_in_band_and_void_only_the_reads_they_overlap():
     unknown_located, unknown_old = located.get("unknown", 0), old_rule.get("unknown", 0)
     assert unknown_old >= 0.7 * slow
     assert unknown_located <= 0.4 * unknown_old
+    # and by default the losses turn no read unknown at all
+    assert correlate(records, start_ns, voiding=False).get("unknown", 0) == 0
 
 
 def test_water_snapshots_after_a_loss_carry_it():

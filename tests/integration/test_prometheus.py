@@ -4,7 +4,9 @@ installed by scripts/setup.sh), queried through its HTTP API.
 One scenario serves every test of the module: a loopback socket of this test holding water
 (the peer filled it, the reader stopped), a second one overflowing (its receive buffer shrunk
 after the handshake, so the kernel drops), and the example Go service (examples/bin/slowreader)
-driven by loadgen with 5 ms pauses, so each of its Reads parks ~5 ms: slow, peer-starved.
+answering nothing (-mode sink), fed by loadgen streaming with 5 ms pauses, so each of its
+Reads parks ~5 ms mid-stream: slow, peer-starved (a ping-pong's reads after each answer would
+be idle: the peer owed nothing).
 Prometheus scrapes otelwater every second, as OpenMetrics and with exemplar storage on; it is
 stopped whatever happens. A second watch of the same service, exporting its spans over OTLP to a
 receiver of this test as well, is scraped as job otelwater-otlp while the test of exemplars
@@ -186,7 +188,7 @@ def scenario(tmp_path_factory):
         water.connect()
         overflow.connect()
         overflow.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        server = subprocess.Popen([str(BIN / "slowreader"), "-mode", "echo", "-readsize", "64"],
+        server = subprocess.Popen([str(BIN / "slowreader"), "-mode", "sink", "-readsize", "64"],
                                   stdout=subprocess.PIPE, text=True,
                                   env=dict(os.environ, OTEL_SERVICE_NAME=SERVICE))
         stack.callback(stop_gently, server, signal.SIGTERM)
@@ -198,7 +200,7 @@ def scenario(tmp_path_factory):
         stack.callback(stop_gently, watch)
         prom.wait_ready()
         load = subprocess.Popen([str(BIN / "loadgen"), "-addr", addr, "-conns", "2",
-                                 "-size", "64", "-mode", "pingpong", "-pause", "5ms",
+                                 "-size", "64", "-mode", "stream", "-pause", "5ms",
                                  "-duration", "300s"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stack.callback(stop_gently, load, signal.SIGTERM)
@@ -267,6 +269,19 @@ def test_read_duration_histogram_of_the_go_service(scenario):
     assert 0.005 <= float(median[0]["value"][1]) <= 0.01, median
     verdicts = scenario.prom.query(f"otelwater_read_verdicts_total{{{sel}}}")
     assert {v["metric"]["otelwater_verdict"] for v in verdicts} >= {"peer-starved"}
+    # the kernel's counts: by verdict and socket role, with the cut records (none cut here)
+    # and its log2 histograms, whose buckets are powers of two of a nanosecond
+    assert {v["metric"].get("otelwater_socket_role") for v in verdicts
+            if float(v["value"][1])} == {"accepted"}
+    cut = scenario.prom.query(f"sum(otelwater_records_cut_total{{{sel}}})")
+    assert cut and float(cut[0]["value"][1]) == 0
+    peer = f'{sel}, otelwater_verdict="peer-starved"'
+    les = {b["metric"]["le"] for b in scenario.prom.query(
+        f"otelwater_read_verdict_wait_seconds_bucket{{{peer}}}")}
+    assert {repr((1 << 22) / 1e9), repr((1 << 23) / 1e9), "+Inf"} <= les, les
+    wait = scenario.prom.query("histogram_quantile(0.5, sum by (le) "
+                               f"(otelwater_read_verdict_wait_seconds_bucket{{{peer}}}))")
+    assert (1 << 22) / 1e9 <= float(wait[0]["value"][1]) <= (1 << 23) / 1e9, wait
 
 
 def exemplar_problems(series: dict, ex: dict) -> list[str]:

@@ -301,7 +301,7 @@ SLEEP_MS, STREAM_PAUSE_MS = 30, 6
 def test_slow_consumer_is_consumer_lagging(tmp_path):
     # Given a server that sleeps 30 ms after each Read of up to 4 KiB, and 4 clients streaming
     # a 64-byte message every 6 ms (about 5 arrivals a Read: within the kernel's remembered
-    # arrivals (8), and 33 slow reads a socket a second: within the per-socket record rate, 50)
+    # arrivals (8), and 33 slow reads a socket a second: within the per-socket record rate, 200)
     r = run(tmp_path, ["-mode", "sink", "-readsize", "4096", "-delay", f"{SLEEP_MS}ms"],
             ["-mode", "stream", "-conns", "4", "-duration", "3s",
              "-pause", f"{STREAM_PAUSE_MS}ms"], size=64)

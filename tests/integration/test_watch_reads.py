@@ -52,7 +52,9 @@ def run_pingpong(tmp_path, water_opts) -> tuple[list[ReadRecord], dict[int, int]
     records: list[ReadRecord] = []
     keys: dict[int, int] = {}
     try:
-        sampler = GoReadSampler(GoReadOptions(pids=frozenset({server.pid}), embed=True))
+        # the server waits for the client's pauses: idle reads, recorded here too
+        sampler = GoReadSampler(GoReadOptions(pids=frozenset({server.pid}), embed=True,
+                                              include_idle=True))
         with WaterProbe(water_opts(server), readers=sampler) as probe:
             points = perf_points_of_self()
             lg = subprocess.Popen([LOADGEN, "-addr", server.addr, "-size", "64",

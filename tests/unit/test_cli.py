@@ -168,6 +168,32 @@ def test_truncated_executables_are_one_line(tmp_path, size):
         assert "truncated" in one_line(run("watch", "--go-binary", path, "-d", "1"), 4)
 
 
+@pytest.mark.parametrize("command", ["watch", "record"])
+@pytest.mark.parametrize("flag,pid", [("--go-pid", "-5"), ("--go-pid", "0"), ("-p", "-5"),
+                                      ("--pid", "0")])
+def test_pids_below_1_are_usage_errors_naming_the_flag(command, flag, pid):
+    args = [command, flag, pid, "-d", "1"] + (["-o", "x.otw"] if command == "record" else [])
+    line = one_line(run(*args), 2)
+    named = "'--go-pid'" if flag == "--go-pid" else "'-p' / '--pid'"
+    assert line.startswith(f"otelwater: invalid value for {named}: {pid} is not in the range "
+                           "x>=1; give a process id (from 1 up), e.g. ")
+
+
+def test_a_go_binary_without_conn_read_is_said_once_at_the_start():
+    from tests.goexamples import fixture
+
+    nonet = fixture("nonet")
+    assert cli._check_go_targets(nonet, (), "tracepoint") == [
+        f"{nonet} never reads a network connection through net.(*conn).Read, so no Go reads "
+        "will be seen; the watch goes on with the sockets alone (for Go reads, give the "
+        "program that serves the connections)"]
+    if GO_BINARY.is_file():
+        assert cli._check_go_targets(str(GO_BINARY), (), "tracepoint") == []
+    # uprobes cannot trace it at all: refused, as before (exit 4)
+    assert "has no net.(*conn).Read" in one_line(
+        run("watch", "--go-binary", nonet, "--probes", "uprobe", "-d", "1"), 4)
+
+
 def test_go_binary_and_go_pid_together_are_a_usage_error():
     assert "not both" in one_line(run("watch", "--go-binary", sys.executable,
                                       "--go-pid", str(os.getpid()), "-d", "1"), 2)

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import otelwater.export.otlp as otlp_package
 from otelwater import names as N
 from otelwater.clock import WallClock
-from otelwater.events.model import LostEvents, Notice
+from otelwater.events.model import LostEvents, Notice, VerdictCounts
 from otelwater.events.recording import ProcessInfo
 from otelwater.events.records import KINDS, RecordHandler, Summary, UnknownRecord
 from otelwater.export.offline_metrics import OfflineMetrics
@@ -46,6 +46,7 @@ def one_of_each_kind() -> list:
     recs = [ProcessInfo(PID, 0, "/srv/checkout", "checkout", ("checkout",), None, None, 7),
             snap(MS, volume=640, level=1), r, LostEvents(2 * MS, "water", 3),
             Notice(2 * MS, "water", "said once"), alert(3 * MS), verdict(MS, 4 * MS),
+            VerdictCounts(4 * MS, PID, "accepted", "idle", 3, 0, 0, 9 * MS, 9 * MS, (0, 3)),
             Summary({"type": "socket_summary"})]
     assert {type(x) for x in recs} == set(KINDS)
     return recs

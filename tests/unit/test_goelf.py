@@ -24,6 +24,7 @@ from otelwater.probes.goelf import (
     _GoELF,
     go_minor,
     locate,
+    no_conn_read,
     read_support,
     return_offsets,
 )
@@ -269,3 +270,30 @@ def _old_go(tmp: Path) -> str:
     j = data.index(version, data.index(b"\xff Go buildinf:"))
     return _write(tmp / "old", data[:j] + b"go1.16" + data[j + 6 :])
 
+
+
+def test_a_go_program_without_conn_read_is_said_in_one_line(tmp_path):
+    # fixtures/nonet is Go without package net: --go-binary on it would see no Go reads
+    path = fixture("nonet")
+    assert no_conn_read(path) == (f"{path} never reads a network connection through "
+                                  "net.(*conn).Read, so no Go reads will be seen")
+    assert no_conn_read(path, shown="process 7 (nonet)").startswith("process 7 (nonet) never")
+    import shutil
+    import subprocess
+
+    if shutil.which("strip"):    # stripped: the names come from .gopclntab, same answer
+        stripped = tmp_path / "nonet-stripped"
+        subprocess.run(["strip", "-o", str(stripped), path], check=True)
+        assert _GoELF(str(stripped)).section(".symtab") is None
+        assert no_conn_read(str(stripped)).startswith(f"{stripped} never reads")
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: built(VERSIONS[0], "slowreader"),
+    lambda tmp: built(VERSIONS[-1], "slowreader-pie-ext-stripped"),
+    lambda tmp: "/bin/ls",                        # not Go: traced by tracepoints, no notice
+    lambda tmp: _write(tmp / "notes.txt", b"hello\n"),
+    lambda tmp: str(tmp / "absent"),
+], ids=["go", "go-stripped", "not-go", "text", "missing"])
+def test_no_notice_for_programs_with_conn_read_or_not_go(tmp_path, make):
+    assert no_conn_read(make(tmp_path)) is None

@@ -85,9 +85,9 @@ def test_goread_layouts_are_pinned():
     assert offsets(h.structs["goread_park"]) == {"start_ns": 0, "g": 8, "gen": 16, "_pad": 20}
     counts = h.structs["goread_counts"]
     assert ctypes.sizeof(counts) == 8 * (
-        h.defines["OTW_CNT_SLOTS"] + h.defines["OTW_HIST_SLOTS"] + 4)
-    assert [f for f, _ in counts._fields_][-4:] == ["lost_pending", "lost_since_ns",
-                                                    "lost_until_ns", "tb_tat_ns"]
+        h.defines["OTW_CNT_SLOTS"] + h.defines["OTW_HIST_SLOTS"] + 3)
+    assert [f for f, _ in counts._fields_][-3:] == ["lost_pending", "lost_since_ns",
+                                                    "lost_until_ns"]
     # the kernel's verdict counts: one key per (process, role, verdict)
     assert ctypes.sizeof(h.structs["otw_vkey"]) == 8
     assert ctypes.sizeof(h.structs["otw_vcount"]) == 8 * (7 + 2 * h.defines["OTW_HIST_SLOTS"])

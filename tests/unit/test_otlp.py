@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind
 
 from otelwater.alerts.stage import AlertTransition
 from otelwater.errors import UsageError
-from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
+from otelwater.events.model import LostEvents, ReadRecord, VerdictCounts, WaterSnapshot
 from otelwater.events.verdict import Verdict
 from otelwater import names as N
 from otelwater.clock import WallClock
@@ -157,7 +157,7 @@ def test_read_duration_exemplars_point_at_the_reads_spans():
     counts = {a["otelwater.verdict"]: p.value for a, p in m["otelwater.read.verdicts"]}
     # every verdict's series is there from the service's start, at 0 until a read has it
     assert counts == {"peer-starved": 1, "consumer-lagging": 1, "runtime-starved": 0,
-                      "unknown": 0}
+                      "unknown": 0, "idle": 0}
 
 
 # -- resources -------------------------------------------------------------------------------
@@ -310,7 +310,9 @@ def test_drops_count_the_increase_and_alerts_active_follow_transitions():
 def test_every_instrument_has_its_name_and_unit():
     h = Harness()
     h.sink.write([read(0, 2 * MS), snap(MS, drops=1), snap(2 * MS, drops=2),
-                  verdict(0, 2 * MS), alert(3 * MS)])
+                  verdict(0, 2 * MS), alert(3 * MS),
+                  VerdictCounts(4 * MS, PID, "accepted", "idle", 2, 1, 1, 9 * MS, 8 * MS,
+                                (0,) * 22 + (1, 1), (0,) * 23 + (2,))])
     data = h.sink.services[PID].metric_reader.get_metrics_data()
     units = {m.name: m.unit for rm in data.resource_metrics for sm in rm.scope_metrics
              for m in sm.metrics}

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from otelwater.events.model import LostEvents
+from otelwater.events.model import LostEvents, VerdictCounts
 from otelwater import names as N
 from otelwater.clock import WallClock
 from otelwater.export.otlp import Identity, OtlpSink
@@ -101,7 +101,13 @@ RECORDS = [snap(1 * MS, key=1, volume=640, level=1, unread=64),
            alert(4 * MS), verdict(10 * MS, 14 * MS),
            verdict(20 * MS, 27 * MS, v="consumer-lagging"),
            verdict(30 * MS, 31 * MS + 500, key=2, pid=PID + 1),
-           LostEvents(5 * MS, "water", 7)]
+           LostEvents(5 * MS, "water", 7),
+           # the kernel's counts of one service (the verdict counter, cut records, the log2
+           # duration and wait histograms), the other's verdicts counted one by one
+           VerdictCounts(40 * MS, PID, "accepted", "peer-starved", 9, 7, 2, 40 * MS, 30 * MS,
+                         (0,) * 22 + (6, 3), (0,) * 20 + (1, 8)),
+           VerdictCounts(40 * MS, PID, "dialed", "idle", 3, 0, 0, 900 * MS, 900 * MS,
+                         (0,) * 29 + (3,), (0,) * 29 + (3,))]
 
 
 def test_same_families_as_the_opentelemetry_exporter_sample_for_sample():
@@ -118,7 +124,39 @@ def test_same_families_as_the_opentelemetry_exporter_sample_for_sample():
         assert samples(got) == samples(want)
     names = {f.name for ours, _ in s.pairs for f in ours.families()}
     assert {"target", "otelwater_socket_water_volume_bytes", "otelwater_read_duration_seconds",
-            "otelwater_read_verdicts", "otelwater_alerts_active"} <= names
+            "otelwater_read_verdicts", "otelwater_alerts_active", "otelwater_records_cut",
+            "otelwater_read_verdict_duration_seconds",
+            "otelwater_read_verdict_wait_seconds"} <= names
+
+
+def test_the_kernels_verdict_counts_are_served_with_role_labels_and_power_of_two_buckets():
+    s = Services()
+    s.write(RECORDS)
+    ours, _ = s.pairs[0]
+    got = {(x.name, tuple(sorted(x.labels.items()))): x.value
+           for f in ours.families() for x in f.samples}
+
+    def value(name, **labels):
+        want = {k: v for k, v in labels.items()}
+        (v,) = [v for (n, ls), v in got.items()
+                if n == name and {k: dict(ls).get(k) for k in want} == want]
+        return v
+
+    role = "otelwater_socket_role"
+    assert value("otelwater_read_verdicts_total", otelwater_verdict="peer-starved",
+                 **{role: "accepted"}) == 9
+    assert value("otelwater_read_verdicts_total", otelwater_verdict="idle",
+                 **{role: "dialed"}) == 3
+    assert value("otelwater_records_cut_total", otelwater_verdict="peer-starved",
+                 **{role: "accepted"}) == 2
+    # buckets at powers of two of ns, in seconds: slot 22 ([2**21, 2**22) ns) is le=2**22 ns
+    le22, le23 = repr((1 << 22) / 1e9), repr((1 << 23) / 1e9)
+    b = "otelwater_read_verdict_duration_seconds_bucket"
+    assert value(b, otelwater_verdict="peer-starved", le=le22, **{role: "accepted"}) == 6
+    assert value(b, otelwater_verdict="peer-starved", le=le23, **{role: "accepted"}) == 9
+    assert value(b, otelwater_verdict="peer-starved", le="+Inf", **{role: "accepted"}) == 9
+    assert value("otelwater_read_verdict_wait_seconds_sum", otelwater_verdict="peer-starved",
+                 **{role: "accepted"}) == pytest.approx(0.030)
 
 
 def test_each_bucket_has_the_span_of_its_latest_read_as_exemplar():

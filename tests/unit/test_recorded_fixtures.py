@@ -9,7 +9,11 @@ demo services (examples/slowreader + loadgen, Go 1.19, kernel 6.18), executable 
   the first 0.5 s (reads that began before attach: unknown) and the 0.9 s around 9 lost water
   records (their reads' evidence incomplete), cut from a 5 s recording.
 *.expected.jsonl.gz and *.expected.txt are `otelwater correlate FILE --json` and the report,
-as printed by the otelwater that recorded them (before the pipeline and sinks were rebuilt).
+as printed by the otelwater that recorded them (before the pipeline and sinks were rebuilt),
+regenerated once since, when the records gained request/response fields: every line compared
+equal to the old one but for the fields added (read and verdict: role, peer, send stamps,
+kernel_verdict, wait_idle_ns; snapshot: role; summaries: idle_reads and an idle count of 0)
+and the report's new "where the slow time went" block; no verdict or figure changed.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ data goes through them:
     resources.py  the traced services' identities and resources; one provider set per service
     spans.py      a span per verdict (its evidence and nearby alerts as events), lost spans
     metrics.py    the live metrics (gauges, drops, alerts, lost) on the series rules of
-                  otelwater.export.series, which the offline points share
+                  otelwater.export.series, and the verdict counts (the kernel's, else the
+                  verdicts') on those of otelwater.export.tally, which the offline points
+                  share
     sink.py       OtlpSink, the live Sink: a bounded queue, a worker thread, dispatch by kind
     offline.py    offline_sink(), the Sink of `otelwater correlate --otlp-endpoint`: spans as
                   verdicts come, metric points at the recording's times

@@ -2,6 +2,16 @@
 collection reads the latest snapshot of every socket), drops, alerts active and lost records.
 The series follow otelwater.export.series, the rules the offline points share.
 
+The verdict counts (otelwater.read.verdicts, otelwater.records.cut and the log2 histograms
+otelwater.read.verdict.duration and .wait) follow otelwater.export.tally, the rules the offline
+points share. They are pre-aggregated (the kernel's cumulative totals and buckets), which the
+SDK's instruments cannot take: a histogram instrument records one value at a time and there is
+no asynchronous histogram. So they are built as the SDK's own data (Metric, Sum, Histogram, as
+the offline points are) when a reader collects, and merged into that collection
+(merge_metrics, through each reader's MetricReader._receive_metrics, the hook the SDK documents
+for readers): every reader of a service's MeterProvider (the OTLP exporter's, the Prometheus
+endpoint's, a test's in-memory one) gets them in the same collection as the SDK's own.
+
 Gauges: the top N sockets by water volume (default 50) get their own series, the rest are
 summed per (process.pid, network.local.port) with otelwater.socket.key="other"; the ranking is
 taken when a reader collects, at most every RANK_EVERY_S (sooner when the traced services
@@ -12,14 +22,18 @@ up-down counter per (rule, severity); lost records a counter per probe (from 0 a
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections import OrderedDict
+from typing import Callable
 
 from otelwater import names as N
 from otelwater.events.model import LostEvents, WaterSnapshot
 from otelwater.export.series import (MAX_SOCKETS, OWN, TOP_N, Ranking, SocketSeries,
                                      drops_series, gauge_values)
 from otelwater.export.otlp.spans import alert_key
+from otelwater.export.tally import VerdictTally, as_metrics, series_points, verdict_attributes
 
 RANK_EVERY_S = 0.5              # the top-N ranking is recomputed at most this often
 
@@ -38,6 +52,8 @@ class LiveMetrics:
         self.drop_started: OrderedDict[tuple, None] = OrderedDict()  # bounded
         self.active_alerts: dict[tuple, tuple] = {}   # (key, rule) -> (Service, severity)
         self.lost_seen: dict[str, int] = {}
+        self.tally = VerdictTally()
+        self.start_wall_ns = time.time_ns()   # the counts' start: the run's attach (start())
 
     # -- gauges and drops ----------------------------------------------------------------------
 
@@ -95,13 +111,32 @@ class LiveMetrics:
 
     # -- verdicts, alerts, lost records --------------------------------------------------------
 
-    @staticmethod
-    def verdict(svc, v) -> None:
-        """A slow read in its service's histogram and counter (inside its span's context, when
-        it has one, so the exemplar names it)."""
-        label = {N.VERDICT: v.verdict}
-        svc.read_duration.record(v.read.duration_ns / 1e9, label)
-        svc.verdicts.add(1, label)
+    def verdict(self, svc, v) -> None:
+        """A slow read in its service's duration histogram (inside its span's context, when it
+        has one, so the exemplar names it) and in the verdict counts (unless the kernel counts
+        its process's reads)."""
+        svc.read_duration.record(v.read.duration_ns / 1e9,
+                                 verdict_attributes(v.verdict, v.read.role))
+        self.tally.verdict(v)
+
+    def read(self, r) -> None:
+        """A read of a traced process: its role's verdict series start at 0."""
+        self.tally.seen(r.pid, r.role)
+
+    def counts(self, c) -> None:
+        """The kernel's counts of one (process, role, verdict) now."""
+        self.tally.counts(c)
+
+    def produced(self, key: int) -> list:
+        """The verdict counts of the service `key` now, as SDK Metrics (module docstring)."""
+        if key == OWN:
+            return []
+        now = time.time_ns()
+        points = []
+        for (pid, verdict, role), row in self.tally.of(key):
+            points.extend(series_points(verdict_attributes(verdict, role), row,
+                                        self.start_wall_ns, now))
+        return as_metrics(points)
 
     def alert(self, a) -> None:
         active = (alert_key(a), a.rule)
@@ -121,3 +156,52 @@ class LiveMetrics:
             return False
         self.services.get(OWN).lost.add(r.lost_total - prev, {N.PROBE: r.probe})
         return True
+
+
+_log = logging.getLogger(__name__)
+
+
+def merge_metrics(data, extra: list, resource, scope):
+    """A collection (MetricsData) with `extra` Metrics added to its `scope` (an
+    InstrumentationScope: otelwater's), under the provider's `resource`."""
+    from opentelemetry.sdk.metrics.export import ResourceMetrics, ScopeMetrics
+
+    if not extra:
+        return data
+    rms = list(data.resource_metrics) if data is not None else []
+    if not rms:
+        rms = [ResourceMetrics(resource=resource, scope_metrics=[], schema_url="")]
+    rm = rms[0]
+    sms = list(rm.scope_metrics)
+    for i, sm in enumerate(sms):
+        if sm.scope.name == scope.name:
+            sms[i] = dataclasses.replace(sm, metrics=list(sm.metrics) + list(extra))
+            break
+    else:
+        sms.append(ScopeMetrics(scope=scope, metrics=list(extra), schema_url=""))
+    rms[0] = dataclasses.replace(rm, scope_metrics=sms)
+    if data is None:
+        from opentelemetry.sdk.metrics.export import MetricsData
+
+        return MetricsData(resource_metrics=rms)
+    return dataclasses.replace(data, resource_metrics=rms)
+
+
+def add_producer(reader, produce: Callable[[], list], resource, scope) -> None:
+    """Every collection of `reader` gets produce()'s Metrics too (merge_metrics), through its
+    _receive_metrics: the method MetricReader.collect() hands each collection to, which the SDK
+    documents as the one readers override. A produce() that fails costs its own metrics only
+    (said in the log, once), never the collection."""
+    receive = reader._receive_metrics
+    said = []
+
+    def _receive_metrics(metrics_data, timeout_millis: float = 10_000, **kw):
+        try:
+            metrics_data = merge_metrics(metrics_data, produce(), resource, scope)
+        except Exception:  # noqa: BLE001 - the SDK's own metrics still go out
+            if not said:       # once per reader
+                said.append(True)
+                _log.exception("otelwater: the verdict counts were left out of a collection")
+        return receive(metrics_data, timeout_millis=timeout_millis, **kw)
+
+    reader._receive_metrics = _receive_metrics

@@ -34,8 +34,10 @@ from otelwater import names as N
 from otelwater.clock import WallClock
 from otelwater.export.offline_metrics import OfflineMetrics
 from otelwater.export.otlp.health import (ExportHealth, _count_points,
-                                          _counting_metric_exporter, _counting_span_exporter)
-from otelwater.export.otlp.options import ExportOptions, quiet_sdk_logs, resolve_options
+                                          _counting_metric_exporter, _counting_span_exporter,
+                                          diagnoser)
+from otelwater.export.otlp.options import (ExportOptions, quiet_sdk_logs, request_timeout_s,
+                                           resolve_options)
 from otelwater.export.otlp.resources import Identity, Services
 from otelwater.export.otlp.spans import WINDOW_NS, AlertWindow, start_read_span
 from otelwater.export.series import OWN
@@ -111,15 +113,20 @@ class OfflineOtlpSink(Sink):
         self.header = header
         self.config = config
         self.timeout_s = timeout_s
-        # what was not delivered is said once, by the caller (shortfall()), not as it happens
-        self.health = ExportHealth(opts.target, out, outages_said=False)
+        # what was not delivered is said once, by the caller (shortfall()), not as it happens,
+        # with its cause (found once, at the end)
+        self.spans_timeout_s = min(max(1.0, timeout_s / 2), request_timeout_s("TRACES"))
+        injected = span_exporter is not None or metric_exporter is not None   # tests
+        self.health = ExportHealth(opts.target, out, outages_said=False,
+                                   diagnose=None if injected else
+                                   diagnoser(opts, self.spans_timeout_s))
         self.recorded = dict(getattr(header, "processes", {}) or {})   # pid -> ProcessInfo
         host = (getattr(header, "host", None) or {}).get("name") or socketlib.gethostname()
         self.clock = WallClock.from_recording(header.clock)
         # a Collector that is down costs at most `timeout_s` in all, as before the export
         # streamed: the spans' requests half of it; the points what is left after a failure
         spans = (span_exporter if span_exporter is not None
-                 else opts.span_exporter(timeout_s=max(1.0, timeout_s / 2)))
+                 else opts.span_exporter(timeout_s=self.spans_timeout_s))
         self.batches = SpanBatches(_counting_span_exporter(spans, self.health), self.health)
         self._metric_exporter = metric_exporter   # tests: instead of opts.metric_exporter()
         known = self.recorded
@@ -163,6 +170,9 @@ class OfflineOtlpSink(Sink):
 
     def on_lost(self, r) -> None:
         self.metrics.on_lost(r)
+
+    def on_counts(self, c) -> None:
+        self.metrics.on_counts(c)     # (its process's resource is made at close())
 
     def on_process(self, p) -> None:
         self.metrics.on_process(p)
@@ -227,12 +237,21 @@ class OfflineOtlpSink(Sink):
                 svc.shutdown(0.0)
 
     def shortfall(self) -> str | None:
-        """None when every span and metric point was delivered, else what was."""
+        """None when every span and metric point was delivered, else what was, and why when
+        a request failed (the cause is found once, here: at most ~2 s more)."""
         h = self.health
         if h.spans_exported >= self.spans and not h.points_dropped:
             return None
+        cause = self.cause()
         return (f"delivered {h.spans_exported} of {self.spans} spans and {h.points_exported} "
-                f"of {h.points_exported + h.points_dropped} metric points")
+                f"of {h.points_exported + h.points_dropped} metric points"
+                + (f": {cause.text}" if cause else ""))
+
+    def cause(self):
+        """Why the export failed (an otlp.health.Cause, its text and fix), or None: no
+        request failed, or no way to tell."""
+        h = self.health
+        return h.cause() if h.spans_dropped or h.points_dropped else None
 
 
 def offline_sink(header, *, endpoint: str | None = None, protocol: str | None = None,

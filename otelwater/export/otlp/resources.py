@@ -97,7 +97,8 @@ class Service:
     MeterProvider with otelwater's instruments (`observe(key, field)` feeds its gauges)."""
 
     def __init__(self, key: int, attrs: dict, make_pipeline: Callable[[], tuple],
-                 extra_readers: Callable[[], list], observe: Callable | None):
+                 extra_readers: Callable[[], list], observe: Callable | None,
+                 produce: Callable[[int], list] | None = None):
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
 
@@ -111,16 +112,21 @@ class Service:
         self.tracer = self.tracer_provider.get_tracer(N.SCOPE, __version__)
         self.meter_provider = None
         if self.metric_reader is not None:
-            self._meters(key, extra_readers, observe)
+            self._meters(key, extra_readers, observe, produce)
 
-    def _meters(self, key, extra_readers, observe) -> None:
+    def _meters(self, key, extra_readers, observe, produce) -> None:
         from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
         from otelwater import __version__
+        from otelwater.export.otlp.metrics import add_producer
 
-        self.meter_provider = MeterProvider(resource=self.resource,
-                                            metric_readers=[self.metric_reader,
-                                                            *extra_readers()],
+        readers = [self.metric_reader, *extra_readers()]
+        if produce is not None:   # the verdict counts, pre-aggregated (otlp.metrics)
+            scope = InstrumentationScope(N.SCOPE, __version__)
+            for reader in readers:
+                add_producer(reader, lambda: produce(key), self.resource, scope)
+        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers,
                                             shutdown_on_exit=False)
         meter = self.meter_provider.get_meter(N.SCOPE, __version__)
 
@@ -137,8 +143,6 @@ class Service:
         self.read_duration = meter.create_histogram(
             i.name, unit=i.unit, description=i.description,
             explicit_bucket_boundaries_advisory=list(N.READ_DURATION_BOUNDS_S))
-        i = N.READ_VERDICTS
-        self.verdicts = meter.create_counter(i.name, unit=i.unit, description=i.description)
         i = N.ALERTS_ACTIVE
         self.alerts = meter.create_up_down_counter(i.name, unit=i.unit,
                                                    description=i.description)
@@ -150,11 +154,7 @@ class Service:
         if key == OWN:
             for probe in PROBES:
                 self.lost.add(0, {N.PROBE: probe})
-        else:
-            from otelwater.events.verdict import VERDICTS
-
-            for v in VERDICTS:
-                self.verdicts.add(0, {N.VERDICT: v})
+        else:   # (the verdict counts' series start at 0 too: otelwater.export.tally)
             self.limited.add(0)
 
     def shutdown(self, timeout_s: float) -> None:
@@ -172,12 +172,14 @@ class Services:
     def __init__(self, *, make_pipeline: Callable[[], tuple],
                  identity: Callable[[int], object] = identity_from_proc, host: str,
                  traced_pids: Iterable[int] = (), extra_readers: Callable[[], list] = list,
-                 observe: Callable | None = None, max_services: int = MAX_SERVICES):
+                 observe: Callable | None = None, produce: Callable[[int], list] | None = None,
+                 max_services: int = MAX_SERVICES):
         self.make_pipeline = make_pipeline   # -> (SpanProcessor, MetricReader or None)
         self.extra_readers = extra_readers   # -> more MetricReaders per service (Prometheus)
         self.identity = identity
         self.host = host
         self.observe = observe
+        self.produce = produce               # key -> more Metrics of each collection
         self.max_services = max_services
         self.by_key: OrderedDict[int, Service] = OrderedDict()
         self.traced: set[int] = set(traced_pids)
@@ -195,7 +197,8 @@ class Services:
         if c is not None:
             self.run.update({N.THRESHOLD_MS: float(c.threshold_ms),
                              N.RUN_THRESHOLD_MS: float(c.run_threshold_ms),
-                             N.WINDOW_MS: float(c.window_ms)})
+                             N.WINDOW_MS: float(c.window_ms),
+                             N.INCLUDE_IDLE: bool(c.include_idle)})
 
     def identity_of(self, pid: int):
         if pid in self.identities:
@@ -235,7 +238,7 @@ class Services:
             attrs = resource_attributes(self.identity_of(key), key, self.host)
         attrs.update(self.run)
         svc = self.by_key[key] = Service(key, attrs, self.make_pipeline, self.extra_readers,
-                                         self.observe)
+                                         self.observe, self.produce)
         if len(self.by_key) > self.max_services:
             _, old = self.by_key.popitem(last=False)
             self.retired.append(old)

@@ -7,11 +7,12 @@ metric points out through opentelemetry-sdk, on a worker thread of its own.
     sink.flush(timeout_s)          # wait until the worker has taken everything written
     sink.close(timeout_s)          # flush within a deadline, and say what was not delivered
 
-Records are taken by kind (on_snapshot, on_read, on_verdict, on_alert, on_lost, on_process;
-notices and summaries are ignored). What is built: otlp.spans (a span per verdict, a span per
-rise of the lost records), otlp.metrics (gauges, drops, alerts, lost; the read-duration
-histogram and verdict counter recorded inside the read's span context, so its exemplars carry
-that span's trace and span id), each under its service's resource (otlp.resources).
+Records are taken by kind (on_snapshot, on_read, on_verdict, on_alert, on_lost, on_process,
+on_counts; notices and summaries are ignored). What is built: otlp.spans (a span per verdict, a
+span per rise of the lost records), otlp.metrics (gauges, drops, alerts, lost; the read-duration
+histogram recorded inside the read's span context, so its exemplars carry that span's trace and
+span id; the verdict counts and their log2 histograms from the kernel's counts, else from the
+verdicts: otelwater.export.tally), each under its service's resource (otlp.resources).
 
 Export never holds the probes. write() only appends the records to a bounded queue
 (MAX_RECORDS; what does not fit is dropped, counted and said once) and returns: a span costs
@@ -22,16 +23,17 @@ within its deadline. The worker still shares the interpreter (its lock) with the
 spans are also limited to SPAN_RATE a second per sink (a token bucket holding one second's
 worth, about a third of a CPU at most): beyond that a slow read still counts in the verdict
 counter and the duration histogram, but gets no span (otelwater.spans.limited counts them; the
-first is said once). With background=False write() builds on the caller's thread, and
+first is said once), and the kernel's counts (VerdictCounts) hold every slow read whatever
+its record became. With background=False write() builds on the caller's thread, and
 span_rate=None puts no limit (tests, and the offline export's spans: otlp.offline).
-Counters start at 0: every verdict of a service (and its limited spans) when the service
-appears, the lost records of each probe when the run starts (start()), a drops series when
-its socket or its per-port sum first appears, so rate() works from the first scrape.
+Counters start at 0: a service's limited spans when the service appears, every verdict of a
+socket role when the service's first read of that role comes, the lost records of each probe
+when the run starts (start()), a drops series when its socket or its per-port sum first
+appears, so rate() works from the first scrape.
 """
 
 from __future__ import annotations
 
-import os
 import socket as socketlib
 import threading
 import time
@@ -40,13 +42,14 @@ from typing import IO, Callable, Iterable
 
 from otelwater import names as N
 from otelwater.clock import WallClock
-from otelwater.events.model import ReadRecord
+from otelwater.events.model import ReadRecord, VerdictCounts
 from otelwater.events.verdict import Verdict
 from otelwater.export.otlp.health import (ExportHealth, _bounded_batch_processor,
                                           _counting_metric_exporter, _counting_span_exporter,
-                                          _inner_exporters, say_delivery)
+                                          _inner_exporters, diagnoser, say_delivery)
 from otelwater.export.otlp.metrics import LiveMetrics
-from otelwater.export.otlp.options import ExportOptions, quiet_sdk_logs
+from otelwater.export.otlp.options import ExportOptions, quiet_sdk_logs, request_timeout_s
+from otelwater.export.otlp.options import metric_interval_s as metric_interval_from_env
 from otelwater.export.otlp.resources import Services, endpoints_from_proc, identity_from_proc
 from otelwater.export.otlp.spans import WINDOW_NS, AlertWindow, lost_span, start_read_span
 from otelwater.export.series import MAX_SOCKETS, OWN, TOP_N
@@ -110,7 +113,8 @@ class OtlpSink(Sink):
         self.lock = threading.RLock()
         self.registry = Services(make_pipeline=make_pipeline, identity=identity,
                                  host=host or socketlib.gethostname(), traced_pids=traced_pids,
-                                 extra_readers=extra_readers, observe=self._observe)
+                                 extra_readers=extra_readers, observe=self._observe,
+                                 produce=self._produce)
         self.registry.run[N.CLOCK_OFFSET_NS] = self.clock.offset_ns   # on every resource
         self.services = self.registry.by_key          # key -> otlp.resources.Service
         self.metrics = LiveMetrics(self.registry, top_n)
@@ -145,10 +149,10 @@ class OtlpSink(Sink):
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
         quiet_sdk_logs()
-        health = ExportHealth(opts.target, out)
-        if metric_interval_s is None:
-            env = os.environ.get("OTEL_METRIC_EXPORT_INTERVAL")
-            metric_interval_s = float(env) / 1000 if env else METRIC_INTERVAL_S
+        health = ExportHealth(opts.target, out, diagnose=diagnoser(
+            opts, request_timeout_s("TRACES")))   # a failure is said with its cause
+        if metric_interval_s is None:   # a bad OTEL_METRIC_EXPORT_INTERVAL: a usage error
+            metric_interval_s = metric_interval_from_env(METRIC_INTERVAL_S)
 
         def pipeline():
             spans, metrics = opts.exporters()
@@ -176,6 +180,8 @@ class OtlpSink(Sink):
         """The run's attach time and analysis settings, put on every resource created after
         this (before the first write), so the spans alone give the same verdicts."""
         self.registry.set_run(run.start_ns, run.config)
+        # the verdict counts are cumulative from the attach
+        self.metrics.start_wall_ns = self.clock.wall_ns(run.start_ns)
         with self.lock:   # the resources known now, so their counters start at 0 from here
             self.registry.get(OWN)
             for pid in sorted(self.registry.traced):
@@ -198,8 +204,8 @@ class OtlpSink(Sink):
         known = self.registry.identities
         for r in batch:   # a traced process is named now, while it runs (once per pid)
             t = type(r)
-            read = r.read if t is Verdict else r if t is ReadRecord else None
-            if type(read) is ReadRecord and read.pid not in known:
+            read = r.read if t is Verdict else r if t in (ReadRecord, VerdictCounts) else None
+            if read is not None and read.pid not in known:
                 self.registry.identity_of(read.pid)
         with self._cv:
             room = max(0, self.queue_records - self._queued)
@@ -245,7 +251,12 @@ class OtlpSink(Sink):
 
     def on_read(self, r) -> None:
         self.registry.trace(r.pid)
+        self.metrics.read(r)
         self._learn_ends(r)
+
+    def on_counts(self, c) -> None:
+        self.registry.trace(c.pid)   # its reads may all have been cut, lost or idle
+        self.metrics.counts(c)
 
     def on_process(self, p) -> None:
         self.registry.learn(p)
@@ -265,6 +276,7 @@ class OtlpSink(Sink):
         r = v.read
         self.registry.trace(r.pid)
         svc = self.registry.get(r.pid)
+        self.metrics.read(r)
         if self.budget is not None and not self.budget.take():
             self.metrics.verdict(svc, v)   # counted as every read is, with no span
             svc.limited.add(1)
@@ -301,6 +313,11 @@ class OtlpSink(Sink):
         """A gauge's callback (on the metric readers' threads)."""
         with self.lock:
             return self.metrics.observe(key, field)
+
+    def _produce(self, key: int) -> list:
+        """The verdict counts of a service, for a collection (on the readers' threads)."""
+        with self.lock:
+            return self.metrics.produced(key)
 
     # -- the end ---------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ wall-clock time (otelwater.clock: CLOCK_MONOTONIC + an offset measured once); it
 snapshots and the alert transitions of its socket (or its process) within `window_ns` of the
 read are span events at their own times. The spans alone rebuild the records exactly
 (otelwater.events.otlpjson, `otelwater correlate` of the Collector's OTLP JSON file): each
-span also carries the read's CLOCK_MONOTONIC times and kernel stamps, each water event the
+span also carries the read's CLOCK_MONOTONIC times and kernel stamps (its socket role, our last
+send, the arrival before its park, the kernel's verdict), each water event the
 whole snapshot; each rise of a probe's lost records is a zero-length span "otelwater.lost".
 Names: otelwater.names.
 """
@@ -92,13 +93,25 @@ class AlertWindow:
 
 def read_span_attributes(v, ends: tuple | None) -> dict:
     """The attributes of a verdict's span; `ends` (laddr, lport, raddr, rport) of its socket
-    when known."""
+    when known. The peer (the read's own, else its socket's) is network.peer.address/port, and
+    by the semantic conventions also server.address/port on a dialed socket (the peer serves
+    us) or client.address/port on an accepted one (the peer is our client)."""
     r = v.read
     attrs = {N.SOCKET_KEY: format_key(r.sock_key)}
     if ends is not None:
         attrs.update(endpoint_attributes(r.pid, r.sock_key, ends))
     else:
         attrs[N.PROCESS_PID] = r.pid
+    if r.peer_addr:
+        attrs[N.NETWORK_PEER_ADDRESS] = r.peer_addr
+        attrs[N.NETWORK_PEER_PORT] = r.peer_port
+    if r.role:
+        attrs[N.SOCKET_ROLE] = r.role
+        if N.NETWORK_PEER_ADDRESS in attrs and r.role in ("dialed", "accepted"):
+            addr, port = ((N.SERVER_ADDRESS, N.SERVER_PORT) if r.role == "dialed"
+                          else (N.CLIENT_ADDRESS, N.CLIENT_PORT))
+            attrs[addr] = attrs[N.NETWORK_PEER_ADDRESS]
+            attrs[port] = attrs[N.NETWORK_PEER_PORT]
     attrs[N.THREAD_ID] = r.tid
     fn = caller(r.stack)
     if fn:
@@ -111,7 +124,7 @@ def read_span_attributes(v, ends: tuple | None) -> dict:
     attrs[N.VERDICT] = v.verdict
     attrs[N.VERDICT_REASON] = v.reason
     for k, val in ((N.WAIT_PEER_NS, v.wait_peer_ns), (N.WAIT_RUN_NS, v.wait_run_ns),
-                   (N.QUEUE_DELAY_NS, v.queue_delay_ns)):
+                   (N.WAIT_IDLE_NS, v.wait_idle_ns), (N.QUEUE_DELAY_NS, v.queue_delay_ns)):
         if val is not None:
             attrs[k] = val
     attrs[N.READ_REQUESTED] = r.requested
@@ -123,7 +136,9 @@ def read_span_attributes(v, ends: tuple | None) -> dict:
     attrs[N.READ_START_NS] = r.ts_start_ns
     attrs[N.READ_END_NS] = r.ts_end_ns
     for k, val in ((N.READ_PARKED, r.parked), (N.READ_ARRIVAL_NS, r.ts_arrival_ns),
-                   (N.READ_QUEUE_DELAY_EXACT, r.queue_delay_exact)):
+                   (N.READ_QUEUE_DELAY_EXACT, r.queue_delay_exact),
+                   (N.READ_SEND_NS, r.ts_send_ns), (N.READ_PREV_ARRIVAL_NS, r.ts_prev_arrival_ns),
+                   (N.READ_KERNEL_VERDICT, r.kernel_verdict)):
         if val is not None:
             attrs[k] = val
     attrs[N.EVIDENCE_TOTAL] = v.evidence_total
