@@ -209,10 +209,8 @@ static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, st
 }
 
 /* Count a finished read. A slow one (it blocked the threshold, or it did not park but the bytes
- * it found had waited the threshold in the queue) gets the kernel's verdict and is counted in
- * `verdicts`; returns that verdict when the read goes on the ring buffer, else 0. Not recorded:
- * idle reads (unless OTW_IDLE_RECORDS), queue-delay slow reads beyond their socket's share
- * (OTW_QSLOW_PER_S), and what the record token bucket cuts. */
+ * it found had waited the threshold in the queue) is judged (otw_judge, goverdict.c); returns
+ * its verdict when the read goes on the ring buffer, else 0. */
 static __always_inline u8 otw_read_slow(struct goread_counts *c, u32 tgid, u64 start, u64 end,
                                         u8 parked, u64 arrival, const struct otw_read_ev *ev)
 {
@@ -222,30 +220,8 @@ static __always_inline u8 otw_read_slow(struct goread_counts *c, u32 tgid, u64 s
     int qslow = !parked && (evf & OTW_EV_QDELAY) && ev->qdelay_ns >= OTW_THRESHOLD_NS;
     if (!blocked && !qslow)
         return 0;
-    u64 wait = 0;
-    u8 v = otw_kverdict(parked, ev->role, start, end, arrival, ev->send_ns,
-                        ev->prev_arrival_ns, evf, ev->qdelay_ns, &wait);
-    int record = 1, cut = 0;
-    if (v == OTW_V_IDLE) {
-        c->n[OTW_CNT_IDLE] += 1;
-        record = OTW_IDLE_RECORDS;
-    }
-    if (record && !blocked) {
-        if (!(evf & OTW_EV_QSLOW_OK)) {    /* beyond its socket's share: cut too */
-            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
-            record = 0;
-            cut = 1;
-        } else {
-            c->n[OTW_CNT_QSLOW] += 1;
-        }
-    }
-    if (record && !otw_record_token(end)) {
-        c->n[OTW_CNT_CUT] += 1;
-        record = 0;
-        cut = 1;
-    }
-    otw_count_verdict(tgid, ev->role, v, dur, wait, record, cut);
-    return record ? v : 0;
+    return otw_judge(c, tgid, blocked, parked, ev->role, start, end, arrival, ev->send_ns,
+                     ev->prev_arrival_ns, evf, ev->qdelay_ns);
 }
 
 /* A parked read was woken by the first arrival onto its empty queue after the park (0:

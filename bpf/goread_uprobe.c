@@ -144,33 +144,11 @@ int otw_up_read_return(struct pt_regs *ctx)
         return 0;
     }
 #endif
-    /* the kernel's verdict, counted whether or not the read is recorded (otw_read_slow in
-     * goread_tp.c: the same steps) */
+    /* the kernel's verdict, counted whether or not the read is recorded */
     u8 parked = (evf & OTW_EV_PARKED) ? 1 : 0;
-    u64 wait = 0;
-    u8 v = otw_kverdict(parked, role, start, now, arrival, send, prev_arrival, evf, qdelay,
-                        &wait);
-    int record = 1, cut = 0;
-    if (v == OTW_V_IDLE) {
-        c->n[OTW_CNT_IDLE] += 1;
-        record = OTW_IDLE_RECORDS;
-    }
-    if (record && !blocked) {
-        if (!(evf & OTW_EV_QSLOW_OK)) {    /* beyond its socket's share: cut too */
-            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
-            record = 0;
-            cut = 1;
-        } else {
-            c->n[OTW_CNT_QSLOW] += 1;
-        }
-    }
-    if (record && !otw_record_token(now)) {
-        c->n[OTW_CNT_CUT] += 1;
-        record = 0;
-        cut = 1;
-    }
-    otw_count_verdict(k.tgid, role, v, dur, wait, record, cut);
-    if (!record)
+    u8 v = otw_judge(c, k.tgid, blocked, parked, role, start, now, arrival, send, prev_arrival,
+                     evf, qdelay);
+    if (!v)
         return 0;
     struct goread_event *e = read_events.ringbuf_reserve(sizeof(struct goread_event));
     if (!e) {

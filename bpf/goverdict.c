@@ -47,3 +47,37 @@ static __always_inline int otw_record_token(u64 now)
     *tatp = tat + OTW_RECORD_INTERVAL_NS;
     return 1;
 }
+
+/* A slow read (blocked >= the threshold, or its bytes waited that long: `blocked` says which)
+ * gets the kernel's verdict and is counted in `verdicts`; returns that verdict when the read
+ * goes on the ring buffer, else 0. Not recorded: idle reads (unless OTW_IDLE_RECORDS),
+ * queue-delay slow reads beyond their socket's share (OTW_QSLOW_PER_S), and what the record
+ * token bucket cuts. Both samplers decide with this, after their own timing. */
+static __always_inline u8 otw_judge(struct goread_counts *c, u32 tgid, int blocked, u8 parked,
+                                    u8 role, u64 start, u64 end, u64 arrival, u64 send,
+                                    u64 prev_arrival, u32 evf, u64 qd)
+{
+    u64 wait = 0;
+    u8 v = otw_kverdict(parked, role, start, end, arrival, send, prev_arrival, evf, qd, &wait);
+    int record = 1, cut = 0;
+    if (v == OTW_V_IDLE) {
+        c->n[OTW_CNT_IDLE] += 1;
+        record = OTW_IDLE_RECORDS;
+    }
+    if (record && !blocked) {
+        if (!(evf & OTW_EV_QSLOW_OK)) {    /* beyond its socket's share: cut too */
+            c->n[OTW_CNT_QSLOW_LIMITED] += 1;
+            record = 0;
+            cut = 1;
+        } else {
+            c->n[OTW_CNT_QSLOW] += 1;
+        }
+    }
+    if (record && !otw_record_token(end)) {
+        c->n[OTW_CNT_CUT] += 1;
+        record = 0;
+        cut = 1;
+    }
+    otw_count_verdict(tgid, role, v, end - start, wait, record, cut);
+    return record ? v : 0;
+}
