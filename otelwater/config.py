@@ -5,7 +5,7 @@ Precedence, lowest to highest (a later source overrides an earlier one, key by k
     1. defaults                 the dataclasses below
     2. a YAML file              --config FILE, else the file named by OTELWATER_CONFIG
     3. environment variables    OTELWATER_<SECTION>_<KEY>, e.g. OTELWATER_ALERTS_FILL_RATIO=0.9,
-                                OTELWATER_ALERTS_READ_SKEW_WINDOW=128 (the dotted key, upper
+                                OTELWATER_ALERTS_READ_SKEW_FACTOR=4 (the dotted key, upper
                                 case, dots as underscores)
     4. command-line flags       --window-ms 10 (see FLAG_NAMES)
 
@@ -14,13 +14,14 @@ The file nests keys by section (`examples/otelwater.yaml` lists every key with i
     alerts:
       fill_ratio: 0.9
       read_skew:
-        window: 128
+        factor: 4
     correlate:
       window_ms: 10
 
 Every value is checked once, after the sources are merged and before anything is attached: an
 unknown key (in the file or as an OTELWATER_* variable), a wrong type, a negative number, nan or
-inf, or an inconsistent pair (skew bands out of order, min_samples above window) raises
+inf, or an inconsistent pair (read_skew's min_tail above min_samples, baseline_s not above
+window_s) raises
 `otelwater.errors.UsageError` with one line naming the key, where it came from and the fix.
 Times are milliseconds or seconds in the file (what people type); the code reads them as integer
 nanoseconds through the `*_ns` properties.
@@ -55,20 +56,50 @@ def _choice(default, choices, doc=""):
 
 @dataclass(frozen=True)
 class ReadSkewConfig:
-    """Skewness (unbiased G1) of read latency over a sliding window, in severity bands."""
+    """read_skew: a process's read-latency tail against its own baseline (see
+    otelwater.alerts.rules.TailWatch). It fires when the tail of the last window_s rose above
+    factor x the baseline and margin_ms more, with min_tail reads above that, for fire_after_s
+    running, and clears after clear_after_s below."""
 
-    warn: float = _num(0.8, above=0.0, doc="skewness above which the alert fires (warn)")
-    high: float = _num(1.2, above=0.0, doc="band 2")
-    avalanche: float = _num(2.0, above=0.0, doc="band 3: avalanche precursor")
-    window: int = _num(64, minimum=3, maximum=100_000, doc="reads in the sliding window")
-    min_samples: int = _num(32, minimum=3, maximum=100_000,
-                            doc="reads needed before it can fire")
+    latency: str = _choice("service", ("service", "duration"),
+                           doc="service: the service's part of each read (waiting to run, "
+                               "queue delay); duration: the whole read, peer's wait included")
+    quantile: float = _num(0.99, minimum=0.5, maximum=0.9999, doc="the tail watched")
+    spread_quantile: float = _num(0.9, maximum=0.9999,
+                                  doc="a lower quantile watched the same way, for a slowdown "
+                                      "that spreads to more reads (0: off)")
+    window_s: float = _num(5.0, minimum=0.1, maximum=3600, doc="the window judged, seconds")
+    baseline_s: float = _num(300.0, minimum=1.0, maximum=86_400,
+                             doc="time constant of the baseline tail, seconds")
+    factor: float = _num(3.0, above=1.0, maximum=1_000_000,
+                         doc="fires when the tail is above factor x the baseline ...")
+    margin_ms: float = _num(5.0, maximum=3_600_000, doc="... and this much above it")
+    min_samples: int = _num(100, minimum=1, maximum=10_000_000,
+                            doc="reads in the window needed to judge it")
+    min_tail: int = _num(5, minimum=1, maximum=10_000_000,
+                         doc="reads above the limit needed to fire")
+    min_baseline: int = _num(1000, minimum=1, maximum=1_000_000_000,
+                             doc="reads the baseline has learnt from before it can fire")
+    fire_after_s: float = _num(4.0, maximum=3600, doc="over the limit this long: fires")
+    clear_after_s: float = _num(10.0, maximum=3600, doc="back under it this long: clears")
     scope: str = _choice("process", ("process", "socket"),
-                         doc="one window per process or per socket")
+                         doc="one watch per process or per socket")
 
-    @property
-    def bands(self) -> tuple[float, float, float]:
-        return (self.warn, self.high, self.avalanche)
+
+# Keys of the skewness rule read_skew used to be: said as such, not as typos.
+RETIRED = {
+    "alerts.read_skew.warn": "factor",
+    "alerts.read_skew.high": "factor",
+    "alerts.read_skew.avalanche": "factor",
+    "alerts.read_skew.window": "window_s",
+}
+
+
+def _retired(key: str, source: str) -> UsageError:
+    return UsageError(f"{key} in {source} is retired: read_skew no longer bands the skewness "
+                      "of read latency, it compares the latency tail with its own baseline",
+                      f"remove it (see alerts.read_skew.{RETIRED[key]} in "
+                      "examples/otelwater.yaml)")
 
 
 @dataclass(frozen=True)
@@ -81,8 +112,11 @@ class AlertConfig:
     surge_window: int = _num(3, minimum=2, maximum=1000,
                              doc="consecutive samples in the surge variance")
     clear_fraction: float = _num(0.75, above=0.0, maximum=1.0,
-                                 doc="an alert clears at value <= clear_fraction * threshold")
-    hold_ms: float = _num(0.0, maximum=86_400_000, doc="a fired alert stays at least this long")
+                                 doc="an alert clears at value <= clear_fraction * threshold "
+                                     "(water_level, fill_ratio, surge)")
+    hold_ms: float = _num(0.0, maximum=86_400_000,
+                          doc="a fired alert stays at least this long (water_level, fill_ratio, "
+                              "surge; read_skew has fire_after_s and clear_after_s)")
     idle_s: float = _num(600.0, above=0.0, maximum=31_536_000,
                          doc="forget a socket or process silent this long")
     max_sockets: int = _num(65536, minimum=1, maximum=16_777_216,
@@ -178,7 +212,7 @@ FLAGS_WITHOUT_SECTION = ("alerts", "correlate")
 
 
 def flag_name(key: str) -> str:
-    """alerts.fill_ratio -> --fill-ratio, alerts.read_skew.window -> --read-skew-window,
+    """alerts.fill_ratio -> --fill-ratio, alerts.read_skew.factor -> --read-skew-factor,
     correlate.window_ms -> --window-ms, rainwater.samples -> --rainwater-samples."""
     section, rest = key.split(".", 1)
     name = rest if section in FLAGS_WITHOUT_SECTION else key
@@ -261,6 +295,8 @@ def _flatten(tree: Mapping, source: str, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, source, key + "."))
         elif key in KEYS:
             out[key] = value
+        elif key in RETIRED:
+            raise _retired(key, source)
         elif key in SECTIONS:
             raise UsageError(f"{key} in {source} is a section, not a value",
                              f"give its keys, e.g. {key}: {{...}}; see examples/otelwater.yaml")
@@ -318,6 +354,9 @@ def load_config(config_file: str | None = None, env: Mapping[str, str] | None = 
         if not name.startswith(ENV_PREFIX) or name in OTHER_ENV:
             continue
         key = ENV_NAMES.get(name)
+        retired = next((k for k in RETIRED if env_name(k) == name), None)
+        if retired is not None:
+            raise _retired(retired, f"environment {name}")
         if key is None:
             raise UsageError(f"unknown environment variable {name}",
                              _suggest(name, ENV_NAMES) or "unset it; see examples/otelwater.yaml")
@@ -353,13 +392,19 @@ def _check_together(cfg: Config, sources: Mapping[str, str]) -> None:
         return ", ".join(given) if given else "the defaults"
 
     s = cfg.alerts.read_skew
-    if not s.warn < s.high < s.avalanche:
-        keys = ("alerts.read_skew.warn", "alerts.read_skew.high", "alerts.read_skew.avalanche")
-        raise UsageError(f"read_skew bands must rise: warn {s.warn:g} < high {s.high:g} < "
-                         f"avalanche {s.avalanche:g}; set by {src(*keys)}",
-                         "order the three bands, e.g. 0.8, 1.2, 2.0")
-    if s.min_samples > s.window:
-        keys = ("alerts.read_skew.min_samples", "alerts.read_skew.window")
-        raise UsageError(f"alerts.read_skew.min_samples {s.min_samples} is above window "
-                         f"{s.window}; set by {src(*keys)}",
-                         "make min_samples at most window")
+    if s.min_tail > s.min_samples:
+        keys = ("alerts.read_skew.min_tail", "alerts.read_skew.min_samples")
+        raise UsageError(f"alerts.read_skew.min_tail {s.min_tail} is above min_samples "
+                         f"{s.min_samples}; set by {src(*keys)}",
+                         "make min_tail at most min_samples")
+    if s.spread_quantile and not s.spread_quantile < s.quantile:
+        keys = ("alerts.read_skew.spread_quantile", "alerts.read_skew.quantile")
+        raise UsageError(f"alerts.read_skew.spread_quantile {s.spread_quantile:g} is not below "
+                         f"quantile {s.quantile:g}; set by {src(*keys)}",
+                         "make it a lower quantile (e.g. 0.9 under 0.99), or 0 for none")
+    if not s.baseline_s > s.window_s:
+        keys = ("alerts.read_skew.baseline_s", "alerts.read_skew.window_s")
+        raise UsageError(f"alerts.read_skew.baseline_s {s.baseline_s:g} is not above window_s "
+                         f"{s.window_s:g}; set by {src(*keys)}",
+                         "make the baseline slow against the window, e.g. baseline_s 300, "
+                         "window_s 5")

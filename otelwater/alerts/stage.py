@@ -5,54 +5,63 @@ recording, OTLP) sees the same transitions:
 
     records = stage.feed(batch)     # batch in time order; transitions follow their cause
 
-Per socket, from WaterSnapshot: water_level, fill_ratio, surge. From ReadRecord: read_skew, the
-unbiased skewness of read latency (ts_end_ns - ts_start_ns) over the last `window` reads (64),
-evaluated once `min_samples` (32) are in. Only reads of a TCP socket (sock_key != 0) that did
-not fail (returned >= 0) count; note that the samplers deliver blocked/slow reads in full and
-only count the rest, so the window holds the reads at or above --blocked-ms.
+Per socket, from WaterSnapshot: water_level, fill_ratio, surge. From ReadRecord: read_skew, a
+change in the tail of the process's read latency against its own baseline
+(otelwater.alerts.rules.TailWatch: the p99, or the p90, of the last 5 s above 3x the level it
+usually stays under and 5 ms more, with at least 5 reads above that spread over the window, for
+4 s; clears after 10 s). Only reads of a TCP socket (sock_key != 0) that did
+not fail (returned >= 0) count. The latency is the service's own part of the read
+(`latency: service`: waiting to run after the data came, or the queue delay of data that was
+waiting; reads without those stamps are counted in `unmeasured`), or the whole read
+(`latency: duration`). The samplers deliver slow reads in full and only count the rest, so the
+rule watches the reads at or above --blocked-ms (a steady share of them is a steady stream).
 
-Skewness scope, default "process": the avalanche this rule forewarns (a latency tail spreading
-through a service: GC, GOMAXPROCS saturation, CPU throttling) is process-wide, and one window
-per process fills quickly where a window per connection would need 64 slow reads on that one
-connection (an RPC connection may see a few a second: minutes of lag) and cost 64 samples per
-socket. The standard error of G1 for normal data is about 0.41 at 32 samples and 0.30 at 64,
-so the 0.8 band sits two to three standard errors out. Per-socket latency is the correlator's
-(verdicts and percentiles). `scope: socket` keeps one window per socket instead. Process-scope
-transitions carry sock_key 0 and the pid.
+Scope, default "process": the avalanche this rule catches (a latency tail spreading through a
+service: GC, GOMAXPROCS saturation, CPU throttling) is process-wide, and one watch per process
+has the reads to judge where one per connection would wait minutes for its 100 (an RPC
+connection may see a few slow reads a second). Per-socket latency is the correlator's (verdicts
+and percentiles). `scope: socket` keeps one watch per socket instead. Process-scope transitions
+carry sock_key 0 and the pid. A read_skew transition carries what it saw (`detail_of`): the
+window's reads and tail, the baseline, the limit, and the slowest reads of the window
+(ts_end_ns, pid, tid, goid, fd, sock_key, latency_ns).
 
 Memory is bounded: a close snapshot clears its socket's alerts (reason "close") and forgets it;
 a socket or process with no record for `idle_s` (600 s; checked every idle_s/16, at most 1 s)
-is forgotten, its alerts cleared with reason "idle"; beyond `max_sockets` the least recently seen is forgotten (reason "evicted").
+is forgotten, its alerts cleared with reason "idle"; beyond `max_sockets` the least recently
+seen is forgotten (reason "evicted").
 A snapshot older than the last one of its socket (a late record) is counted in `late` and not
 evaluated: the surge variance needs consecutive samples in order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict, deque
 from typing import Iterable
 
-from otelwater.alerts.rules import (SEVERITIES, Hysteresis, SlidingSkew, clear_levels,
-                                    level_variance)
+from otelwater.alerts.rules import (SEVERITIES, Hysteresis, TailWatch, clear_levels,
+                                    level_variance, read_latency)
 from otelwater.config import AlertConfig
 from otelwater.events.alert import AlertTransition  # noqa: F401 - defined with the records
 from otelwater.events.model import ReadRecord, WaterSnapshot
 
 RULES = ("water_level", "fill_ratio", "surge", "read_skew")
+# AlertTransition carries read_skew's detail itself once it has the field (else detail_of keeps it)
+_HAS_DETAIL = "detail" in {f.name for f in dataclasses.fields(AlertTransition)}
+DETAILS_KEPT = 4096
 
 
 class _Watched:
     """Alert state of one socket (or one process for process-scope read_skew)."""
 
-    __slots__ = ("pid", "last_ts", "levels", "rules", "values", "skew")
+    __slots__ = ("pid", "last_ts", "levels", "rules", "values")
 
     def __init__(self, pid: int, surge_window: int):
         self.pid = pid
         self.last_ts = -1
         self.levels: deque[int] = deque(maxlen=surge_window)
-        self.rules: dict[str, Hysteresis] = {}
+        self.rules: dict[str, Hysteresis | TailWatch] = {}
         self.values: dict[str, float] = {}
-        self.skew: SlidingSkew | None = None
 
 
 def record_ts(rec) -> int:
@@ -66,16 +75,17 @@ class AlertStage:
         self.cfg = config
         self._limits = {"water_level": (config.water_level,),
                         "fill_ratio": (config.fill_ratio,),
-                        "surge": (config.surge_variance,),
-                        "read_skew": config.read_skew.bands}
+                        "surge": (config.surge_variance,)}
         self._clears = {r: clear_levels(t, config.clear_fraction)
                         for r, t in self._limits.items()}
+        self._details: OrderedDict[tuple, dict] = OrderedDict()
         self._socks: OrderedDict[int, _Watched] = OrderedDict()  # least recently seen first
         self._procs: OrderedDict[int, _Watched] = OrderedDict()
         self._hold_ns, self._idle_ns = config.hold_ns, config.idle_ns
         self._next_expiry = 0
         self.now_ns = 0
         self.late = 0
+        self.unmeasured = 0     # reads without the stamps their latency needs (read_skew)
 
     # ---- the stage ----
 
@@ -125,6 +135,19 @@ class AlertStage:
 
     def __len__(self) -> int:
         return len(self._socks) + len(self._procs)
+
+    def detail_of(self, t: AlertTransition) -> dict | None:
+        """What a read_skew transition saw (the tail, the baseline, the slowest reads); None
+        for the other rules and for clears made by close, idle or eviction."""
+        if _HAS_DETAIL:
+            return t.detail
+        return self._details.get((t.ts_ns, t.sock_key, t.pid, t.rule, t.state))
+
+    def tail_watch(self, key: int) -> TailWatch | None:
+        """read_skew's state for a pid (process scope) or a sock_key (socket scope)."""
+        table = self._procs if self.cfg.read_skew.scope == "process" else self._socks
+        w = table.get(key)
+        return None if w is None else w.rules.get("read_skew")
 
     # ---- internals ----
 
@@ -177,10 +200,14 @@ class AlertStage:
             if h is None or not h.band:
                 continue
             sev = SEVERITIES[h.band - 1]
+            if isinstance(h, TailWatch):
+                value, limit = h.value, h.limit     # the last window judged
+                h.reset()
+            else:
+                value, limit = w.values.get(rule, 0.0), self._limits[rule][h.band - 1]
+                h.band = 0
             out.append(AlertTransition(ts, 0 if is_proc else key, w.pid, rule, "cleared", sev,
-                                       w.values.get(rule, 0.0),
-                                       self._limits[rule][h.band - 1], sev, reason))
-            h.band = 0
+                                       value, limit, sev, reason))
         return out
 
     def _snapshot(self, snap: WaterSnapshot) -> list[AlertTransition]:
@@ -208,14 +235,34 @@ class AlertStage:
     def _read(self, rec: ReadRecord) -> list[AlertTransition]:
         if rec.sock_key == 0 or rec.returned < 0:
             return []
-        is_proc = self.cfg.read_skew.scope == "process"
+        cfg = self.cfg.read_skew
+        is_proc = cfg.scope == "process"
         table = self._procs if is_proc else self._socks
         key, ts = (rec.pid if is_proc else rec.sock_key), rec.ts_end_ns
         w, out = self._get(table, key, rec.pid, ts, is_proc)
         self._touch(table, key, w, max(ts, w.last_ts), rec.pid)
-        if w.skew is None:
-            w.skew = SlidingSkew(self.cfg.read_skew.window)
-        w.skew.add(rec.ts_end_ns - rec.ts_start_ns)
-        if len(w.skew) >= self.cfg.read_skew.min_samples:
-            out += self._step(w, key, is_proc, "read_skew", w.skew.skewness(), ts)
+        latency = read_latency(rec, cfg.latency)
+        if latency is None:
+            self.unmeasured += 1
+            return out
+        watch = w.rules.get("read_skew")
+        if watch is None:
+            watch = w.rules["read_skew"] = TailWatch(cfg)
+        state = watch.add(ts, latency, rec)
+        if state is None:
+            return out
+        t = self._transition(ts, 0 if is_proc else key, w.pid, "read_skew", state, "warn",
+                             watch.value, watch.limit, "" if state == "fired" else "warn",
+                             detail=watch.detail)
+        out.append(t)
         return out
+
+    def _transition(self, *fields, detail: dict | None = None) -> AlertTransition:
+        if _HAS_DETAIL:
+            return AlertTransition(*fields, detail=detail)
+        t = AlertTransition(*fields)
+        if detail is not None:
+            self._details[(t.ts_ns, t.sock_key, t.pid, t.rule, t.state)] = detail
+            while len(self._details) > DETAILS_KEPT:
+                self._details.popitem(last=False)
+        return t

@@ -30,9 +30,13 @@ class AlertTransition:
     threshold: float
     previous: str = ""    # band moves: the severity it left
     reason: str = ""      # "", close, idle, evicted
+    # read_skew: what it saw (the tail, the baseline, the reads behind it); not compared
+    detail: dict | None = dataclasses.field(default=None, compare=False)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["type"] = "alert"
         d["sock_key"] = format_key(self.sock_key)
+        if self.detail is None:
+            del d["detail"]
         return d

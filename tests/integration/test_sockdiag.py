@@ -151,11 +151,22 @@ def test_sweep_reports_quiet_sockets_and_redumps_by_its_gap():
             assert sw.keys == {snap.sock_key}
             assert sw.last_socket_count >= 2 and sw.last_cost_ns > 0
             assert sw.min_gap_s >= 0.5
+            quiet = {snap.sock_key}
             # the probe saw it: not ours to report
             assert sw.sweep(t0 + 1, quiet_keys=set()) == []
-            # quiet: re-reported, stamped now, from the last dump (no re-dump inside the gap)
-            (again,) = sw.sweep(t0 + 2, quiet_keys={snap.sock_key})
+            # quiet again: reported at once, stamped now, from the last dump (no re-dump
+            # inside the gap); then not again while its water does not change
+            (again,) = sw.sweep(t0 + 2, quiet_keys=quiet)
             assert again.ts_ns == t0 + 2 and again.unread_bytes == 50_000
+            assert sw.sweep(t0 + 3, quiet_keys=quiet) == []
+            # more bytes stand: after the gap the re-dump sees them, and they are reported
+            pair.client.sendall(b"m" * 1000)
+            pair.wait_still()
+            gap = int(sw.min_gap_s * 1e9)
+            assert sw.sweep(t0 + 4, quiet_keys=quiet) == []            # still inside the gap
+            (more,) = sw.sweep(t0 + 4 + gap, quiet_keys=quiet)
+            assert more.unread_bytes == 51_000
+            t0 += 4 + gap
             # the reader drains: after the gap the re-dump finds no water
             pair.server.setblocking(False)
             while True:
@@ -164,9 +175,10 @@ def test_sweep_reports_quiet_sockets_and_redumps_by_its_gap():
                         break
                 except BlockingIOError:
                     break
-            assert sw.sweep(t0 + 3, quiet_keys={snap.sock_key}) != []   # still inside the gap
+            assert sw.sweep(t0 + 1, quiet_keys=quiet) == []     # inside the gap: unchanged
+            assert sw.keys == quiet
             later = t0 + int(sw.min_gap_s * 1e9)
-            assert sw.sweep(later, quiet_keys={snap.sock_key}) == []
+            assert sw.sweep(later, quiet_keys=quiet) == [] and sw.keys == frozenset()
     finally:
         pair.close()
 

@@ -249,7 +249,7 @@ def test_follow_under_load_keeps_output_signals_and_duration_on_schedule(tmp_pat
         load.wait()
 
 
-def test_watch_reports_a_stuck_socket_at_once_and_on_every_sweep():
+def test_watch_reports_a_stuck_socket_at_once_and_again_only_when_it_changes():
     # Given a socket holding 50 KB that nobody reads and nothing moves, before the watch
     pair = Pair().connect()
     pair.client.sendall(b"s" * 50_000)
@@ -268,7 +268,8 @@ def test_watch_reports_a_stuck_socket_at_once_and_on_every_sweep():
         first = next(r for r in recs if r["type"] == "snapshot")
         assert first["trigger"] == "standing"
         assert first["sock_key"] == f"{key:016x}" and first["unread_bytes"] == inq
-        # and every sweep says it again while nothing moves
-        assert len([r for r in standing if r["sock_key"] == f"{key:016x}"]) >= 4
+        # and not again while nothing moves (a change, or the 60 s heartbeat, would say it
+        # again: 2,000 idle sockets re-reported every sweep made 196 MB of JSON in 30 s)
+        assert len([r for r in standing if r["sock_key"] == f"{key:016x}"]) == 1
     finally:
         pair.close()

@@ -52,15 +52,12 @@ def test_alerts_alternate_and_never_flap_inside_the_band(levels):
 # ---- the alert stage ----
 
 import json  # noqa: E402
-import math  # noqa: E402
-from fractions import Fraction  # noqa: E402
 
 import pytest  # noqa: E402
-from hypothesis import assume  # noqa: E402
 
-from otelwater.alerts.rules import Hysteresis, SlidingSkew, clear_levels, skewness  # noqa: E402
+from otelwater.alerts.rules import Hysteresis, clear_levels  # noqa: E402
 from otelwater.alerts.stage import AlertStage, AlertTransition  # noqa: E402
-from otelwater.config import AlertConfig, ReadSkewConfig  # noqa: E402
+from otelwater.config import AlertConfig  # noqa: E402
 from otelwater.events.model import ReadRecord, WaterSnapshot  # noqa: E402
 
 MS = 1_000_000
@@ -74,7 +71,7 @@ def snap(ts, key=1, level=1, volume=0, capacity=100, trigger="periodic", pid=42)
 
 def read(ts_end, latency, pid=42, key=1, returned=10):
     return ReadRecord(ts_end - latency, ts_end, pid, pid, 1, 3, key, 4096, returned, (),
-                      "tracepoint")
+                      "tracepoint", parked=False, queue_delay_ns=latency)
 
 
 def transitions(stage, records):
@@ -169,41 +166,7 @@ def test_transitions_follow_their_cause_and_serialize():
                  "threshold": 100.0, "previous": "", "reason": ""}
 
 
-# ---- read-latency skewness ----
-
-def g1_unbiased(xs):
-    """Adjusted Fisher-Pearson G1 (scipy.stats.skew(bias=False)) from exact central moments."""
-    n = len(xs)
-    mean = Fraction(sum(xs), n)
-    m2 = sum((x - mean) ** 2 for x in xs) / n
-    m3 = sum((x - mean) ** 3 for x in xs) / n
-    if m2 == 0:
-        return 0.0
-    return float(m3) / float(m2) ** 1.5 * math.sqrt(n * (n - 1)) / (n - 2)
-
-
-def test_skewness_matches_scipy_documented_value():
-    # scipy.stats.skew([2, 8, 0, 4, 1, 9, 9, 0]) == 0.2650554122698573 (biased g1, scipy docs)
-    xs = [2, 8, 0, 4, 1, 9, 9, 0]
-    n = len(xs)
-    assert skewness(xs) * (n - 2) / math.sqrt(n * (n - 1)) == pytest.approx(0.2650554122698573)
-    assert skewness([1, 2, 3, 4, 5]) == 0.0 and skewness([3, 3, 3]) == 0.0
-    assert skewness([1, 2]) is None
-
-
-latencies = st.lists(st.one_of(st.integers(0, 10**10), st.integers(10**6, 10**6 + 50)),
-                     min_size=3, max_size=200)
-
-
-@given(latencies, st.integers(3, 70))
-def test_sliding_skewness_equals_brute_force_over_the_window(xs, window):
-    s = SlidingSkew(window)
-    for i, x in enumerate(xs):
-        s.add(x)
-        last = xs[max(0, i + 1 - window): i + 1]
-        if len(last) >= 3:
-            assert s.skewness() == pytest.approx(g1_unbiased(last), rel=1e-9, abs=1e-12)
-
+# ---- banded hysteresis (Hysteresis keeps ascending bands; read_skew: test_alerts_tail.py) ----
 
 BANDS = (0.8, 1.2, 2.0)
 CLEARS = clear_levels(BANDS, 0.75)  # 0.6, 0.9, 1.5
@@ -238,51 +201,10 @@ def test_bands_equal_three_independent_hysteresis_rules(values):
         assert h.band == sum(on) and on == sorted(on, reverse=True)
 
 
-def test_stage_read_skew_moves_through_the_bands_as_the_brute_force_skewness_says():
-    """1 ms reads with a share of 10 ms ones: as that share falls from 1/2 the skewness of the
-    64-read window climbs band by band; as it rises again the skewness falls back band by band."""
-    stage = AlertStage(AlertConfig(read_skew=ReadSkewConfig(window=64, min_samples=32)))
-    lat = [(1 + 9 * (i % 2)) * MS + i for i in range(64)]  # half slow: skewness about 0
-    lat += [MS + i for i in range(60)]                     # the slow ones slide out
-    lat += [10 * MS + i for i in range(40)]                # slow ones slide in again
-    got = transitions(stage, [read((i + 1) * 100 * MS, x) for i, x in enumerate(lat)])
-    # reference: three independent hysteresis rules over the brute-force G1 of each window
-    ref, on = [], [False] * 3
-    for i in range(31, len(lat)):
-        v = g1_unbiased(lat[max(0, i - 63): i + 1])
-        before = sum(on)
-        on = [(v > BANDS[k]) if not on[k] else (v > CLEARS[k]) for k in range(3)]
-        if sum(on) != before:
-            ref.append((i, "fired" if sum(on) else "cleared", SEV[max(sum(on), 1) - 1]
-                        if sum(on) else SEV[before - 1], SEV[before - 1] if before else ""))
-    assert [(t.ts_ns // (100 * MS) - 1, t.state, t.severity, t.previous) for t in got] == ref
-    assert [(t.severity, t.previous) for t in got] == [
-        ("warn", ""), ("high", "warn"), ("avalanche", "high"),
-        ("high", "avalanche"), ("warn", "high"), ("warn", "warn")]
-    assert got[-1].state == "cleared" and stage.active_process(42) == {}
-    assert all(t.sock_key == 0 and t.pid == 42 and t.rule == "read_skew" for t in got)
-
-
-SEV = ("warn", "high", "avalanche")
-
-
-def test_skew_needs_min_samples_and_ignores_failed_and_non_socket_reads():
-    cfg = AlertConfig(read_skew=ReadSkewConfig(window=8, min_samples=8))
-    stage = AlertStage(cfg)
-    skewed = [MS] * 6 + [50 * MS]
-    assert transitions(stage, [read(i * MS, x) for i, x in enumerate(skewed, 1)]) == []
-    assert transitions(stage, [read(100 * MS, 50 * MS, returned=-11),
-                               read(101 * MS, 50 * MS, key=0)]) == []
-    got = transitions(stage, [read(200 * MS, MS)])  # the 8th counted read
-    assert brief(got) == [("read_skew", "fired", "avalanche")]
-
-
-def test_socket_scope_keeps_a_window_per_socket():
-    cfg = AlertConfig(read_skew=ReadSkewConfig(window=8, min_samples=8, scope="socket"))
-    stage = AlertStage(cfg)
-    recs = []
-    for i, x in enumerate([MS] * 7 + [50 * MS]):
-        recs += [read(2 * i * MS + 1, x, key=1), read(2 * i * MS + 2, MS, key=2)]
-    got = transitions(stage, recs)
-    assert [(t.sock_key, t.rule, t.severity) for t in got] == [(1, "read_skew", "avalanche")]
-    assert stage.active(1) == {"read_skew": "avalanche"} and stage.active(2) == {}
+def test_reads_of_no_socket_or_that_failed_are_not_watched():
+    stage = AlertStage()
+    assert stage.feed([read(MS, MS, key=0), read(2 * MS, MS, returned=-11)]) == [
+        read(MS, MS, key=0), read(2 * MS, MS, returned=-11)]
+    assert len(stage) == 0 and stage.unmeasured == 0
+    stage.feed([read(3 * MS, MS)])
+    assert stage.tail_watch(42) is not None and stage.active_process(42) == {}

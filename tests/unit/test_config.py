@@ -32,11 +32,11 @@ def test_the_example_file_lists_every_key_with_its_default():
 
 def test_file_then_env_then_flags(tmp_path):
     path = write(tmp_path, "alerts:\n  fill_ratio: 0.9\n  water_level: 50\n"
-                           "  read_skew: {window: 100}\ncorrelate:\n  window_ms: 7\n")
+                           "  read_skew: {window_s: 10}\ncorrelate:\n  window_ms: 7\n")
     env = {"OTELWATER_ALERTS_FILL_RATIO": "0.95", "OTELWATER_CORRELATE_WINDOW_MS": "8"}
     c = load_config(path, env=env, flags={"correlate.window_ms": 9, "alerts.hold_ms": None})
     assert c.alerts.water_level == 50            # file
-    assert c.alerts.read_skew.window == 100      # file, nested
+    assert c.alerts.read_skew.window_s == 10     # file, nested
     assert c.alerts.fill_ratio == 0.95           # env over file
     assert c.correlate.window_ms == 9.0          # flag over env over file
     assert c.alerts.hold_ms == 0                 # a flag not given (None) changes nothing
@@ -61,13 +61,27 @@ def test_empty_file_is_the_defaults(tmp_path):
     ("alerts:\n  fill_ratio: .nan\n", ["alerts.fill_ratio", "not a finite number"]),
     ("correlate:\n  window_ms: .inf\n", ["correlate.window_ms", "not a finite number"]),
     ("alerts:\n  water_level: true\n", ["alerts.water_level", "expected a number"]),
-    ("alerts:\n  read_skew:\n    window: 2.5\n", ["alerts.read_skew.window", "integer"]),
-    ("alerts:\n  read_skew:\n    window: 2\n", ["alerts.read_skew.window", "at least 3"]),
+    ("alerts:\n  read_skew:\n    min_tail: 2.5\n", ["alerts.read_skew.min_tail", "integer"]),
+    ("alerts:\n  read_skew:\n    window_s: 0.05\n", ["alerts.read_skew.window_s",
+                                                       "at least 0.1"]),
+    ("alerts:\n  read_skew:\n    quantile: 1\n", ["alerts.read_skew.quantile", "at most 0.9999"]),
+    ("alerts:\n  read_skew:\n    factor: 1\n", ["alerts.read_skew.factor", "above 1"]),
+    ("alerts:\n  read_skew:\n    margin_ms: -1\n", ["alerts.read_skew.margin_ms",
+                                                      "must not be negative"]),
+    ("alerts:\n  read_skew:\n    latency: wall\n", ["alerts.read_skew.latency",
+                                                      "service, duration"]),
     ("alerts:\n  read_skew:\n    scope: thread\n", ["alerts.read_skew.scope", "process, socket"]),
     ("alerts:\n  clear_fraction: 1.5\n", ["alerts.clear_fraction", "at most 1"]),
     ("alerts:\n  clear_fraction: 0\n", ["alerts.clear_fraction", "above 0"]),
-    ("alerts:\n  read_skew:\n    high: 3\n", ["bands must rise", "alerts.read_skew.high"]),
-    ("alerts:\n  read_skew: {min_samples: 65}\n", ["min_samples 65 is above window 64"]),
+    ("alerts:\n  read_skew:\n    high: 3\n", ["alerts.read_skew.high", "is retired",
+                                               "alerts.read_skew.factor"]),
+    ("alerts:\n  read_skew:\n    window: 64\n", ["alerts.read_skew.window", "is retired",
+                                                  "window_s"]),
+    ("alerts:\n  read_skew: {min_tail: 101}\n", ["min_tail 101 is above min_samples 100"]),
+    ("alerts:\n  read_skew: {baseline_s: 5}\n", ["baseline_s 5 is not above window_s 5",
+                                                  "alerts.read_skew.baseline_s"]),
+    ("alerts:\n  read_skew: {spread_quantile: 0.99}\n", ["spread_quantile 0.99 is not below "
+                                                         "quantile 0.99"]),
     ("alerts: 3\n", ["alerts", "is a section"]),
     ("- 1\n- 2\n", ["expected sections"]),
     ("alerts:\n\tfill_ratio: 0.9\n", ["line 2 column 1", "fix the YAML syntax"]),
@@ -81,7 +95,7 @@ def test_a_bad_file_is_one_line_naming_key_and_file(tmp_path, text, words):
     assert "\n" not in line and e.value.exit_code == 2
     for w in words:
         assert w in line
-    if "bands must rise" not in line and "is above window" not in line:
+    if "is above" not in line and "is not" not in line:
         assert path in line
 
 
@@ -99,6 +113,9 @@ def test_missing_file(tmp_path):
     ({"OTELWATER_ALERTS_FILL_RATIO": "lots"}, ["not a number"]),
     ({"OTELWATER_CORRELATE_WINDOW_MS": "-5"}, ["correlate.window_ms", "must not be negative"]),
     ({"OTELWATER_ALERTS_MAX_SOCKETS": "1e3"}, ["alerts.max_sockets", "not an integer"]),
+    ({"OTELWATER_ALERTS_READ_SKEW_WARN": "0.8"}, ["alerts.read_skew.warn", "is retired",
+                                                  "environment OTELWATER_ALERTS_READ_SKEW_WARN"]),
+    ({"OTELWATER_ALERTS_READ_SKEW_FACTOR": "0.5"}, ["alerts.read_skew.factor", "above 1"]),
 ])
 def test_a_bad_environment_variable_is_named(env, words):
     with pytest.raises(UsageError) as e:
@@ -114,12 +131,12 @@ def test_other_otelwater_variables_are_not_config_keys():
 def test_a_bad_flag_names_the_flag():
     with pytest.raises(UsageError, match="flag --window-ms: must not be negative"):
         load_config(env={}, flags={"correlate.window_ms": -1.0})
-    with pytest.raises(UsageError, match="flag --read-skew-window"):
-        load_config(env={}, flags={"alerts.read_skew.window": 1})
+    with pytest.raises(UsageError, match="flag --read-skew-window-s"):
+        load_config(env={}, flags={"alerts.read_skew.window_s": 0})
 
 
 def test_every_key_has_an_env_name_and_a_flag_name():
-    assert env_name("alerts.read_skew.window") == "OTELWATER_ALERTS_READ_SKEW_WINDOW"
+    assert env_name("alerts.read_skew.window_s") == "OTELWATER_ALERTS_READ_SKEW_WINDOW_S"
     assert flag_name("correlate.window_ms") == "--window-ms"
     assert flag_name("rainwater.samples") == "--rainwater-samples"
     for key, f in KEYS.items():
