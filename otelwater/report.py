@@ -43,7 +43,7 @@ VERDICT_MEANING = {
     RUNTIME_STARVED: "data came while it parked; the goroutine ran late",
     CONSUMER_LAGGING: "its bytes stood in the kernel queue",
     UNKNOWN: "evidence missing (see below)",
-    IDLE: "the peer owed nothing: think time, idle keep-alive",
+    IDLE: "the peer owed nothing (think time, keep-alive)",
 }
 
 
