@@ -156,11 +156,11 @@ def read_log(path) -> list[dict]:
 
 
 def test_counts_stay_exact_when_a_tiny_ring_buffer_loses_most_records(tmp_path):
-    # Given a server whose every Read parks ~2 ms for one of 40 clients (idle: it had
+    # Given a server whose every Read parks ~3 ms for one of 40 clients (idle: it had
     # answered), each Read logged by the server itself, and a one-page read ring buffer
     log = tmp_path / "reads.jsonl"
     server = SlowReader("-mode", "echo", "-readsize", "64", log=log)
-    clients = [loadgen(server.addr, "-conns", "40", "-pause", "2ms", "-duration", "8s")]
+    clients = [loadgen(server.addr, "-conns", "40", "-pause", "3ms", "-duration", "8s")]
     try:
         time.sleep(0.5)
         t = Traced({server.pid}, include_idle=True, record_rate=0, ringbuf_pages=1)

@@ -124,7 +124,10 @@ def test_reads_are_delivered_or_counted_lost_beside_a_flooded_water_ring_buffer(
     # Then the water probe's ring buffer did overflow, and reads still came through
     assert water_lost > 1000, "too little water loss to test"
     assert recorded >= 100 and len(reads) >= 100
-    assert any(r.parked for r in reads) and any(r.queue_delay_ns for r in reads)
+    # both kinds were made (parked echo reads, lagging reads with queue delay); which of them
+    # win the one-page ring is a race, so only the lagging reads, by far the most, must show
+    assert st.blocked > 0 and st.queue_slow > 0
+    assert any(r.queue_delay_ns for r in reads)
     # and every read counted was delivered or counted as lost, in the exact total
     assert len(reads) + st.lost + st.not_socket == recorded
     assert (lost[-1].lost_total if lost else 0) == st.lost
