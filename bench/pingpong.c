@@ -2,7 +2,11 @@
  *
  *   pingpong pp   PORT COUNT SIZE CLIENT_CPU SERVER_CPU
  *       SIZE-byte ping-pong over one loopback TCP connection (TCP_NODELAY both ends):
- *       COUNT/10 warm-up round trips, then COUNT timed ones. Prints "us_per_rt=<float>".
+ *       COUNT/10 warm-up round trips, then COUNT timed ones. Prints "us_per_rt=<float>" (wall
+ *       time) and "cpu_us_per_rt=<float>" (both ends' CPU time, /proc/PID/schedstat).
+ *   pingpong loop PORT SIZE CLIENT_CPU SERVER_CPU COUNTER_FILE
+ *       the same ping-pong until SIGTERM, its count of round trips kept in COUNTER_FILE's first
+ *       8 bytes (water_overhead.py --toggle: probes switched under one connection).
  *   pingpong bulk PORT BYTES WRITE SENDER_CPU RECEIVER_CPU
  *       one connection streams BYTES in WRITE-byte writes; the receiver reads WRITE-byte
  *       chunks until EOF and answers one byte. Timed by the sender from its first write to
@@ -14,12 +18,15 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -142,6 +149,24 @@ static int wait_child(pid_t pid)
     return WIFEXITED(status) ? WEXITSTATUS(status) : 3;
 }
 
+/* ns a task has run on a CPU (/proc/PID/schedstat, first field: sum_exec_runtime); -1 if
+ * unknown. Without CONFIG_IRQ_TIME_ACCOUNTING (as on the test machine) it includes the softirq
+ * work done in the task's context: on loopback the receiving side's TCP and its BPF programs
+ * run in the sender's. */
+static long long task_ns(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/schedstat", (int)pid);
+    FILE *f = fopen(path, "r");
+    long long ns = -1;
+    if (f) {
+        if (fscanf(f, "%lld", &ns) != 1)
+            ns = -1;
+        fclose(f);
+    }
+    return ns;
+}
+
 static int pingpong(int port, long count, size_t size, int ccpu, int scpu)
 {
     char *buf = calloc(1, size);
@@ -168,6 +193,7 @@ static int pingpong(int port, long count, size_t size, int ccpu, int scpu)
         if (!full_read(fd, buf, size))
             die("short read (warm-up)");
     }
+    long long c0 = task_ns(getpid()), s0 = task_ns(pid);
     double t0 = now_s();
     for (long i = 0; i < count; i++) {
         full_write(fd, buf, size);
@@ -175,11 +201,69 @@ static int pingpong(int port, long count, size_t size, int ccpu, int scpu)
             die("short read");
     }
     double t1 = now_s();
+    long long c1 = task_ns(getpid()), s1 = task_ns(pid);
     close(fd);
     if (wait_child(pid))
         return 1;
     printf("us_per_rt=%.4f\n", (t1 - t0) * 1e6 / count);
+    /* both ends' CPU time: what the round trips cost, without the time other tasks held the
+     * CPU (wall time counts it: on a shared machine most of the noise) */
+    if (c0 >= 0 && c1 >= 0 && s0 >= 0 && s1 >= 0)
+        printf("cpu_us_per_rt=%.4f\n", (double)((c1 - c0) + (s1 - s0)) / 1e3 / count);
     return 0;
+}
+
+/* Round trips until SIGTERM, counted in the first 8 bytes of COUNTER_FILE (mapped shared):
+ * the benchmark reads the count and both ends' CPU time while it switches probes on and off
+ * under one long-lived connection. Prints "server_pid=N" once the connection is up. */
+static volatile sig_atomic_t stop_loop;
+
+static void on_term(int sig)
+{
+    (void)sig;
+    stop_loop = 1;
+}
+
+static int pploop(int port, size_t size, int ccpu, int scpu, const char *counter_file)
+{
+    char *buf = calloc(1, size);
+    int cfd = open(counter_file, O_RDWR);
+    if (cfd < 0)
+        die("open counter file");
+    volatile unsigned long long *count = mmap(NULL, 8, PROT_READ | PROT_WRITE, MAP_SHARED,
+                                              cfd, 0);
+    if (count == MAP_FAILED)
+        die("mmap counter file");
+    int lfd = listen_on(port);
+    port = bound_port(lfd);
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork");
+    if (pid == 0) {
+        pin(scpu);
+        int fd = accept_one(lfd);
+        nodelay(fd);
+        while (full_read(fd, buf, size))
+            full_write(fd, buf, size);
+        _exit(0);
+    }
+    close(lfd);
+    struct sigaction sa = {.sa_handler = on_term};
+    sigaction(SIGTERM, &sa, NULL);
+    pin(ccpu);
+    int fd = connect_to(port);
+    nodelay(fd);
+    printf("server_pid=%d\n", (int)pid);
+    fflush(stdout);
+    unsigned long long n = 0;
+    while (!stop_loop) {
+        full_write(fd, buf, size);
+        if (!full_read(fd, buf, size))
+            die("short read");
+        *count = ++n;
+    }
+    close(fd);
+    return wait_child(pid);
 }
 
 static int bulk(int port, long long total, size_t chunk, int scpu, int rcpu)
@@ -232,11 +316,15 @@ int main(int argc, char **argv)
     if (argc == 7 && !strcmp(argv[1], "pp"))
         return pingpong(atoi(argv[2]), atol(argv[3]), (size_t)atol(argv[4]), atoi(argv[5]),
                         atoi(argv[6]));
+    if (argc == 7 && !strcmp(argv[1], "loop"))
+        return pploop(atoi(argv[2]), (size_t)atol(argv[3]), atoi(argv[4]), atoi(argv[5]),
+                      argv[6]);
     if (argc == 7 && !strcmp(argv[1], "bulk"))
         return bulk(atoi(argv[2]), atoll(argv[3]), (size_t)atol(argv[4]), atoi(argv[5]),
                     atoi(argv[6]));
     fprintf(stderr, "usage: %s pp PORT COUNT SIZE CLIENT_CPU SERVER_CPU\n"
+                    "       %s loop PORT SIZE CLIENT_CPU SERVER_CPU COUNTER_FILE\n"
                     "       %s bulk PORT BYTES WRITE SENDER_CPU RECEIVER_CPU\n",
-            argv[0], argv[0]);
+            argv[0], argv[0], argv[0]);
     return 2;
 }

@@ -4,7 +4,7 @@ CLI against a Go service doing 1,000 to 20,000 slow reads a second, or holding 2
 keep-alive connections.
 
     .venv/bin/python bench/self_cost.py [--quick] [--window S] [--rows NAME,...] [--json OUT]
-        [--profile ROW] [--keep]
+        [--profile ROW] [--keep] [--tree NAME=DIR ...] [--rounds N]
 
 Each row is one run: a fresh examples/bin/slowreader (-mode echo), examples/bin/loadgen
 pingpong clients driving it (64-byte messages), then
@@ -22,8 +22,9 @@ buffer, stack, verdict, JSON line): the heavy path. The "-lag" row records slow 
 default instead: the server sleeps 25 ms after each echo and the clients do not pause, so
 every Read finds a message that waited in the queue (consumer-lagging). The record token
 bucket (--record-rate, 1,000 a second) and the ring buffer size (64 pages) stay at their
-defaults except in the "-rb" rows (--ringbuf-pages 1024: nothing lost, so every slow read is
-paid for).
+defaults except in the "-rb" rows (--ringbuf-pages 1024: nothing lost) and "5k-idle-all"
+(--record-rate 0 --ringbuf-pages 1024: every slow read recorded and paid for, what a recorded
+read costs).
 
 Measured, over the steady part of each run (from --settle s after otelwater says it is
 tracing, i.e. after the BPF compile and attach, for --window seconds):
@@ -38,6 +39,13 @@ tracing, i.e. after the BPF compile and attach, for --window seconds):
           that parks is two read(2), one that finds data waiting is one), the only rate of
           the live-view rows
 and, for the whole run, the CPU and peak RSS of the process from wait4 (compile included).
+
+--tree NAME=DIR (repeatable): compare source trees side by side, e.g. this checkout against a
+copy of it with otelwater's files as they were before a change: each row runs once per tree
+and round, the trees one after the other (their order turned every round), otelwater started
+as `python -m otelwater` with PYTHONPATH=DIR from DIR (its bpf/ too); --rounds N (default 1)
+repeats that. The table then gives each tree's figures side by side (the median of the rounds,
+with each round's in the JSON).
 
 --profile ROW: run that row once more under `py-spy record --gil --function --format raw` for
 the window and print the functions holding the most samples (self and inclusive), as a share
@@ -86,6 +94,10 @@ ROWS = {
     "5k-idle":     (5_000, None, "2ms", "json", ["--include-idle"], "5,000/s, --include-idle"),
     "5k-idle-rb":  (5_000, None, "2ms", "json", ["--include-idle", "--ringbuf-pages", "1024"],
                     "5,000/s, --include-idle, --ringbuf-pages 1024"),
+    "5k-idle-all": (5_000, None, "2ms", "json", ["--include-idle", "--record-rate", "0",
+                                                 "--ringbuf-pages", "1024"],
+                    "5,000/s, --include-idle --record-rate 0 --ringbuf-pages 1024 "
+                    "(every slow read recorded, none lost)"),
     "5k-lag":      (5_000, None, "-delay 25ms", "json", [],
                     "5,000/s consumer-lagging (server -delay 25ms), default flags"),
     "20k":         (20_000, None, "2ms", "json", [], "20,000/s, counted"),
@@ -104,8 +116,9 @@ ROWS = {
     "5k-idle-otlp": (5_000, None, "2ms", "json", ["--include-idle", "--otlp-endpoint"],
                      "5,000/s, --include-idle, --json + OTLP gRPC"),
 }
-DEFAULT_ROWS = ["1k", "1k-idle", "5k", "5k-idle", "5k-idle-rb", "5k-lag", "20k", "20k-idle",
-                "20k-idle-rb", "keepalive", "keepalive-idle", "5k-idle-live", "5k-idle-otlp"]
+DEFAULT_ROWS = ["1k", "1k-idle", "5k", "5k-idle", "5k-idle-rb", "5k-idle-all", "5k-lag", "20k",
+                "20k-idle", "20k-idle-rb", "keepalive", "keepalive-idle", "5k-idle-live",
+                "5k-idle-otlp"]
 QUICK_ROWS = ["1k", "5k", "5k-idle", "20k-idle", "keepalive"]
 
 
@@ -238,9 +251,11 @@ class Receiver:
         return out
 
 
-def otelwater_cmd() -> list[str]:
+def otelwater_cmd(tree: str | None = None) -> list[str]:
     exe = Path(sys.executable).parent / "otelwater"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "otelwater"]
+    if tree is None and exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-m", "otelwater"]
 
 
 class PtyDrain(threading.Thread):
@@ -266,7 +281,8 @@ class PtyDrain(threading.Thread):
 
 
 # -- one run ----------------------------------------------------------------------------------
-def run_row(name: str, args, tmp: str, profile: bool = False) -> dict:
+def run_row(name: str, args, tmp: str, profile: bool = False, tree=None) -> dict:
+    """tree: (name, directory) of the source tree to run, or None (this checkout)."""
     rate, conns, pause, output, extra, text = ROWS[name]
     server_flags: list[str] = []
     if pause.startswith("-delay "):          # the server paces: no client pause
@@ -290,12 +306,16 @@ def run_row(name: str, args, tmp: str, profile: bool = False) -> dict:
         if output == "json":
             flags.append("--json")
         duration = f"{settle + window + 1.0:g}"
-        cmd = [*otelwater_cmd(), "watch", "--go-pid", str(svc.pid), *flags,
+        cmd = [*otelwater_cmd(tree and tree[1]), "watch", "--go-pid", str(svc.pid), *flags,
                "--duration", duration]
         env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="50")
         env.pop("OTELWATER_CONFIG", None)
+        cwd = ROOT
+        if tree is not None:
+            env["PYTHONPATH"] = cwd = tree[1]
         shown = [("URL" if f.startswith("http://") else f) for f in flags]
         res: dict = {"row": name, "text": text, "conns": conns, "pause": pause,
+                     "tree": tree[0] if tree else None,
                      "server_flags": server_flags,
                      "command": " ".join(["otelwater watch --go-pid PID", *shown,
                                           "--duration", duration])
@@ -309,7 +329,7 @@ def run_row(name: str, args, tmp: str, profile: bool = False) -> dict:
             stdout = open(out_path, "w")
         w_start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=err, stdin=subprocess.DEVNULL,
-                                env=env, cwd=ROOT)
+                                env=env, cwd=cwd)
         if drain is not None:
             os.close(drain.slave)
             drain.start()
@@ -522,7 +542,8 @@ def table(results: list[dict]) -> str:
     rows = [head]
     for r in results:
         rows.append([
-            r["text"], str(r["conns"]), fmt_rate(r),
+            (f"[{r['tree']}] " if r.get("tree") else "") + r["text"], str(r["conns"]),
+            fmt_rate(r),
             f"{r['recorded_per_s']:,.0f}" if "recorded_per_s" in r else "-",
             f"{r['cut_per_s']:,.0f}" if "cut_per_s" in r else "-",
             f"{r['lost_per_s']:,.0f}" if "lost_per_s" in r else "-",
@@ -532,6 +553,49 @@ def table(results: list[dict]) -> str:
             f"{r['hwm_mib']:.0f}",
             f"{r['loadavg']:.1f}",
         ])
+    widths = [max(len(x[i]) for x in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(x, widths)) + " |" for x in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def table_ab(results: list[dict], trees: list[str]) -> str:
+    """The trees side by side: per row, each tree's median over the rounds (CPU % of a core,
+    user+sys; slow reads, recorded and lost a second; µs of CPU per recorded read where most
+    slow reads were recorded), and the first tree's CPU over each other's."""
+    import statistics
+
+    def med(rs, key):
+        vals = [r[key] for r in rs if key in r]
+        return statistics.median(vals) if vals else None
+
+    head = ["row", "conns"]
+    for t in trees:
+        head += [f"{t}: CPU % core (user+sys)", f"{t}: slow/recorded/lost a s"]
+    head += [f"{trees[0]}/{t} CPU" for t in trees[1:]]
+    head += [f"{t}: µs a recorded read" for t in trees]
+    rows = [head]
+    order = list(dict.fromkeys(r["row"] for r in results))
+    for name in order:
+        rs = {t: [r for r in results if r["row"] == name and r.get("tree") == t] for t in trees}
+        first = next(r for r in results if r["row"] == name)
+        cells = [first["text"], str(first["conns"])]
+        cpu = {}
+        for t in trees:
+            c, u, sy = (med(rs[t], k) for k in ("cpu_pct", "user_pct", "sys_pct"))
+            cpu[t] = c
+            each = ", ".join(f"{r['cpu_pct']:.1f}" for r in rs[t])
+            cells.append(f"**{c:.1f}** ({u:.1f}+{sy:.1f}; runs: {each})" if c is not None
+                         else "-")
+            sl, rec, lo = (med(rs[t], k) for k in ("slow_per_s", "recorded_per_s", "lost_per_s"))
+            cells.append("/".join("-" if x is None else f"{x:,.0f}" for x in (sl, rec, lo)))
+        for t in trees[1:]:
+            cells.append(f"{cpu[trees[0]] / cpu[t]:.1f}x" if cpu[t] else "-")
+        for t in trees:
+            c, rec, sl = cpu[t], med(rs[t], "recorded_per_s"), med(rs[t], "slow_per_s")
+            cells.append(f"{c / 100 / rec * 1e6:.1f}" if c and rec and sl and rec > sl / 2
+                         else "")
+        rows.append(cells)
     widths = [max(len(x[i]) for x in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(x, widths)) + " |" for x in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -571,9 +635,21 @@ def main(argv=None) -> int:
     ap.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     ap.add_argument("--json", metavar="OUT", help="write every figure here")
     ap.add_argument("--keep", action="store_true", help="keep each run's JSON Lines output")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                    help="a source tree to run (repeatable): the rows run for each, side by "
+                         "side (default: this checkout, as installed)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each row and tree (the trees' order turned every round)")
     ap.add_argument("--slowreader", default=str(ROOT / "examples/bin/slowreader"))
     ap.add_argument("--loadgen", default=str(ROOT / "examples/bin/loadgen"))
     args = ap.parse_args(argv)
+    trees: list = []
+    for t in args.tree:
+        name, eq, path = t.partition("=")
+        if not eq or not (Path(path) / "otelwater").is_dir():
+            ap.error(f"--tree {t!r}: give NAME=DIR, DIR holding otelwater/ and bpf/")
+        trees.append((name, str(Path(path).resolve())))
+    trees = trees or [None]
     names = (([] if args.rows == "none" else args.rows.split(",")) if args.rows
              else QUICK_ROWS if args.quick else DEFAULT_ROWS)
     for n in names + ([args.profile] if args.profile else []):
@@ -610,7 +686,8 @@ def main(argv=None) -> int:
     print(f"machine: Linux {machine['kernel']}, nproc {machine['nproc']}, Python "
           f"{machine['python']}; load average at start {machine['loadavg_start']}")
     print(f"each run: slowreader -mode echo, loadgen -mode pingpong -size 64 -conns N -pause P; "
-          f"otelwater {otelwater_cmd()[-1]} watch --go-pid PID ... --duration "
+          f"otelwater {' '.join(otelwater_cmd(trees[0] and trees[0][1])[1:]) or otelwater_cmd()[0]}"
+          f"{' (PYTHONPATH=DIR, from DIR)' if trees[0] else ''} watch --go-pid PID ... --duration "
           f"{args.settle + args.window + 1:g}; CPU and RSS over {args.window:g} s starting "
           f"{args.settle:g} s after the attach\n", flush=True)
     results = []
@@ -619,18 +696,26 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="otw-selfcost-") as tmp:
         tmp = keep or tmp
         for n in names:
-            r = run_row(n, args, tmp)
-            results.append(r)
-            extra = (f", by verdict {r['by_verdict_per_s']}" if "by_verdict_per_s" in r else "")
-            print(f"{n}: {r['cpu_pct']:.1f}% of a core, {fmt_rate(r)} slow reads/s"
-                  f"{extra}; startup {r['startup_s']:.1f} s; run {r['run_cpu_s']:.2f} s CPU "
-                  f"in {r['run_s']:.1f} s, max RSS {r['run_maxrss_mib']:.0f} MiB; "
-                  f"exit {r['exit_code']}; load {r['loadavg']:.1f}; "
-                  f"{r['others_running']} other otelwater processes "
-                  f"({time.monotonic() - t0:.0f} s)\n  {r['command']}", flush=True)
-        prof = None
+            for rnd in range(args.rounds):
+                order = trees if rnd % 2 == 0 else trees[::-1]
+                for tree in order:
+                    r = run_row(n, args, tmp, tree=tree)
+                    r["round"] = rnd
+                    results.append(r)
+                    extra = (f", by verdict {r['by_verdict_per_s']}"
+                             if "by_verdict_per_s" in r else "")
+                    who = f"[{tree[0]}] " if tree else ""
+                    print(f"{who}{n}: {r['cpu_pct']:.1f}% of a core, {fmt_rate(r)} slow "
+                          f"reads/s{extra}; startup {r['startup_s']:.1f} s; run "
+                          f"{r['run_cpu_s']:.2f} s CPU in {r['run_s']:.1f} s, max RSS "
+                          f"{r['run_maxrss_mib']:.0f} MiB; exit {r['exit_code']}; load "
+                          f"{r['loadavg']:.1f}; {r['others_running']} other otelwater "
+                          f"processes ({time.monotonic() - t0:.0f} s)\n  {r['command']}",
+                          flush=True)
+        profs = []
         if args.profile:
-            prof = run_row(args.profile, args, tmp, profile=True)
+            for tree in trees:
+                profs.append(run_row(args.profile, args, tmp, profile=True, tree=tree))
     elapsed = time.monotonic() - t0
 
     print(f"\n{len(results)} runs in {elapsed:.0f} s. CPU: utime+stime of the otelwater "
@@ -638,19 +723,24 @@ def main(argv=None) -> int:
           f"otelwater's counts records over the window (every verdict); server read(2)/s: "
           f"slowreader's (/proc/PID/io syscr; a Go Read that parks is 2, one that finds data "
           f"waiting 1).\n")
+    if len(trees) > 1:
+        print(table_ab(results, [t[0] for t in trees]))
+        print()
     print(table(results))
     print()
     for r in results:
         if r.get("slow_per_s") and r["row"].startswith(("5k", "20k", "1k")):
             per = r["cpu_pct"] / 100 / r["slow_per_s"] * 1e6
-            print(f"{r['row']}: {per:.1f} us of otelwater CPU per slow read"
+            who = f"[{r['tree']}] " if r.get("tree") else ""
+            print(f"{who}{r['row']}: {per:.1f} us of otelwater CPU per slow read"
                   + (f" ({r['cpu_pct'] / 100 / r['recorded_per_s'] * 1e6:.1f} us per "
                      f"recorded one)" if r.get("recorded_per_s", 0) > r["slow_per_s"] / 2
                      else ""))
     for r in results:
         if r["row"].startswith("5k"):
             ok = r["cpu_pct"] < GOAL_PCT
-            print(f"goal, {r['text']}: {r['cpu_pct']:.1f}% of a core (target < {GOAL_PCT:g}% "
+            who = f"[{r['tree']}] " if r.get("tree") else ""
+            print(f"{who}goal, {r['text']}: {r['cpu_pct']:.1f}% of a core (target < {GOAL_PCT:g}% "
                   f"at {GOAL_RATE:,} slow reads/s): {'met' if ok else 'NOT met'}")
     for r in results[:1]:
         print(f"{r['row']}: resident memory at the window's end by mapping (MiB): "
@@ -660,16 +750,18 @@ def main(argv=None) -> int:
             print(f"{r['row']}: the receiver got {r['otlp_received']}")
         if r.get("lost_records"):
             print(f"{r['row']}: {r['lost_records']} records lost (the whole run)")
-    if prof is not None:
-        print(f"\nprofiled run {prof['row']}: {prof['cpu_pct']:.1f}% of a core under py-spy "
-              f"(the sampling pauses the process), {fmt_rate(prof)} slow reads/s")
+    for prof in profs:
+        who = f" [{prof['tree']}]" if prof.get("tree") else ""
+        print(f"\nprofiled run {prof['row']}{who}: {prof['cpu_pct']:.1f}% of a core under "
+              f"py-spy (the sampling pauses the process), {fmt_rate(prof)} slow reads/s")
         print_profile(prof["row"], prof["profile"], prof["cpu_pct"])
     if keep:
         print(f"\nkept each run's output in {keep}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "args": {k: v for k, v in vars(args).items()},
-                       "elapsed_s": elapsed, "results": results, "profile": prof}, f, indent=1)
+                       "elapsed_s": elapsed, "results": results, "profile": profs},
+                      f, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

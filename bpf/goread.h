@@ -79,6 +79,26 @@ struct otw_vcount {
     u64 wait_hist[OTW_HIST_SLOTS];
 };
 
+/* The request a recorded slow read served: its goroutine's profiler labels (runtime/pprof),
+ * which tracing libraries set to the request's trace and span ids. Read in the kernel, only
+ * for reads that go on the ring buffer (otw_read_links, bpf/goverdict.c); Python decodes. */
+#define OTW_LABELS_SLICE 0x8000   /* goread_proc.links: labels are a slice of {key, value} */
+#define OTW_LABEL_KEY_MAX 32      /* bytes of a label key compared (longer keys: refused) */
+#define OTW_LABEL_VAL_MAX 64      /* bytes of a label value kept (a W3C traceparent is 55) */
+#define OTW_LABELS_SCAN 16        /* labels looked at: slice entries, or map slots (2 buckets) */
+#define OTW_LINK_LABELS 1         /* links: the goroutine carries labels */
+#define OTW_LINK_FOUND0 2         /*   the first key (trace id, or traceparent) was found */
+#define OTW_LINK_FOUND1 4         /*   the second key (span id) was found */
+#define OTW_LINK_MORE 8           /*   more labels than were looked at */
+#define OTW_LINK_UNREADABLE 16    /*   the labels could not be read (or a map mid-growth) */
+
+/* the label keys (link_keys array, written by Python at load) */
+struct otw_link_keys {
+    u8 len[2];                     /* 0: that key is not looked for */
+    u8 _pad[6];
+    u8 key[2][OTW_LABEL_KEY_MAX];  /* zero-padded */
+};
+
 /* one blocked read on the ring buffer */
 struct goread_event {
     u64 ts_start_ns;   /* CLOCK_MONOTONIC: first read(2) attempt / uprobe entry */
@@ -112,7 +132,11 @@ struct goread_event {
     u8 kverdict;       /* OTW_V_*: the kernel's verdict */
     u8 raddr[16];      /* the peer's address, IPv6 form (IPv4 as ::ffff:a.b.c.d); 0 unknown */
     char comm[16];
-    u8 _pad[4];
+    u8 links;          /* OTW_LINK_* */
+    u8 lbl_len[2];     /* the two label values' lengths (may exceed OTW_LABEL_VAL_MAX) */
+    u8 _pad[1];
+    u64 go_start;      /* the goroutine's start function (runtime.g.startpc), 0 unknown */
+    u8 lbl[2][OTW_LABEL_VAL_MAX]; /* the two label values' first bytes */
 };
 
 /* what the water probe tells the read sampler about the read in flight (struct otw_read_ev,
@@ -129,7 +153,9 @@ struct goread_proc {
     u32 slot;          /* index of this process's row in the `parks` array */
     u32 gen;           /* bumped by Python when the slot is given to another process */
     u32 goid_off;      /* runtime.g.goid offset, 0 when not Go (no goid) */
-    u32 _pad;
+    u32 links;         /* where a recorded read finds its request (otw_read_links): the low
+                        * 16 bits runtime.g.labels' offset | OTW_LABELS_SLICE (Go 1.24+: a
+                        * slice, before: a map), the high 16 runtime.g.startpc's; 0: not read */
 };
 
 /* tracepoint sampler: a read parked on (process, fd), reused in place */

@@ -94,7 +94,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     /* parks in the LRU hash until Python gives the process a row (or keeps it there) */
-    struct goread_proc p = {.slot = OTW_NO_SLOT, .gen = 0, .goid_off = OTW_EXEC_GOID_OFF};
+    struct goread_proc p = {.slot = OTW_NO_SLOT, .gen = 0, .goid_off = OTW_EXEC_GOID_OFF,
+                            .links = OTW_EXEC_LINKS};
     procs.update(&tgid, &p);
     u32 *gen = procs_gen.lookup(&zero);
     if (gen)
@@ -197,11 +198,10 @@ static __always_inline void otw_read_emit(void *ctx, struct goread_counts *c, st
     e->goid = 0;
     e->has_goid = 0;
     u32 goid_off = p->goid_off;
-    if (goid_off) {
-        u64 g = regs->r14;
-        if (g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(g + goid_off)) == 0)
-            e->has_goid = 1;
-    }
+    u64 g = goid_off ? regs->r14 : 0;
+    if (g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(g + goid_off)) == 0)
+        e->has_goid = 1;
+    otw_read_links(e, g, p->links);   /* the request it served (goverdict.c) */
     long n = bpf_get_stack(ctx, e->ips, sizeof(e->ips), BPF_F_USER_STACK);
     e->stack_len = n > 0 ? n / sizeof(u64) : 0;
     bpf_get_current_comm(e->comm, sizeof(e->comm));

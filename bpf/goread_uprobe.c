@@ -171,6 +171,7 @@ int otw_up_read_return(struct pt_regs *ctx)
     e->has_goid = 0;
     if (k.g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(k.g + OTW_GOID_OFF)) == 0)
         e->has_goid = 1;
+    otw_read_links(e, k.g, OTW_LINKS);    /* the request it served (goverdict.c) */
     e->caller_ip = 0;
     e->arrival_ns = arrival;        /* 0 and no evidence when the water probe runs apart */
     e->queue_delay_ns = (evf & OTW_EV_QDELAY) ? qdelay : 0;

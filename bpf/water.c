@@ -14,7 +14,9 @@
  *
  * Every struct offset is an OFF_* macro the loader (otelwater/probes/kernel.py) took from the
  * running kernel's BTF; headers only make BCC compile. Per event: one in-place lookup of the
- * socket's state, two probe reads (a span of struct sock, then tcp_sock's sequence numbers),
+ * socket's state, the queue figures of struct sock and tcp_sock's sequence numbers (direct
+ * loads through the kfunc bpf_rdonly_cast where the kernel allows it, else two probe reads),
+ * no clock unless a record is made (or Go readers are traced: their evidence is timed),
  * and a ring-buffer record only when something worth saying happened: the volume rose above
  * high water, a new peak (+1/8), the water fell back below low water (these three at most once
  * per OTW_LEVEL_GAP_NS per socket), a drop (at most one record per OTW_OVERFLOW_GAP_NS per
@@ -53,7 +55,12 @@
 
 #define OTW_IPPROTO_TCP 6
 
-BPF_TABLE("lru_hash", u64, struct water_sock, socks, OTW_MAX_SOCKETS);
+/* LRU: a socket whose close we missed is evicted, not kept forever. A plain hash ("hash",
+ * bench/water_overhead.py --variant) measured no cheaper a lookup here (bench/README.md). */
+#ifndef OTW_SOCKS_TYPE
+#define OTW_SOCKS_TYPE "lru_hash"
+#endif
+BPF_TABLE(OTW_SOCKS_TYPE, u64, struct water_sock, socks, OTW_MAX_SOCKETS);
 BPF_PERCPU_ARRAY(fresh_sock, struct water_sock, 1); /* scratch: too big for the BPF stack */
 BPF_ARRAY(cfg, struct water_cfg, 1);
 BPF_PERCPU_ARRAY(lost, struct water_lost, 1);
@@ -161,8 +168,60 @@ static __always_inline int otw_decide(const struct water_state *st, int process_
 
 #define OTW_MAX2(a, b) ((a) > (b) ? (a) : (b))
 
+#if OTW_KF_RDONLY_CAST
+/* Direct reads. The kfunc bpf_rdonly_cast(ptr, BTF type id) (6.2+, every program type) types
+ * its result as an untrusted pointer to that struct of the running kernel: the verifier turns
+ * the call into a register move, checks each load against the struct's BTF (a load must lie
+ * within one member) and makes it a fault-tolerant load, as bpf_probe_read_kernel would be,
+ * but inline: no helper call (the two probe reads cost ~115 ns an event here, the direct
+ * loads next to nothing: bench/README.md). BCC 0.26 cannot emit a kfunc call, so it is spelled
+ * out: `call` with src_reg BPF_PSEUDO_KFUNC_CALL (2) and the kfunc's BTF id as imm. The loader
+ * (otelwater/probes/loader.py, direct_read_cflags) passes the ids (OTW_KF_RDONLY_CAST,
+ * OTW_BTF_SOCK, OTW_BTF_TCP_SOCK) once a test program making the same loads has passed the
+ * verifier; else OTW_KF_RDONLY_CAST=0 and probe reads. */
+#ifdef __bpf__
+#define OTW_KF_CLOBBERS : "r0", "r1", "r2", "r3", "r4", "r5"
+#else   /* BCC parses the file for the host first, which has no such registers */
+#define OTW_KF_CLOBBERS
+#endif
+#define OTW_STR_(x) #x
+#define OTW_STR(x) OTW_STR_(x)
+
+/* the address as a plain number: BCC's rewriter turns a dereference of anything it sees
+ * derived from the tracepoint's arguments into a bpf_probe_read_kernel */
+static __always_inline u64 otw_kaddr(const void *p)
+{
+    u64 a;
+    __builtin_memcpy(&a, &p, sizeof(a));
+    return a;
+}
+
+#define OTW_RDONLY_CAST(addr, btf_id) ({                                                  \
+    u64 __p;                                                                              \
+    asm volatile("r1 = %[a]\n\t"                                                         \
+                 "r2 = " OTW_STR(btf_id) "\n\t"                                           \
+                 ".byte 0x85, 0x20, 0, 0\n\t"                                              \
+                 ".long " OTW_STR(OTW_KF_RDONLY_CAST) "\n\t"                               \
+                 "%[p] = r0"                                                              \
+                 : [p] "=r"(__p) : [a] "r"(addr) OTW_KF_CLOBBERS);                        \
+    __p; })
+#define OTW_U32_AT(base, off) (*(const u32 *)((base) + (off)))
+#endif
+
 static __always_inline void otw_refresh(const void *sk, struct water_state *st)
 {
+#if OTW_KF_RDONLY_CAST
+    u64 a = otw_kaddr(sk);
+    u64 k = OTW_RDONLY_CAST(a, OTW_BTF_SOCK);
+    st->level = OTW_U32_AT(k, OFF_SK_RCVQ_QLEN);
+    st->volume = OTW_U32_AT(k, OFF_SK_RMEM_ALLOC);
+    st->backlog = OTW_U32_AT(k, OFF_SK_BACKLOG_LEN);
+    st->capacity = OTW_U32_AT(k, OFF_SK_RCVBUF);
+    st->drops = OTW_U32_AT(k, OFF_SK_DROPS);
+    u64 t = OTW_RDONLY_CAST(a, OTW_BTF_TCP_SOCK);
+    st->rcv_nxt = OTW_U32_AT(t, OFF_TCP_RCV_NXT);
+    st->copied_seq = OTW_U32_AT(t, OFF_TCP_COPIED_SEQ);
+#else
     /* one buffer for both reads (the stack is near its 512 bytes with a Go sampler inside) */
     u8 buf[OTW_MAX2(OTW_SPAN_LEN, OTW_SEQ_LEN)];
     bpf_probe_read_kernel(buf, OTW_SPAN_LEN, (const char *)sk + OTW_SPAN_START);
@@ -182,6 +241,7 @@ static __always_inline void otw_refresh(const void *sk, struct water_state *st)
     bpf_probe_read_kernel(&seq[1], 4, (const char *)sk + OFF_TCP_COPIED_SEQ);
     st->rcv_nxt = seq[0];
     st->copied_seq = seq[1];
+#endif
 #endif
 }
 
@@ -209,6 +269,7 @@ static __always_inline const struct goread_proc *otw_go_proc(struct water_state 
             a->go_slot = p->slot;
             a->go_slot_gen = p->gen;
             a->go_goid_off = p->goid_off;
+            a->go_links = p->links;
         }
     }
     return a->go_known ? (const struct goread_proc *)&a->go_slot : 0;
@@ -359,9 +420,15 @@ static __always_inline void otw_emit(struct water_state *st, u8 trigger, u64 now
 
 /* After an arrival or a read: update the level marks, emit when they say so. A reader that
  * drains in large chunks crosses the marks on every read: records for one socket are spaced
- * at least OTW_LEVEL_GAP_NS apart (the marks keep moving; the sweep reports the last state). */
+ * at least OTW_LEVEL_GAP_NS apart (the marks keep moving; the sweep reports the last state).
+ * now: the event's time, or 0 when the event has not read the clock (no Go readers: only a
+ * record needs the time, and a clock read costs ~60 ns here, a fifth of the program). */
 static __always_inline void otw_after_flow(struct water_state *st, u8 trigger, u64 now)
 {
+#if OTW_EVENT_CLOCK   /* the clock on every event, as before (bench/water_overhead.py --variant) */
+    if (!now)
+        now = bpf_ktime_get_ns();
+#endif
     int emit = 0;
 #if OTW_FOLLOW
     emit = 2;
@@ -380,12 +447,19 @@ static __always_inline void otw_after_flow(struct water_state *st, u8 trigger, u
         emit |= 1;
     }
     st->changes += 1;
-    st->last_ts_ns = now;
     st->last_trigger = trigger;
+    if (!emit) {
+#if OTW_READ_EVIDENCE || OTW_EVENT_CLOCK
+        st->last_ts_ns = now;
+#endif
+        return;
+    }
+    if (!now)
+        now = bpf_ktime_get_ns();
+    st->last_ts_ns = now;
     if (emit == 1 && st->last_emit_ns && now - st->last_emit_ns < OTW_LEVEL_GAP_NS)
-        emit = 0;
-    if (emit)
-        otw_emit(st, trigger, now);
+        return;
+    otw_emit(st, trigger, now);
 }
 
 #if OTW_GO_UPROBE
@@ -405,8 +479,8 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
     int known = st->changes != 0;   /* rcv_nxt of an earlier event is in st */
 #endif
     otw_refresh(sk, st);
-    u64 now = bpf_ktime_get_ns();
 #if OTW_READ_EVIDENCE
+    u64 now = bpf_ktime_get_ns();
     if (!known || st->rcv_nxt != before) {
         /* remember the arrival: what it brought ends at rcv_nxt; when the queue was empty
          * before it (everything up to the previous rcv_nxt read), it starts at that */
@@ -422,6 +496,8 @@ RAW_TRACEPOINT_PROBE(sk_data_ready)
             a->arrival_send_ns = a->last_send_ns;
         }
     }
+#else
+    u64 now = 0;    /* read only if a record is made */
 #endif
     otw_after_flow(st, OTW_TRIGGER_ARRIVAL, now);
     return 0;
@@ -593,8 +669,8 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
     if (!st->ino)
         st->ino = otw_sock_ino(sk);
     otw_refresh(sk, st);
-    u64 now = bpf_ktime_get_ns();
 #if OTW_READ_EVIDENCE
+    u64 now = bpf_ktime_get_ns();
 #if OTW_GO_TP
     u64 park = otw_arrivals(st)->park_ns;
     if (gp && park && otw_arrivals(st)->park_g != otw_go_g(gp))
@@ -606,6 +682,8 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
     struct otw_read_ev note = {};
     otw_note_read(st, ret, flags, now, &note);
 #endif
+#else
+    u64 now = 0;    /* read only if a record is made */
 #endif
     otw_after_flow(st, OTW_TRIGGER_READ, now);
     return 0;

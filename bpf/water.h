@@ -41,7 +41,9 @@
 struct water_state {
     u64 sock_key;      /* bpf/sockkey.h */
     u64 ino;           /* socket inode (socket:[ino] in /proc/PID/fd), 0 if orphaned */
-    u64 last_ts_ns;    /* CLOCK_MONOTONIC of the last event */
+    u64 last_ts_ns;    /* CLOCK_MONOTONIC of the last event that read the clock: every
+                        * event with Go readers traced, else the last record, drop or close
+                        * (an arrival or read that says nothing reads no clock) */
     u64 last_emit_ns;  /* last ring-buffer event for this socket */
     u64 changes;       /* events seen on this socket; the sweep reports sockets whose count moved */
     u64 empty_arrival_ns; /* the last arrival that found the queue empty (all read): a reader
@@ -104,10 +106,10 @@ struct water_arrivals {
     u32 go_tgid;               /* the reader asked about */
     u32 go_gen;                /* the table's generation then */
     u32 go_slot;               /* its struct goread_proc (bpf/goread.h), field for field: */
-    u32 go_slot_gen;           /*   slot, gen, goid_off, */
+    u32 go_slot_gen;           /*   slot, gen, goid_off, links */
     u32 go_goid_off;
-    u32 go_known;              /*   and in its _pad: 1 when the reader is traced */
-    u32 _pad;
+    u32 go_links;
+    u32 go_known;              /* 1 when the reader is traced */
 };
 
 /* the `socks` map's value: the state (copied into snapshots) and the arrival ring (kernel-only) */

@@ -50,6 +50,12 @@ def _num(default, *, minimum=0.0, above=None, maximum=None, doc=""):
                                             "doc": doc})
 
 
+def _text(default, *, pattern, max_len, doc=""):
+    """A free text field (a label key): `pattern` (a regex, whole match) and at most
+    `max_len` bytes."""
+    return field(default=default, metadata={"pattern": pattern, "max_len": max_len, "doc": doc})
+
+
 def _choice(default, choices, doc=""):
     return field(default=default, metadata={"choices": tuple(choices), "doc": doc})
 
@@ -175,11 +181,29 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class LinksConfig:
+    """Spans inside the service's own traces: the reading goroutine's runtime/pprof labels
+    that carry its request's trace context (otelwater/events/links.py; README)."""
+
+    enabled: bool = field(default=True, metadata={
+        "doc": "read the labels of each recorded slow read's goroutine (only those: other "
+               "reads pay nothing) and make its span a child of the request's span"})
+    trace_key: str = _text("trace_id", pattern=r"[\x21-\x7e][\x20-\x7e]*", max_len=32,
+                           doc="the label holding the trace id (or the traceparent)")
+    span_key: str = _text("span_id", pattern=r"[\x21-\x7e][\x20-\x7e]*", max_len=32,
+                          doc="the label holding the request's span id")
+    encoding: str = _choice("hex", ("hex", "decimal", "traceparent"),
+                            doc="hex: 32/16 hex digits; decimal: unsigned 64-bit numbers; "
+                                "traceparent: one label, a W3C traceparent")
+
+
+@dataclass(frozen=True)
 class Config:
     alerts: AlertConfig = field(default_factory=AlertConfig)
     correlate: CorrelateConfig = field(default_factory=CorrelateConfig)
     rainwater: RainWaterConfig = field(default_factory=RainWaterConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    links: LinksConfig = field(default_factory=LinksConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,6 +275,15 @@ def _check(key: str, value: Any, source: str, from_text: bool = False) -> Any:
         if isinstance(value, bool):
             return value
         raise bad("expected true or false", f"e.g. {key} = true")
+    if kind == "str" and "pattern" in meta:
+        if not isinstance(value, str):
+            raise bad("expected text", f"e.g. {key} = {f.default}")
+        import re
+
+        if not re.fullmatch(meta["pattern"], value) or len(value.encode()) > meta["max_len"]:
+            raise bad(f"not 1-{meta['max_len']} printable ASCII characters",
+                      f"e.g. {key} = {f.default}")
+        return value
     if kind == "str":
         if not isinstance(value, str) or value not in meta["choices"]:
             raise bad("not one of " + ", ".join(meta["choices"]),

@@ -56,12 +56,16 @@ def open_readers(go_binary, go_pids, probes, blocked_ns, ringbuf_pages=64, confi
     # socket and queue evidence (the uprobe sampler only when one binary is traced)
     from otelwater.config import Config
 
-    c = (config or Config()).correlate
+    from otelwater.events.links import LinkKeys
+
+    config = config or Config()
+    c, ln = config.correlate, config.links
+    links = LinkKeys(ln.trace_key, ln.span_key, ln.encoding) if ln.enabled else None
     return GoReadSampler(GoReadOptions(binary=go_binary, pids=frozenset(go_pids),
                                        mechanism=probes, threshold_ns=blocked_ns, embed=True,
                                        ringbuf_pages=ringbuf_pages,
                                        run_ns=c.run_threshold_ns, record_rate=c.record_rate,
-                                       include_idle=c.include_idle))
+                                       include_idle=c.include_idle, links=links))
 
 
 def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high_water,
@@ -79,7 +83,10 @@ def run_watch(*, pids, ports, cgroups, duration, interval, as_json, follow, high
         blocked_ns = config.correlate.threshold_ns
     opts = WaterOptions(ports=frozenset(ports), pids=frozenset(pids),
                         cgroups=frozenset(cgroups), follow=follow, high_water=high_water,
-                        ringbuf_pages=ringbuf_pages)
+                        ringbuf_pages=ringbuf_pages,
+                        # a queue gone still is reported until the alerts can clear on it
+                        still_reports=max(3, config.alerts.surge_window),
+                        still_ns=config.alerts.hold_ns)
     what = describe(pids, ports, cgroups)
     stats = RunStats()
     raw_sinks = [RecordingSink(recorder)] if recorder is not None else []

@@ -26,7 +26,8 @@ _CTYPES = {
     "char": ctypes.c_char, "int": ctypes.c_int32,
 }
 _STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{(.*?)\};", re.S)
-_FIELD_RE = re.compile(r"^\s*(struct\s+\w+|\w+)\s+(\w+)\s*(?:\[\s*(\w+)\s*\])?\s*;")
+_FIELD_RE = re.compile(r"^\s*(struct\s+\w+|\w+)\s+(\w+)\s*(?:\[\s*(\w+)\s*\])?"
+                       r"(?:\[\s*(\w+)\s*\])?\s*;")   # up to two dimensions
 _DEFINE_RE = re.compile(r"^\s*#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", re.M)
 
 
@@ -50,14 +51,15 @@ class Header:
             fm = _FIELD_RE.match(line + ";")
             if not fm:
                 raise ValueError(f"struct {name}: cannot parse field {line!r}")
-            tname, fname, count = fm[1], fm[2], fm[3]
+            tname, fname = fm[1], fm[2]
             if tname.startswith("struct"):
                 ctype = self.structs[tname.split()[1]]
             else:
                 ctype = _CTYPES[tname]
-            if count:
-                n = int(count, 0) if count[0].isdigit() else self.defines[count]
-                ctype = ctype * n
+            for count in (fm[4], fm[3]):     # a[N][M]: an array of N arrays of M
+                if count:
+                    n = int(count, 0) if count[0].isdigit() else self.defines[count]
+                    ctype = ctype * n
             fields.append((fname, ctype))
         return type(name, (ctypes.Structure,), {"_fields_": fields})
 

@@ -96,6 +96,14 @@ class ReadRecord:
                                         # woke the read (before its return when none did)
     ts_prev_arrival_ns: int | None = None  # parked: the newest arrival before the park began
     kernel_verdict: str | None = None   # the verdict the kernel counted it under (the same rules)
+    # The request the read served, from the reading goroutine's profiler labels (runtime/pprof),
+    # read in the kernel for recorded slow reads only ("" where unknown):
+    trace_id: str = ""                  # 32 lowercase hex digits: the request's trace
+    parent_span_id: str = ""            # 16 lowercase hex digits: the request's span
+    link_note: str = ""                 # why the read is not linked to the trace its goroutine's
+                                        # labels name (a connection-owning goroutine, a label
+                                        # that does not parse); "" when linked or no labels
+    go_start: str = ""                  # the function the reading goroutine was started with
 
     @property
     def duration_ns(self) -> int:

@@ -23,7 +23,10 @@ carries how many were lost before it and when (first and last), and poll() puts 
   later; with pids: one set of probes per pid. Exact Go-level latency of every Read.
 
 User stacks are symbolized here from .symtab or .gopclntab (goelf.Symbolizer), PIE binaries
-through their load bias in /proc/PID/maps. The read ring buffer has a consumer of its own
+through their load bias in /proc/PID/maps, once per distinct stack of a process (the names of
+a stack are kept by its raw addresses). A record is decoded by a precompiled struct.Struct
+(kernel.unpacker, from bpf/goread.h), its comm and peer address formatted once per distinct
+raw bytes. The read ring buffer has a consumer of its own
 (loader.RingBuffer), also when compiled into the water probe's program. stop() ends a run
 exactly: detached (embedded: by the water probe's stop(), called first), what the ring buffer
 still holds and the final lost total; every read stats() counts as recorded (blocked +
@@ -37,17 +40,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 
 from otelwater.errors import BinaryError, NoSuchProcess, ProbeLoadError, UsageError
+from otelwater.events import links as trace_links
 from otelwater.events.layout import header
 from otelwater.events.model import ROLES, LostEvents, Notice, ReadRecord, VerdictCounts
 from otelwater.events.verdict import (CONSUMER_LAGGING, IDLE, PEER_STARVED, RUNTIME_STARVED,
                                       UNKNOWN)
 from otelwater.sockkey import addr_text
 from otelwater.probes import host
-from otelwater.probes.kernel import LossLedger, drain_at_stop
+from otelwater.probes.kernel import (CACHE_MAX, LossLedger, cstr, drain_at_stop,
+                                      record_maker, unpacker)
 from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_SETTLE_S, RingBuffer,
                                      check_ringbuf_pages, detach_all, kernel_cflags, load_bpf,
                                      one_line, running_kernel_btf)
@@ -55,6 +61,7 @@ from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_SETTLE_S, Ri
 GOREAD_H = header("goread.h")
 GoReadEvent = GOREAD_H.structs["goread_event"]
 GoReadProc = GOREAD_H.structs["goread_proc"]
+LinkKeysValue = GOREAD_H.structs["otw_link_keys"]
 GoReadCounts = GOREAD_H.structs["goread_counts"]
 _D = GOREAD_H.defines
 # the kernel's verdict codes (OTW_V_*) by name
@@ -62,7 +69,21 @@ KERNEL_VERDICTS = {_D["OTW_V_PEER"]: PEER_STARVED, _D["OTW_V_RUN"]: RUNTIME_STAR
                    _D["OTW_V_LAG"]: CONSUMER_LAGGING, _D["OTW_V_UNKNOWN"]: UNKNOWN,
                    _D["OTW_V_IDLE"]: IDLE}
 SOURCES = {_D["OTW_SOURCE_TRACEPOINT"]: "tracepoint", _D["OTW_SOURCE_UPROBE"]: "uprobe"}
+# a record decoded in two C calls (kernel.unpacker): its fields in this order
+EVENT_FIELDS = ("ts_start_ns", "ts_end_ns", "pid", "tid", "goid", "has_goid", "fd", "sock_key",
+                "requested", "returned", "ips", "stack_len", "caller_ip", "source", "comm",
+                "parked", "evidence", "arrival_ns", "queue_delay_ns", "role", "raddr", "rport",
+                "send_ns", "prev_arrival_ns", "kverdict", "lost_before", "lost_since_ns",
+                "lost_until_ns", "links", "lbl_len", "go_start", "lbl")
+EVENT_STRUCT, EVENT_VALUES = unpacker(GoReadEvent, EVENT_FIELDS)
+EVENT_SIZE = EVENT_STRUCT.size
+STACK_DEPTH = _D["OTW_STACK_DEPTH"]
+_LOST = EVENT_FIELDS.index("lost_before")    # then lost_since_ns, lost_until_ns
+_Read = record_maker(ReadRecord)
+_TP = _D["OTW_SOURCE_TRACEPOINT"]
+_EV_SOCKET, _EV_QDELAY, _EV_EXACT = _D["OTW_EV_SOCKET"], _D["OTW_EV_QDELAY"], _D["OTW_EV_EXACT"]
 MECHANISMS = ("tracepoint", "uprobe")
+LABELS_SLICE_MINOR = 24   # runtime/pprof keeps a goroutine's labels in a slice from Go 1.24
 READ_FUNCTION = "net.(*conn).Read"
 RESCAN_S = 0.5
 NO_SLOT = 0xFFFFFFFF
@@ -84,6 +105,9 @@ class GoReadOptions:
     max_fds: int = 4096                     # tracepoint: fds per row (larger fds: LRU hash)
     embed: bool = False                     # tracepoint: compiled into the water probe's
                                             # program (WaterProbe(readers=...)), for evidence
+    # the label keys that name a recorded read's request (events/links.py); None: read no
+    # labels (nor the goroutine's start function)
+    links: trace_links.LinkKeys | None = trace_links.LinkKeys()
 
 
 @dataclass(frozen=True)
@@ -235,6 +259,20 @@ class _Binary:
         return self.info.offsets["runtime.g.goid"] if self.info else 0
 
     @property
+    def links(self) -> int:
+        """struct goread_proc.links: where its goroutines' labels and start function are
+        (runtime.g.labels | OTW_LABELS_SLICE from Go 1.24, runtime.g.startpc << 16)."""
+        from otelwater.probes.goelf import go_minor
+
+        if not self.info:
+            return 0
+        off = self.info.offsets
+        labels = off.get("runtime.g.labels", 0)
+        if labels and (go_minor(self.info.go_version) or 0) >= LABELS_SLICE_MINOR:
+            labels |= _D["OTW_LABELS_SLICE"]
+        return labels | off.get("runtime.g.startpc", 0) << 16
+
+    @property
     def pie(self) -> bool:
         return bool(self.info and self.info.pie)
 
@@ -282,7 +320,10 @@ class GoReadSampler:
         self._binaries: dict[tuple[int, int], _Binary] = {}
         self._pid_binary: dict[int, _Binary] = {}
         self._bias: dict[int, int] = {}
-        self._comm: dict[int, str] = {}
+        self._comms: dict[bytes, str] = {}            # raw comm -> text
+        self._addrs: dict[bytes, str] = {}            # raw peer address -> text
+        self._stacks: dict[tuple, tuple[str, ...]] = {}   # (pid, caller, raw ips) -> names
+        self._starts: dict[tuple[int, int], str] = {}      # (pid, startpc) -> function name
         self._slots: dict[int, tuple[int, int]] = {}   # tracepoint: pid -> (slot, gen)
         self._gens = [0] * opts.max_procs
         self._free = list(range(opts.max_procs - 1, -1, -1))
@@ -367,9 +408,21 @@ class GoReadSampler:
                              ring="OTW_READ_RINGBUF_PAGES") + [
             f"-DOTW_THRESHOLD_NS={self.opts.threshold_ns}ULL"] + verdict_cflags(self.opts)
 
+    def _set_link_keys(self, b) -> None:
+        """Tell program `b` which label keys name a read's request (link_keys)."""
+        keys = self.opts.links
+        if keys is None:
+            return
+        k0, k1 = keys.kernel_keys()
+        n = trace_links.KEY_MAX
+        raw = bytes([len(k0), len(k1)]) + bytes(6) + k0.ljust(n, b"\0") + k1.ljust(n, b"\0")
+        # our own layout of the value (BCC's Leaf type flattens the 2-D array wrongly)
+        b["link_keys"][ctypes.c_int(0)] = LinkKeysValue.from_buffer_copy(raw)
+
     def _load(self, src: str, cflags: list[str]):
         b = load_bpf(src, cflags, f"the Go read sampler ({src})", embed=("goverdict.c",))
         self._bpfs.append(b)
+        self._set_link_keys(b)
         self._rings.append(RingBuffer(b, "read_events", self._on_event))
         return b
 
@@ -387,7 +440,8 @@ class GoReadSampler:
         flags = self._cflags() + [f"-DOTW_MAX_PROCS={o.max_procs}", f"-DOTW_MAX_FDS={o.max_fds}",
                                   f"-DOTW_TP_RET_OFF={_tp_ret_offset()}", "-DOTW_GO_TP=1"]
         if o.binary:
-            flags += ["-DOTW_EXEC_WATCH=1", f"-DOTW_EXEC_GOID_OFF={self._main_binary.goid_off}"]
+            flags += ["-DOTW_EXEC_WATCH=1", f"-DOTW_EXEC_GOID_OFF={self._main_binary.goid_off}",
+                      f"-DOTW_EXEC_LINKS={self._main_binary.links if o.links else 0}"]
             flags += [f"-D{k}={v}" for k, v in exec_offsets(self._btf).items()]
         return flags
 
@@ -400,6 +454,7 @@ class GoReadSampler:
             raise ProbeLoadError("bind() is for a sampler made with embed=True, once")
         self._bpfs.append(b)
         self._owned = False
+        self._set_link_keys(b)
         # not BCC's consumer, which it shares with the water probe's `events`: a flooded
         # `events` would end every consume before this one was read (loader.RingBuffer)
         self._rings.append(RingBuffer(b, "read_events", self._on_event))
@@ -449,6 +504,7 @@ class GoReadSampler:
         off = binary.info.offsets
         return self._cflags() + [
             f"-DOTW_GOID_OFF={off['runtime.g.goid']}",
+            f"-DOTW_LINKS={binary.links if self.opts.links else 0}",
             f"-DOFF_CONN_FD={off['net.conn.fd']}",
             f"-DOFF_NETFD_PFD={off['net.netFD.pfd']}",
             f"-DOFF_FD_SYSFD={off['internal/poll.FD.Sysfd']}",
@@ -493,7 +549,8 @@ class GoReadSampler:
             gen = self._gens[slot]
         else:
             slot, gen = NO_SLOT, 0   # parks of this process go to the LRU hash
-        self._procs[ctypes.c_uint32(pid)] = GoReadProc(slot, gen, binary.goid_off, 0)
+        self._procs[ctypes.c_uint32(pid)] = GoReadProc(
+            slot, gen, binary.goid_off, binary.links if self.opts.links else 0)
         self._procs_changed()
         self._slots[pid] = (slot, gen)
         self._pid_binary[pid] = binary
@@ -543,12 +600,12 @@ class GoReadSampler:
 
     # -- records ---------------------------------------------------------------------------
     def _on_event(self, _ctx, data, _size) -> int:
-        e = ctypes.cast(data, ctypes.POINTER(GoReadEvent)).contents
-        if e.lost_before:   # records this CPU lost before this one: said just before it
+        v = EVENT_VALUES(EVENT_STRUCT.unpack_from(ctypes.string_at(data, EVENT_SIZE)))
+        if v[_LOST]:        # records this CPU lost before this one: said just before it
             self._carried.append(len(self._pending))
-            self._pending.append(self._ledger.carried(e.ts_end_ns, e.lost_before,
-                                                      e.lost_since_ns, e.lost_until_ns))
-        self._pending.append(self._record(e))
+            self._pending.append(self._ledger.carried(v[1], v[_LOST], v[_LOST + 1],
+                                                      v[_LOST + 2]))
+        self._pending.append(self._record(v))
         # negative: libbpf stops this consume after the record (kept), so a fast producer
         # cannot hold the caller's loop
         n = len(self._pending)
@@ -578,14 +635,19 @@ class GoReadSampler:
             self._pid_binary[pid] = b
         return b
 
-    def _record(self, e) -> ReadRecord:
-        pid = e.pid
+    def _stack(self, pid: int, ips_raw: bytes, caller_ip: int) -> tuple[str, ...]:
+        """The names of a user stack (innermost first), made once per distinct stack of a
+        process (cached by its raw addresses: the same code paths block again and again)."""
+        key = (pid, caller_ip, ips_raw)
+        stack = self._stacks.get(key)
+        if stack is not None:
+            return stack
+        n = len(ips_raw) // 8
+        ips = list(struct.unpack(f"<{n}Q", ips_raw))
+        if caller_ip and ips:
+            ips.insert(1, caller_ip)
         binary = self._binary_of(pid)
-        n = min(int(e.stack_len), len(e.ips))
-        ips = [int(e.ips[i]) for i in range(n)]
-        if e.caller_ip and ips:
-            ips.insert(1, int(e.caller_ip))
-        stack: tuple[str, ...] = ()
+        stack = ()
         if binary is not None and ips:
             bias = 0
             if binary.pie:
@@ -602,29 +664,83 @@ class GoReadSampler:
                                "symbol table; please report the Go version and build flags")
         elif ips:
             stack = tuple(f"0x{ip:x}" for ip in ips)
-        if not e.has_goid and (binary is None or binary.info is None):
-            why = binary.why_no_goid if binary is not None else "its executable is unknown"
-            self._say_once(("nogoid", pid), f"goroutine ids of pid {pid} are null (its reads "
-                           f"are still traced): {why}")
-        return ReadRecord(
-            ts_start_ns=e.ts_start_ns, ts_end_ns=e.ts_end_ns, pid=pid, tid=e.tid,
-            goid=int(e.goid) if e.has_goid else None, fd=e.fd, sock_key=e.sock_key,
-            requested=e.requested, returned=e.returned, stack=stack,
-            source=SOURCES.get(e.source, str(e.source)),
-            comm=e.comm.decode(errors="replace"),
-            parked=(bool(e.parked) if e.source == _D["OTW_SOURCE_TRACEPOINT"]
-                    or e.evidence & _D["OTW_EV_SOCKET"] else None),
-            ts_arrival_ns=int(e.arrival_ns) or None,
-            queue_delay_ns=int(e.queue_delay_ns) if e.evidence & _D["OTW_EV_QDELAY"] else None,
-            queue_delay_exact=(bool(e.evidence & _D["OTW_EV_EXACT"])
-                               if e.evidence & _D["OTW_EV_QDELAY"] else None),
-            role=ROLES.get(e.role, ""),
-            peer_addr=addr_text(bytes(e.raddr)) if e.rport else "",
-            peer_port=int(e.rport),
-            ts_send_ns=int(e.send_ns) or None,
-            ts_prev_arrival_ns=(int(e.prev_arrival_ns) or None) if e.parked else None,
-            kernel_verdict=KERNEL_VERDICTS.get(e.kverdict),
-        )
+        if len(self._stacks) >= CACHE_MAX:
+            self._stacks.clear()
+        self._stacks[key] = stack
+        return stack
+
+    def _go_start(self, pid: int, pc: int) -> str:
+        """The name of a goroutine's start function (runtime.g.startpc), '' unknown."""
+        key = (pid, pc)
+        name = self._starts.get(key)
+        if name is None:
+            binary = self._binary_of(pid)
+            name = ""
+            if binary is not None and binary.symbolizer is not None:
+                bias = 0
+                if binary.pie:
+                    bias = self._bias.get(pid)
+                    if bias is None:
+                        bias = self._bias[pid] = _load_bias(pid, binary.path)
+                name = binary.name(pc - bias)
+                if name.startswith("0x"):
+                    name = ""
+            if len(self._starts) >= CACHE_MAX:
+                self._starts.clear()
+            self._starts[key] = name
+        return name
+
+    def _link(self, pid: int, v) -> tuple[str, str, str, str]:
+        """(trace_id, parent_span_id, link_note, go_start) of a record (events/links.py)."""
+        flags, lens, start_pc, values = v[_LOST + 3:]
+        go_start = self._go_start(pid, start_pc) if start_pc else ""
+        keys = self.opts.links
+        if keys is None or not flags:
+            return "", "", "", go_start
+        n = trace_links.VALUE_MAX
+        trace, span, note = trace_links.decode(keys, flags, (values[:n], values[n:]),
+                                               (lens[0], lens[1]), go_start)
+        return trace, span, note, go_start
+
+    def _record(self, v) -> ReadRecord:
+        """v: EVENT_FIELDS' values of one goread_event."""
+        (ts_start, ts_end, pid, tid, goid, has_goid, fd, sock_key, requested, returned,
+         ips_raw, stack_len, caller_ip, source, comm_raw, parked, evidence, arrival_ns,
+         qdelay, role, raddr, rport, send_ns, prev_arrival_ns, kverdict) = v[:25]
+        n = stack_len if stack_len < STACK_DEPTH else STACK_DEPTH
+        stack = self._stack(pid, ips_raw[:8 * n], caller_ip) if n else ()
+        if not has_goid:
+            binary = self._binary_of(pid)
+            if binary is None or binary.info is None:
+                why = binary.why_no_goid if binary is not None else "its executable is unknown"
+                self._say_once(("nogoid", pid), f"goroutine ids of pid {pid} are null (its reads "
+                               f"are still traced): {why}")
+            goid = None
+        comm = self._comms.get(comm_raw)
+        if comm is None:
+            if len(self._comms) >= CACHE_MAX:
+                self._comms.clear()
+            comm = self._comms[comm_raw] = cstr(comm_raw).decode(errors="replace")
+        if rport:
+            peer = self._addrs.get(raddr)
+            if peer is None:
+                if len(self._addrs) >= CACHE_MAX:
+                    self._addrs.clear()
+                peer = self._addrs[raddr] = addr_text(raddr)
+        else:
+            peer = ""
+        has_qdelay = evidence & _EV_QDELAY
+        # positional, in ReadRecord's field order (tests/unit/test_decode.py holds it)
+        return _Read(
+            ts_start, ts_end, pid, tid, goid, fd, sock_key, requested, returned, stack,
+            SOURCES.get(source) or str(source), comm,
+            bool(parked) if source == _TP or evidence & _EV_SOCKET else None,
+            arrival_ns or None,
+            qdelay if has_qdelay else None,
+            bool(evidence & _EV_EXACT) if has_qdelay else None,
+            ROLES.get(role, ""), peer, rport, send_ns or None,
+            (prev_arrival_ns or None) if parked else None,
+            KERNEL_VERDICTS.get(kverdict), *self._link(pid, v))
 
     def poll(self, max_records: int = POLL_BUDGET) -> list[ReadRecord]:
         """Blocked reads recorded since the last call, at most about max_records (never

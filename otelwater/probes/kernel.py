@@ -3,7 +3,8 @@ attaches it to tracepoints, and turns its ring buffer and socket table into Wate
 
     with WaterProbe(WaterOptions(ports={8080})) as probe:
         for snap in probe.poll(): ...        # ring-buffer records (rises, peaks, drops, closes)
-        for snap in probe.sweep(): ...       # periodic: every socket whose state moved
+        for snap in probe.sweep(): ...       # periodic: every socket whose state moved (but
+                                             # one whose queue stays empty: Sweeper)
         probe.lost_total()                   # records the ring buffer could not take
         probe.lost_sweep(ts_ns)              # the sweep's LostEvents (or None), see LossLedger
         probe.stop()                         # at the end: detached, the rest, the exact loss
@@ -11,6 +12,11 @@ attaches it to tracepoints, and turns its ring buffer and socket table into Wate
 A record the ring buffer could not take travels in-band: the next record the same CPU delivers
 carries how many were lost before it and when (first and last), and poll() puts a LostEvents
 (located: since_ns, until_ns, count) just before that record.
+
+Records and table entries are decoded by precompiled struct.Struct from the layouts of
+bpf/water.h (unpacker), addresses and names formatted once per distinct raw bytes
+(StateDecoder); the socket table is read in batches (BPF_MAP_LOOKUP_BATCH), one key at a time
+where the kernel has no batch lookup.
 
 stop() ends a run exactly: the programs are detached first (the maps stay), so what the ring
 buffer still holds and the lost total are final, and every record the probe made is then
@@ -46,6 +52,7 @@ SPAN_FIELDS = ("OFF_SK_RCVQ_QLEN", "OFF_SK_RMEM_ALLOC", "OFF_SK_BACKLOG_LEN", "O
                "OFF_SK_DROPS")
 MAX_SPAN = 192
 MAX_SEQ_SPAN = 256   # bytes one probe read may cover for the two sequence numbers (stack)
+BATCH = 1024         # socket table entries one batch lookup reads (416 KiB of buffer)
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,13 @@ class WaterOptions:
     ringbuf_pages: int = 64                 # ring buffer size in pages (power of two)
     max_sockets: int = 65536
     seed: bool = True                       # report standing water from sock_diag at start
+    # the sweep's still sockets (Sweeper): a socket that moved but whose water is zero, as it
+    # was at its last report, with nothing else to say, is reported `still_reports` times in a
+    # row (and for at least `still_ns`), then no more until something changes (0: always).
+    # 3 = the alerts' default surge_window (3 zero samples clear a surge); give
+    # max(surge_window, ...) and hold_ns when those are configured higher
+    still_reports: int = 3
+    still_ns: int = 0
 
 
 def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool,
@@ -95,6 +109,87 @@ def build_cflags(offsets: dict[str, int], opts: WaterOptions, have_rx_sk: bool,
     return flags
 
 
+# -- decoding: fixed layouts by precompiled struct.Struct ------------------------------------
+# A record is unpacked in one C call (struct.Struct.unpack_from) and its fields taken in one
+# more (operator.itemgetter), instead of a ctypes attribute access per field (~10x the cost).
+# The layouts still come from bpf/*.h (otelwater.events.layout): the Struct is built from the
+# ctypes type's own field offsets, so both agree by construction (tests/unit/test_decode.py).
+_INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+CACHE_MAX = 65536      # formatted addresses, names, stacks kept at most (each cache; then reset)
+
+
+def flat_fields(ctype, prefix: str = "", base: int = 0) -> list[tuple[int, str, str]]:
+    """(offset, name, struct code) of every field of a ctypes struct: nested structs flattened
+    ("s.pid"), arrays as raw bytes ("16s"), integers little-endian with their signedness."""
+    out = []
+    for name, t in ctype._fields_:
+        off = base + getattr(ctype, name).offset
+        if issubclass(t, ctypes.Structure):
+            out += flat_fields(t, f"{prefix}{name}.", off)
+        elif issubclass(t, ctypes.Array) or t._type_ == "c":
+            out.append((off, prefix + name, f"{ctypes.sizeof(t)}s"))
+        else:
+            code = _INT_CODES[ctypes.sizeof(t)]
+            out.append((off, prefix + name, code.lower() if t._type_.islower() else code))
+    return out
+
+
+def unpacker(ctype, names: tuple[str, ...]):
+    """(struct.Struct over all of `ctype`, a function of its unpacked tuple giving the values
+    of `names` in that order). Fields not named are skipped (padding)."""
+    import operator
+    import struct
+
+    fmt, pos, index = ["<"], 0, {}
+    wanted = set(names)
+    for off, name, code in sorted(flat_fields(ctype)):
+        if name not in wanted:
+            continue
+        if off > pos:
+            fmt.append(f"{off - pos}x")
+        fmt.append(code)
+        index[name] = len(index)
+        pos = off + struct.calcsize("<" + code)
+    size = ctypes.sizeof(ctype)
+    if size > pos:
+        fmt.append(f"{size - pos}x")
+    s = struct.Struct("".join(fmt))
+    if s.size != size:
+        raise AssertionError(f"{ctype.__name__}: struct {s.format} is {s.size} bytes, "
+                             f"ctypes says {size}")
+    return s, operator.itemgetter(*(index[n] for n in names))
+
+
+def record_maker(cls):
+    """A positional constructor of a frozen slots dataclass, every field given: the object is
+    made and its slots set directly, which is what the dataclass's __init__ does through
+    object.__setattr__ field by field, at about half the cost. `cls` itself for any class it
+    cannot stand in for (a __post_init__, a field outside __init__, no slots)."""
+    import dataclasses
+
+    fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+    names = tuple(f.name for f in fields)
+    if (not names or names != getattr(cls, "__slots__", None) or hasattr(cls, "__post_init__")
+            or not all(f.init for f in fields)):
+        return cls
+    args = ", ".join(f"a{i}" for i in range(len(names)))
+    body = "".join(f"    s{i}(o, a{i})\n" for i in range(len(names)))
+    scope = {"new": object.__new__, "cls": cls}
+    scope.update({f"s{i}": cls.__dict__[n].__set__ for i, n in enumerate(names)})
+    exec(f"def make({args}):\n    o = new(cls)\n{body}    return o\n", scope)  # noqa: S102
+    make = scope["make"]
+    make.__doc__ = f"{cls.__name__}(*every field), without its __init__'s per-field setattr"
+    return make
+
+
+_Snapshot = record_maker(WaterSnapshot)
+
+
+def cstr(raw: bytes) -> bytes:
+    """A char[N] field as ctypes gives it: up to the first NUL."""
+    return raw.split(b"\0", 1)[0]
+
+
 def unread_bytes(rcv_nxt: int, copied_seq: int, fin: int) -> int:
     """Payload bytes not yet read, as SIOCINQ counts them: rcv_nxt - copied_seq (mod 2**32),
     less the one sequence number the peer's FIN takes once it arrived and is still unread."""
@@ -102,24 +197,62 @@ def unread_bytes(rcv_nxt: int, copied_seq: int, fin: int) -> int:
     return n - 1 if n and fin else n
 
 
-def snapshot_from_state(st, ts_ns: int, tid: int, trigger: int, drop_names: dict[int, str],
-                        owner=None) -> WaterSnapshot:
-    pid, comm = st.pid, st.comm.decode(errors="replace")
-    if not pid and owner:
-        pid, comm = owner
-    return WaterSnapshot(
-        ts_ns=ts_ns, sock_key=st.sock_key, pid=pid, comm=comm, tid=tid, netns=st.netns,
-        laddr=addr_text(bytes(st.laddr)), lport=st.lport,
-        raddr=addr_text(bytes(st.raddr)), rport=st.rport,
-        level=st.level, volume=st.volume,
-        unread_bytes=unread_bytes(st.rcv_nxt, st.copied_seq, st.fin),
-        capacity=st.capacity, backlog=st.backlog, drops=st.drops,
-        drop_events=st.drop_events,
-        drop_reason=drop_names.get(st.drop_reason, str(st.drop_reason)) if st.drop_events else "",
-        bytes_arrived=st.rcv_nxt, bytes_read=st.copied_seq,
-        trigger=TRIGGERS.get(trigger, str(trigger)),
-        tcp_state=TCP_STATES.get(st.tcp_state, ""), ino=st.ino, role=ROLES.get(st.role, ""),
-    )
+# struct water_state's fields, in the order StateDecoder takes them
+STATE_FIELDS = ("sock_key", "pid", "comm", "netns", "laddr", "lport", "raddr", "rport",
+                "level", "volume", "capacity", "backlog", "drops", "drop_events",
+                "drop_reason", "rcv_nxt", "copied_seq", "fin", "tcp_state", "ino", "role",
+                "changes", "watched", "last_emit_ns")
+N_STATE = len(STATE_FIELDS)
+WaterSock = WATER_H.structs["water_sock"]
+EVENT_STRUCT, EVENT_FIELDS = unpacker(
+    WaterEvent, tuple(f"s.{n}" for n in STATE_FIELDS)
+    + ("ts_ns", "tid", "trigger", "lost_before", "lost_since_ns", "lost_until_ns"))
+SOCK_STRUCT, SOCK_FIELDS = unpacker(WaterSock, tuple(f"s.{n}" for n in STATE_FIELDS))
+EVENT_SIZE = EVENT_STRUCT.size
+
+
+class StateDecoder:
+    """struct water_state values (a ring-buffer record's, a socket table entry's) ->
+    WaterSnapshot, with addresses and process names formatted once per distinct raw bytes."""
+
+    def __init__(self, drop_names: dict[int, str]):
+        self.drop_names = drop_names
+        self._addrs: dict[bytes, str] = {}
+        self._comms: dict[bytes, str] = {}
+
+    def addr(self, raw: bytes) -> str:
+        text = self._addrs.get(raw)
+        if text is None:
+            if len(self._addrs) >= CACHE_MAX:
+                self._addrs.clear()
+            text = self._addrs[raw] = addr_text(raw)
+        return text
+
+    def comm(self, raw: bytes) -> str:
+        text = self._comms.get(raw)
+        if text is None:
+            if len(self._comms) >= CACHE_MAX:
+                self._comms.clear()
+            text = self._comms[raw] = cstr(raw).decode(errors="replace")
+        return text
+
+    def snapshot(self, v, ts_ns: int, tid: int, trigger: int, owner=None) -> WaterSnapshot:
+        """v: STATE_FIELDS' values (at least), in that order."""
+        (sock_key, pid, comm, netns, laddr, lport, raddr, rport, level, volume, capacity,
+         backlog, drops, drop_events, drop_reason, rcv_nxt, copied_seq, fin, tcp_state, ino,
+         role) = v[:21]
+        if not pid and owner:
+            pid, comm = owner
+        else:
+            comm = self.comm(comm)
+        # positional, in WaterSnapshot's field order (tests/unit/test_decode.py holds it)
+        return _Snapshot(
+            ts_ns, sock_key, pid, comm, tid, netns, self.addr(laddr), lport, self.addr(raddr),
+            rport, level, volume, unread_bytes(rcv_nxt, copied_seq, fin), capacity, backlog,
+            drops, drop_events,
+            self.drop_names.get(drop_reason, str(drop_reason)) if drop_events else "",
+            rcv_nxt, copied_seq, TRIGGERS.get(trigger, str(trigger)),
+            TCP_STATES.get(tcp_state, ""), ino, ROLES.get(role, ""))
 
 
 def drain_at_stop(probe, rings: list, ts_offset: int, time_s: float | None = None) -> list:
@@ -221,6 +354,87 @@ class LossLedger:
         return LostEvents(ts_ns, self.probe, total, min(since, until), count, until)
 
 
+# a socket's facts besides its water and its sequence numbers: a change in any is news
+FACT_FIELDS = ("sock_key", "pid", "comm", "netns", "laddr", "lport", "raddr", "rport",
+               "capacity", "drops", "drop_events", "drop_reason", "fin", "tcp_state", "ino",
+               "role")
+_I = {n: i for i, n in enumerate(STATE_FIELDS)}
+
+
+class Sweeper:
+    """Which entries of the socket table a sweep reports, as periodic snapshots (pure: fed
+    STATE_FIELDS tuples, so tests need no kernel).
+
+    Reported: every watched socket whose `changes` moved since the last sweep (everything with
+    all_sockets), except a *still* one: its water is zero now (level, volume, unread bytes and
+    backlog), it was zero at its last report, no ring-buffer record was made for it since
+    (`last_emit_ns`), and nothing else moved but its sequence numbers (FACT_FIELDS equal):
+    such a report would say only that the queue is still empty. A socket that goes from water to
+    zero is still reported at zero, `still_reports` times in a row and for at least `still_ns`
+    (the alert stage clears a surge on `surge_window` zero samples, and a fired alert after
+    `hold_ns`), so the last state of a queue that went still is reported exactly
+    (docs/design.md). Sockets without a reader yet (pid 0, named from /proc) are always
+    reported."""
+
+    def __init__(self, decoder: StateDecoder, owners, still_reports: int = 3,
+                 still_ns: int = 0):
+        import operator
+
+        self.decoder = decoder
+        self.owners = owners
+        self.still_reports = still_reports
+        self.still_ns = still_ns
+        self.still_skipped = 0        # snapshots not made, in total
+        self._facts = operator.itemgetter(*(_I[n] for n in FACT_FIELDS))
+        # map key -> (changes, report): report = (facts, last_emit_ns, zero reports in a row,
+        # time of the first of them) of the socket's last periodic snapshot, or None
+        self._seen: dict[int, tuple] = {}
+
+    def sweep(self, entries, now: int, all_sockets: bool = False) -> tuple[list, set]:
+        """entries: (map key, STATE_FIELDS values); -> (snapshots, sock_keys of every watched
+        socket)."""
+        out: list = []
+        keys: set = set()
+        seen: dict = {}
+        prev = self._seen
+        still, still_ns = self.still_reports, self.still_ns
+        facts_of, snapshot, owners = self._facts, self.decoder.snapshot, self.owners
+        skipped = 0
+        for mk, v in entries:
+            (sock_key, pid, _comm, _netns, _laddr, _lport, _raddr, _rport, level, volume,
+             _capacity, backlog, _drops, _drop_events, _drop_reason, rcv_nxt, copied_seq, fin,
+             _tcp_state, ino, _role, changes, watched, emit) = v
+            if not watched:
+                continue
+            keys.add(sock_key)
+            p = prev.get(mk)
+            if p is not None and p[0] == changes and not all_sockets:
+                seen[mk] = p
+                continue
+            rep = p[1] if p is not None else None
+            n = (rcv_nxt - copied_seq) & 0xFFFFFFFF
+            if level or volume or backlog or (n and not (n == 1 and fin)):
+                rep = (None, emit, 0, 0)               # water: reported
+            elif pid and still:
+                facts = facts_of(v)
+                if rep is not None and rep[2] and rep[0] == facts and rep[1] == emit:
+                    if rep[2] >= still and now - rep[3] >= still_ns and not all_sockets:
+                        seen[mk] = (changes, rep)      # still: nothing new to say
+                        skipped += 1
+                        continue
+                    rep = (facts, emit, rep[2] + 1, rep[3])
+                else:
+                    rep = (facts, emit, 1, now)        # the first report at zero
+            else:
+                rep = None
+            seen[mk] = (changes, rep)
+            owner = owners.owner(ino) if not pid and owners is not None else None
+            out.append(snapshot(v, now, 0, TRIGGER_PERIODIC, owner))
+        self._seen = seen
+        self.still_skipped += skipped
+        return out, keys
+
+
 def check_tcp_states(btf) -> None:
     """bpf/water.h's OTW_TCP_* must equal the running kernel's enum (they have not moved in
     decades; a kernel where they did gets a clear refusal rather than wrong states)."""
@@ -272,8 +486,8 @@ class WaterProbe:
         self._budget = POLL_BUDGET
         self._deadline = 0.0
         self.backlogged = False
-        self._seen_changes: dict[int, int] = {}
         self._owners = OwnerResolver()
+        self._batch: tuple | bool | None = None   # batch lookup buffers; False: unsupported
         self._inodes: set[int] = set()
         self._generation = 0
         self._netns_seen: set[int] = set()   # namespaces whose listeners the kernel was told
@@ -283,6 +497,8 @@ class WaterProbe:
         btf = running_kernel_btf()
         self.offsets = kernel_offsets(btf)
         self.drop_names = drop_reasons(btf)
+        self._decoder = StateDecoder(self.drop_names)
+        self._sweeper = Sweeper(self._decoder, self._owners, opts.still_reports, opts.still_ns)
         check_tcp_states(btf)
         self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk(),
                                    sock_done_bit(btf))
@@ -338,6 +554,13 @@ class WaterProbe:
             return
         t = self._bpf["listen_ports"]
         for pid in pids:
+            # the sweep asks every second: a namespace already told costs a stat, not a parse
+            # of its whole TCP table (/proc/PID/net/tcp: ~150 B a socket)
+            try:
+                if os.stat(f"/proc/{pid}/ns/net").st_ino in self._netns_seen:
+                    continue
+            except OSError:
+                continue
             seen = listening(pid)
             if seen is None or seen[0] in self._netns_seen:
                 continue
@@ -404,14 +627,14 @@ class WaterProbe:
 
     # -- data ------------------------------------------------------------------------------
     def _on_event(self, _ctx, data, _size) -> int:
-        e = ctypes.cast(data, ctypes.POINTER(WaterEvent)).contents
-        if e.lost_before:   # records this CPU lost before this one: said just before it
+        v = EVENT_FIELDS(EVENT_STRUCT.unpack_from(ctypes.string_at(data, EVENT_SIZE)))
+        ts_ns, tid, trigger, lost_before, lost_since, lost_until = v[N_STATE:]
+        if lost_before:     # records this CPU lost before this one: said just before it
             self._carried.append(len(self._pending))
-            self._pending.append(self._ledger.carried(e.ts_ns, e.lost_before, e.lost_since_ns,
-                                                      e.lost_until_ns))
-        owner = self._owners.owner(e.s.ino) if not e.s.pid else None
-        self._pending.append(
-            snapshot_from_state(e.s, e.ts_ns, e.tid, e.trigger, self.drop_names, owner))
+            self._pending.append(self._ledger.carried(ts_ns, lost_before, lost_since,
+                                                      lost_until))
+        owner = self._owners.owner(v[_I["ino"]]) if not v[_I["pid"]] else None
+        self._pending.append(self._decoder.snapshot(v, ts_ns, tid, trigger, owner))
         # a negative return stops libbpf's consume after this record (which is kept): a
         # producer faster than us cannot hold the loop inside one consume
         n = len(self._pending)
@@ -441,28 +664,67 @@ class WaterProbe:
 
     def sweep(self, all_sockets: bool = False) -> list[WaterSnapshot]:
         """Periodic snapshots from the socket table: each watched socket whose state moved since
-        the last sweep (or every watched socket with all_sockets)."""
+        the last sweep (or every watched socket with all_sockets), but for still ones (Sweeper)."""
         now = time.monotonic_ns()
-        out = []
-        seen = {}
-        keys = set()
         if self.readers is not None:     # traced processes found since (a namespace each)
             self.learn_listeners(self.readers.watched_pids())
-        for k, ws in self._bpf["socks"].items():
-            st = ws.s
-            if not st.watched:
-                continue
-            seen[k.value] = st.changes
-            keys.add(st.sock_key)
-            if not all_sockets and self._seen_changes.get(k.value) == st.changes:
-                continue
-            owner = self._owners.owner(st.ino) if not st.pid else None
-            out.append(snapshot_from_state(st, now, 0, TRIGGER_PERIODIC, self.drop_names, owner))
-        self._seen_changes = seen
+        out, keys = self._sweeper.sweep(self._table(), now, all_sockets)
         if self._standing is not None and self._seeded:
-            # standing water the probe has seen no event of: reported again on every sweep
+            # standing water the probe has seen no event of: reported when its water changes,
+            # and once a heartbeat (60 s) while it does not
             out += self._standing.sweep(now, self._standing.keys - keys)
         return out
+
+    def _table(self) -> list:
+        """(map key, STATE_FIELDS values) of every entry of the socket table: by batches of
+        BATCH entries a syscall (BPF_MAP_LOOKUP_BATCH, Linux 5.6+), else one key at a time."""
+        table = self._bpf["socks"]
+        if self._batch is not False:
+            got = self._lookup_batch(table)
+            if got is not None:
+                return got
+        unpack, fields = SOCK_STRUCT.unpack, SOCK_FIELDS
+        return [(k.value, fields(unpack(bytes(ws)))) for k, ws in table.items()]
+
+    def _lookup_batch(self, table) -> list | None:
+        """None when the kernel refused (then never again for EINVAL/ENOTSUPP)."""
+        import errno as E
+
+        from bcc.libbcc import lib
+
+        if self._batch is None:
+            if (ctypes.sizeof(table.Leaf) != SOCK_STRUCT.size
+                    or ctypes.sizeof(table.Key) != 8):
+                raise ProbeLoadError(f"the socket table's entries are {ctypes.sizeof(table.Leaf)} "
+                                     f"bytes, bpf/water.h says {SOCK_STRUCT.size}",
+                                     "report this to otelwater")
+            self._batch = ((ctypes.c_uint64 * BATCH)(),
+                           (ctypes.c_char * (BATCH * SOCK_STRUCT.size))(),
+                           ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32())
+        keys, vals, token_in, token_out, count = self._batch
+        size, unpack, fields = SOCK_STRUCT.size, SOCK_STRUCT.iter_unpack, SOCK_FIELDS
+        fd = table.map_fd
+        view = memoryview(vals)
+        out: list = []
+        first = True
+        while True:
+            count.value = BATCH
+            res = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token_in),
+                                       ctypes.byref(token_out), keys, vals,
+                                       ctypes.byref(count))
+            n = count.value
+            if res:
+                err = ctypes.get_errno() or -res
+                if err != E.ENOENT:      # ENOENT: the end of the table (n: the last ones)
+                    if err in (E.EINVAL, E.ENOTSUP, E.EOPNOTSUPP, 524, E.EPERM):  # 524: ENOTSUPP
+                        self._batch = False
+                    return None
+            if n:
+                out.extend(zip(keys[:n], map(fields, unpack(view[:n * size]))))
+            if res:
+                return out
+            token_in.value = token_out.value
+            first = False
 
     def stop(self) -> list:
         """The end of a run: detach every program of this probe (the embedded Go read

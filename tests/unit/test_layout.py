@@ -29,9 +29,9 @@ def test_water_state_layout_is_pinned():
     # the go_* fields are a struct goread_proc, field for field (water.c casts them)
     go = [f for f, _ in a._fields_]
     assert go[go.index("go_slot"):go.index("go_known") + 1] == [
-        "go_slot", "go_slot_gen", "go_goid_off", "go_known"]
+        "go_slot", "go_slot_gen", "go_goid_off", "go_links", "go_known"]
     assert [f for f, _ in header("goread.h").structs["goread_proc"]._fields_] == [
-        "slot", "gen", "goid_off", "_pad"]
+        "slot", "gen", "goid_off", "links"]
     assert ctypes.sizeof(header("water.h").structs["water_sock"]) == 160 + ctypes.sizeof(a)
 
 
@@ -72,16 +72,19 @@ def test_parser_rejects_what_it_does_not_understand():
 def test_goread_layouts_are_pinned():
     h = header("goread.h")
     e = h.structs["goread_event"]
-    assert ctypes.sizeof(e) == 424
+    assert ctypes.sizeof(e) == 560
     assert offsets(e) == {
         "ts_start_ns": 0, "ts_end_ns": 8, "goid": 16, "sock_key": 24, "returned": 32,
         "requested": 40, "caller_ip": 48, "arrival_ns": 56, "queue_delay_ns": 64,
         "lost_since_ns": 72, "lost_until_ns": 80, "send_ns": 88, "prev_arrival_ns": 96,
         "ips": 104, "stack_len": 360, "pid": 364, "tid": 368, "fd": 372, "lost_before": 376,
         "rport": 380, "source": 382, "has_goid": 383, "parked": 384, "evidence": 385,
-        "role": 386, "kverdict": 387, "raddr": 388, "comm": 404, "_pad": 420}
+        "role": 386, "kverdict": 387, "raddr": 388, "comm": 404, "links": 420, "lbl_len": 421,
+        "_pad": 423, "go_start": 424, "lbl": 432}
     assert ctypes.sizeof(h.structs["goread_proc"]) == 16
-    assert offsets(h.structs["goread_proc"]) == {"slot": 0, "gen": 4, "goid_off": 8, "_pad": 12}
+    assert offsets(h.structs["goread_proc"]) == {"slot": 0, "gen": 4, "goid_off": 8, "links": 12}
+    keys = h.structs["otw_link_keys"]    # written by Python (goread.py _set_link_keys)
+    assert offsets(keys) == {"len": 0, "_pad": 2, "key": 8} and ctypes.sizeof(keys) == 72
     assert offsets(h.structs["goread_park"]) == {"start_ns": 0, "g": 8, "gen": 16, "_pad": 20}
     counts = h.structs["goread_counts"]
     assert ctypes.sizeof(counts) == 8 * (

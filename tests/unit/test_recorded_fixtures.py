@@ -17,6 +17,8 @@ and the report's new "where the slow time went" block; no verdict or figure chan
 once more when read_skew became a change detector (otelwater.alerts.rules.TailWatch): lossy's
 48 read_skew alert records (33 fired on a healthy ping-pong in 3 s, the skewness rule crying
 wolf) are gone, and with them "read_skew 33x" from alerts_fired and the report; nothing else.
+And when reads gained the request they served (trace_id, parent_span_id, link_note, go_start:
+empty here, the demo services carry no labels): every line equal but for those four fields.
 """
 
 from __future__ import annotations
