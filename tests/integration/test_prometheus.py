@@ -337,7 +337,7 @@ def test_exemplars_are_the_spans_of_the_reads(scenario):
             def matched():
                 spans = {(span.trace_id.hex(), span.span_id.hex()): (resource, span)
                          for resource, span in receiver.got.spans()
-                         if span.name == N.READ_SPAN}
+                         if span.name.startswith(N.READ_SPAN_PREFIX)}
                 return [(series, ex, *spans[key]) for series, ex in scenario.prom.exemplars(sel)
                         if (key := (ex["labels"]["trace_id"], ex["labels"]["span_id"])) in spans]
 

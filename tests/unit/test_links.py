@@ -70,7 +70,11 @@ def test_unreadable_labels_link_nothing():
 @pytest.mark.parametrize("start", [
     "net/http.(*persistConn).readLoop", "net/http.(*connReader).backgroundRead",
     "google.golang.org/grpc/internal/transport.(*http2Client).reader",
-    "golang.org/x/net/http2.(*ClientConn).readLoop"])
+    "golang.org/x/net/http2.(*ClientConn).readLoop",
+    # `go pconn.readLoop()` starts at a wrapper named after dialConn (Go 1.19; 1.21+)
+    "net/http.(*Transport).dialConn.func5", "net/http.(*Transport).dialConn.gowrap2",
+    "net/http.(*connReader).startBackgroundRead.gowrap1",
+    "net/http/internal/http2.(*serverConn).serve.gowrap1"])
 def test_a_connection_owning_goroutine_is_never_linked(start):
     # its labels are whoever created it: a finished request's, though they parse perfectly
     t, s, note = got(HEX, TRACE, SPAN, go_start=start)
@@ -80,6 +84,9 @@ def test_a_connection_owning_goroutine_is_never_linked(start):
 def test_an_ordinary_goroutine_whose_name_looks_alike_is_linked():
     assert got(HEX, TRACE, SPAN, go_start="main.(*persistConn).readLoop")[:2] == (TRACE, SPAN)
     assert got(HEX, TRACE, SPAN, go_start="google.golang.org/grpc.(*Server).Serve")[0] == TRACE
+    # net/http's server connection goroutine runs the handlers: their reads are linked
+    assert got(HEX, TRACE, SPAN, go_start="net/http.(*Server).Serve.gowrap3")[0] == TRACE
+    assert got(HEX, TRACE, SPAN, go_start="net/http.(*Transport).dialConnFor")[0] == TRACE
 
 
 def test_decimal_ids():

@@ -131,6 +131,13 @@ def read_with_evidence(draw):
             r, role=role, peer_addr="10.0.0.2", peer_port=443,
             ts_send_ns=draw(st.none() | mono), ts_prev_arrival_ns=draw(st.none() | mono),
             kernel_verdict=draw(st.none() | st.sampled_from(["peer-starved", "idle"])))
+    # the request it served: both ids (its span is the request's child), one, or none
+    ids = draw(st.sampled_from(["both", "trace", "span", "none"]))
+    r = dataclasses.replace(
+        r, trace_id=f"{draw(st.integers(1, (1 << 128) - 1)):032x}" if ids in ("both", "trace")
+        else "", parent_span_id=f"{draw(st.integers(1, (1 << 64) - 1)):016x}"
+        if ids in ("both", "span") else "", link_note=draw(st.just("") | names),
+        go_start=draw(st.just("") | names))
     times = draw(st.lists(st.integers(start - 5 * MS, end + 5 * MS).filter(lambda t: t >= 0),
                           max_size=8, unique=True))
     ev = tuple(WaterSnapshot(t, key, draw(st.integers(0, 1 << 22)), draw(st.just("") | names),

@@ -5,7 +5,8 @@ data goes through them:
     options.py    where to export (flags > OTEL_EXPORTER_OTLP_* > defaults), the SDK exporters
     health.py     what could not be delivered, counted and said once; the counting exporters
     resources.py  the traced services' identities and resources; one provider set per service
-    spans.py      a span per verdict (its evidence and nearby alerts as events), lost spans
+    spans.py      a span per verdict (the kernel's story, snapshots and alerts as events; a child of
+                  its request's span when the goroutine's labels name it), lost spans
     metrics.py    the live metrics (gauges, drops, alerts, lost) on the series rules of
                   otelwater.export.series, and the verdict counts (the kernel's, else the
                   verdicts') on those of otelwater.export.tally, which the offline points

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Callable
 
-MAX_QUEUE = 2048                # spans waiting for export, per service
+MAX_QUEUE = 2048                # spans waiting for export, per sink
 PROBE_TIMEOUT_S = 2.0           # the cause of a failure: at most this long to find it
 
 

@@ -7,8 +7,9 @@ a Sink the pipeline feeds (every record after analysis, in time order), in bound
 
 The resources are the recorded services (header.processes, then the process records of the
 file) with the recording's clock offset, attach time and thresholds. Spans are the live sink's
-(otlp.spans: one per verdict, with its evidence and the alerts near it as events), built as
-the verdicts come and sent in batches of SPAN_BATCH on the caller's thread, so a recording's
+(otlp.spans: one per verdict, the read's story, its evidence and the alerts near it as events,
+the child of the request's span when the recorded read names it), built as the verdicts come
+and sent in batches of SPAN_BATCH on the caller's thread, so a recording's
 spans never wait in memory (a slow Collector slows the reading down instead of dropping). A
 verdict's socket ends come from its evidence, and lost records are counted in the metrics but
 get no span (as the re-export has always done).
@@ -34,12 +35,11 @@ from otelwater import names as N
 from otelwater.clock import WallClock
 from otelwater.export.offline_metrics import OfflineMetrics
 from otelwater.export.otlp.health import (ExportHealth, _count_points,
-                                          _counting_metric_exporter, _counting_span_exporter,
-                                          diagnoser)
+                                          _counting_metric_exporter, diagnoser)
 from otelwater.export.otlp.options import (ExportOptions, quiet_sdk_logs, request_timeout_s,
                                            resolve_options)
 from otelwater.export.otlp.resources import Identity, Services
-from otelwater.export.otlp.spans import WINDOW_NS, AlertWindow, start_read_span
+from otelwater.export.otlp.spans import WINDOW_NS, AlertWindow, SpanSender, read_span
 from otelwater.export.series import OWN
 from otelwater.export.sink import RunInfo, Sink
 
@@ -48,12 +48,13 @@ TIMEOUT_S = 10.0                # close()'s deadline when none is given
 
 
 class SpanBatches:
-    """A span processor (shared by every service's TracerProvider) that exports the ended spans
-    in batches of `size` on the caller's thread; after a request fails, the rest are counted
-    as dropped without trying."""
+    """The span processor every service of the offline sink shares: the spans (otlp.spans
+    SpanData) go out in batches of `size` on the caller's thread, through otlp.spans.SpanSender
+    (built requests, the SDK exporter's transport); after a request fails, the rest are
+    counted as dropped without trying."""
 
     def __init__(self, exporter, health: ExportHealth, size: int = SPAN_BATCH):
-        self.exporter = exporter
+        self.sender = SpanSender(exporter, health)
         self.health = health
         self.size = size
         self.batch: list = []
@@ -61,20 +62,12 @@ class SpanBatches:
         self.failed_since: float | None = None   # when the request that failed began
         self._shut = False
 
-    def on_start(self, span, parent_context=None) -> None:
-        return None
-
-    def _on_ending(self, span) -> None:
-        return None
-
-    def on_end(self, span) -> None:
-        self.batch.append(span)
+    def add_span(self, resource, span) -> None:
+        self.batch.append((resource, span))
         if len(self.batch) >= self.size:
             self._send()
 
     def _send(self) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
         batch, self.batch = self.batch, []
         if not batch:
             return
@@ -82,11 +75,11 @@ class SpanBatches:
             self.health.dropped(spans=len(batch))
             return
         started = time.monotonic()
-        if self.exporter.export(batch) != SpanExportResult.SUCCESS:
+        if not self.sender.send(batch):
             self.failed = True
             self.failed_since = started
 
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+    def force_flush(self) -> bool:
         self._send()
         return not self.failed
 
@@ -95,7 +88,7 @@ class SpanBatches:
             return
         self._send()
         self._shut = True
-        self.exporter.shutdown()
+        self.sender.shutdown()
 
 
 class OfflineOtlpSink(Sink):
@@ -127,7 +120,7 @@ class OfflineOtlpSink(Sink):
         # streamed: the spans' requests half of it; the points what is left after a failure
         spans = (span_exporter if span_exporter is not None
                  else opts.span_exporter(timeout_s=self.spans_timeout_s))
-        self.batches = SpanBatches(_counting_span_exporter(spans, self.health), self.health)
+        self.batches = SpanBatches(spans, self.health)
         self._metric_exporter = metric_exporter   # tests: instead of opts.metric_exporter()
         known = self.recorded
         self.registry = Services(make_pipeline=lambda: (self.batches, None),
@@ -189,12 +182,10 @@ class OfflineOtlpSink(Sink):
         svc = self.registry.get(r.pid)
         ev = v.evidence[0] if v.evidence else None
         ends = (ev.laddr, ev.lport, ev.raddr, ev.rport) if ev is not None else None
-        wall = self.clock.wall_ns
-        span = start_read_span(svc.tracer, v, ends, self.alerts.near(r), wall)
-        span.end(end_time=wall(r.ts_end_ns))
+        span = read_span(v, ends, self.alerts.near(r), self.clock.wall_ns)
+        svc.emit(span)
         self.spans += 1
-        ctx = span.get_span_context()
-        self.metrics.verdict(v, (ctx.trace_id, ctx.span_id))
+        self.metrics.verdict(v, (span.trace_id, span.span_id))
 
     # -- the end -------------------------------------------------------------------------------
 

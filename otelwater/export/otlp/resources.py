@@ -1,7 +1,7 @@
 """Who the telemetry is about: the resource of each traced process, and the registry of
 per-service providers.
 
-Resource = the traced service. One TracerProvider (and, live, one MeterProvider) per traced
+Resource = the traced service. One span destination (and, live, one MeterProvider) per traced
 process (a pid seen in a Go read or verdict, or named by the recording), created when it first
 appears: service.name from its own OTEL_SERVICE_NAME, else service.name of its
 OTEL_RESOURCE_ATTRIBUTES (all of which are kept), else its executable's basename; plus
@@ -93,26 +93,40 @@ def endpoints_from_proc(pid: int, key: int) -> tuple[str, int, str, int] | None:
 
 
 class Service:
-    """One resource: a TracerProvider and, when `make_pipeline` gives a metric reader, a
-    MeterProvider with otelwater's instruments (`observe(key, field)` feeds its gauges)."""
+    """One resource: where its spans go (emit()) and, when `make_pipeline` gives a metric
+    reader, a MeterProvider with otelwater's instruments (`observe(key, field)` feeds its
+    gauges). make_pipeline() -> (spans, metric reader or None): `spans` is otelwater's own
+    span processor (one with add_span(), otlp.spans.SpanExport, shared by a sink's services),
+    or any SDK SpanProcessor, which is given each span as a ReadableSpan at its end (tests,
+    the in-memory exporter). No TracerProvider: the spans are built from records with their
+    own times and ids (otlp.spans), never started and ended through a Tracer."""
 
     def __init__(self, key: int, attrs: dict, make_pipeline: Callable[[], tuple],
                  extra_readers: Callable[[], list], observe: Callable | None,
                  produce: Callable[[int], list] | None = None):
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import SpanProcessor
 
-        from otelwater import __version__
+        from otelwater.export.otlp.spans import scope
 
         self.key = key
         self.resource = Resource(attrs)
+        self.scope = scope()
         self.span_processor, self.metric_reader = make_pipeline()
-        self.tracer_provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
-        self.tracer_provider.add_span_processor(self.span_processor)
-        self.tracer = self.tracer_provider.get_tracer(N.SCOPE, __version__)
+        self._add_span = getattr(self.span_processor, "add_span", None)
+        self._nowhere = type(self.span_processor) is SpanProcessor   # metrics only
         self.meter_provider = None
         if self.metric_reader is not None:
             self._meters(key, extra_readers, observe, produce)
+
+    def emit(self, span) -> None:
+        """One span (an otlp.spans.SpanData) of this service out."""
+        if self._add_span is not None:
+            self._add_span(self.resource, span)
+        elif not self._nowhere:
+            from otelwater.export.otlp.spans import to_readable
+
+            self.span_processor.on_end(to_readable(span, self.resource, self.scope))
 
     def _meters(self, key, extra_readers, observe, produce) -> None:
         from opentelemetry.sdk.metrics import MeterProvider
@@ -158,7 +172,8 @@ class Service:
             self.limited.add(0)
 
     def shutdown(self, timeout_s: float) -> None:
-        self.tracer_provider.shutdown()
+        if self._add_span is None:     # a span processor of its own (a shared one is the sink's)
+            self.span_processor.shutdown()
         if self.meter_provider is not None:
             self.meter_provider.shutdown(timeout_millis=max(1.0, timeout_s * 1000))
 

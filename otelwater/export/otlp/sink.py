@@ -15,13 +15,15 @@ span id; the verdict counts and their log2 histograms from the kernel's counts, 
 verdicts: otelwater.export.tally), each under its service's resource (otlp.resources).
 
 Export never holds the probes. write() only appends the records to a bounded queue
-(MAX_RECORDS; what does not fit is dropped, counted and said once) and returns: a span costs
-0.4-0.6 ms of CPU in the SDK (bench/export_cost.py), which the watch loop that drains the
-kernel's ring buffers cannot spare at 1,000 slow reads a second. One worker thread per sink
-turns the records into spans, events and metric points; close() lets it drain the queue
-within its deadline. The worker still shares the interpreter (its lock) with the loop, so
-spans are also limited to SPAN_RATE a second per sink (a token bucket holding one second's
-worth, about a third of a CPU at most): beyond that a slow read still counts in the verdict
+(MAX_RECORDS; what does not fit is dropped, counted and said once) and returns: the watch loop
+that drains the kernel's ring buffers cannot spare the CPU of export at 1,000 slow reads a
+second. One worker thread per sink turns the records into spans and metric points; close()
+lets it drain the queue within its deadline. The spans go to one otlp.spans.SpanExport per
+sink (its own thread, a bounded queue, batches encoded by otelwater and sent by the SDK's
+exporter: tens of microseconds of CPU a span with its events, where the SDK's Tracer and
+BatchSpanProcessor took 0.5-0.8 ms; bench/export_cost.py). The worker still shares the
+interpreter (its lock) with the loop, so spans are also limited to SPAN_RATE a second per sink
+(a token bucket holding one second's worth): beyond that a slow read still counts in the verdict
 counter and the duration histogram, but gets no span (otelwater.spans.limited counts them; the
 first is said once), and the kernel's counts (VerdictCounts) hold every slow read whatever
 its record became. With background=False write() builds on the caller's thread, and
@@ -44,14 +46,14 @@ from otelwater import names as N
 from otelwater.clock import WallClock
 from otelwater.events.model import ReadRecord, VerdictCounts
 from otelwater.events.verdict import Verdict
-from otelwater.export.otlp.health import (ExportHealth, _bounded_batch_processor,
-                                          _counting_metric_exporter, _counting_span_exporter,
+from otelwater.export.otlp.health import (ExportHealth, _counting_metric_exporter,
                                           _inner_exporters, diagnoser, say_delivery)
 from otelwater.export.otlp.metrics import LiveMetrics
 from otelwater.export.otlp.options import ExportOptions, quiet_sdk_logs, request_timeout_s
 from otelwater.export.otlp.options import metric_interval_s as metric_interval_from_env
 from otelwater.export.otlp.resources import Services, endpoints_from_proc, identity_from_proc
-from otelwater.export.otlp.spans import WINDOW_NS, AlertWindow, lost_span, start_read_span
+from otelwater.export.otlp.spans import (WINDOW_NS, AlertWindow, ExemplarContext, SpanExport,
+                                         lost_span, read_span)
 from otelwater.export.series import MAX_SOCKETS, OWN, TOP_N
 from otelwater.export.sink import RunInfo, Sink
 
@@ -93,7 +95,9 @@ class OtlpSink(Sink):
     one thread calls write(); the sink's worker builds the telemetry (with `background`, the
     default; without it, write() does); the SDK's reader threads call the gauges' callbacks.
 
-    make_pipeline: -> (SpanProcessor, MetricReader), a new pair per service.
+    make_pipeline: -> (span processor, MetricReader), a new pair per service (the span
+    processor: otlp.resources.Service). span_export: the SpanExport the pipelines share, which
+    close() shuts down.
     span_rate: spans a second at most (None: no limit); `now` is its clock (tests step it).
     queue_records: records write() may leave waiting for the worker; beyond, dropped."""
 
@@ -108,7 +112,9 @@ class OtlpSink(Sink):
                  extra_readers: Callable[[], list] = list,
                  endpoints: Callable[[int, int], tuple | None] | None = endpoints_from_proc,
                  background: bool = True, queue_records: int = MAX_RECORDS,
-                 span_rate: float | None = SPAN_RATE, now: Callable[[], float] = time.monotonic):
+                 span_rate: float | None = SPAN_RATE, now: Callable[[], float] = time.monotonic,
+                 span_export: SpanExport | None = None):
+        self.span_export = span_export
         self.clock = clock or WallClock.measure()
         self.lock = threading.RLock()
         self.registry = Services(make_pipeline=make_pipeline, identity=identity,
@@ -154,14 +160,14 @@ class OtlpSink(Sink):
         if metric_interval_s is None:   # a bad OTEL_METRIC_EXPORT_INTERVAL: a usage error
             metric_interval_s = metric_interval_from_env(METRIC_INTERVAL_S)
 
-        def pipeline():
-            spans, metrics = opts.exporters()
-            return (_bounded_batch_processor(_counting_span_exporter(spans, health), health),
-                    PeriodicExportingMetricReader(
-                        _counting_metric_exporter(metrics, health),
-                        export_interval_millis=metric_interval_s * 1000))
+        spans = SpanExport(opts.span_exporter(), health)   # one for every service
 
-        return cls(make_pipeline=pipeline, health=health, **kw)
+        def pipeline():
+            return (spans, PeriodicExportingMetricReader(
+                _counting_metric_exporter(opts.metric_exporter(), health),
+                export_interval_millis=metric_interval_s * 1000))
+
+        return cls(make_pipeline=pipeline, health=health, span_export=spans, **kw)
 
     @property
     def traced(self) -> set[int]:
@@ -268,11 +274,9 @@ class OtlpSink(Sink):
     def on_lost(self, r) -> None:
         rose = self.metrics.lost(r)
         if rose or (r.since_ns is not None and r.count):   # a located loss voids reads too
-            lost_span(self.registry.get(OWN).tracer, r, self.clock.wall_ns)
+            self.registry.get(OWN).emit(lost_span(r, self.clock.wall_ns))
 
     def on_verdict(self, v) -> None:
-        from opentelemetry import trace
-
         r = v.read
         self.registry.trace(r.pid)
         svc = self.registry.get(r.pid)
@@ -282,11 +286,10 @@ class OtlpSink(Sink):
             svc.limited.add(1)
             self.health.limited(1, self.span_rate)
             return
-        span = start_read_span(svc.tracer, v, self._ends_of(v), self.alerts.near(r),
-                               self.clock.wall_ns)
-        with trace.use_span(span, end_on_exit=False):  # exemplars take this span's ids
+        span = read_span(v, self._ends_of(v), self.alerts.near(r), self.clock.wall_ns)
+        with ExemplarContext(span):     # exemplars take this span's ids
             self.metrics.verdict(svc, v)
-        span.end(end_time=self.clock.wall_ns(r.ts_end_ns))
+        svc.emit(span)
         self.spans += 1
 
     def _ends_of(self, v) -> tuple | None:
@@ -341,7 +344,8 @@ class OtlpSink(Sink):
                     self._queued -= left
                 with self.health.lock:
                     self.health.records_abandoned += left
-        shutdown_all(self._all_services(deadline), deadline)
+        outs = [self.span_export] if self.span_export is not None else []
+        shutdown_all(self._all_services(deadline) + outs, deadline)
         h = self.health
         lost = h.records_dropped + h.records_abandoned
         also = (f"; {lost} records dropped before export (queue full or given up at exit)"
@@ -366,8 +370,8 @@ class OtlpSink(Sink):
 
 
 def shutdown_all(services: list, deadline: float) -> None:
-    """Shut every provider down in parallel by `deadline`; past it, interrupt the exporters'
-    retries."""
+    """Shut every provider (and the SpanExport) down in parallel by `deadline`; past it,
+    interrupt the exporters' retries."""
     threads = [threading.Thread(target=s.shutdown,
                                 args=(max(0.0, deadline - time.monotonic()),), daemon=True)
                for s in services]
@@ -377,6 +381,9 @@ def shutdown_all(services: list, deadline: float) -> None:
         t.join(max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() for t in threads):  # interrupt the exporters' retries
         for s in services:
+            if isinstance(s, SpanExport):
+                s.interrupt()
+                continue
             for exp in _inner_exporters(s):
                 try:
                     exp.shutdown()
