@@ -18,6 +18,7 @@ Encodings (LinkKeys.encoding):
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -89,6 +90,7 @@ class LinkKeys:
         return ""
 
 
+@functools.lru_cache(maxsize=4096)
 def connection_owner(go_start: str) -> str:
     """What the goroutine is when it owns a connection (CONNECTION_OWNERS), else ''."""
     what = CONNECTION_OWNERS.get(go_start)

@@ -558,9 +558,11 @@ def prebuilt_sender(exporter):
     headers, compression, TLS; True when delivered), or None when `exporter` is not one whose
     transport takes a built request (then it gets ReadableSpans).
 
-    gRPC: OTLPSpanExporter's export() runs its retry loop around `_translate_data(spans)`, the
-    encoding step its base class leaves to each exporter; this exporter's parses the built
-    bytes instead (in C). HTTP: OTLPSpanExporter's export() encodes, then gives the bytes to
+    gRPC: OTLPSpanExporter's export() runs its retry loop around
+    `self._client.Export(request=self._translate_data(spans))`, `_client` made by
+    `self._stub(channel)`: this exporter's stub takes the built bytes as they are (a method on
+    the same channel whose serializer passes bytes through) and `_translate_data` returns them;
+    where the exporter has no such stub or channel, the bytes are parsed back (in C). HTTP: OTLPSpanExporter's export() encodes, then gives the bytes to
     its client (`_client.export`, in the SDK's recent HTTP exporters), which sends and retries;
     the bytes go there. Both are checked here, so another SDK layout falls back to the standard
     way instead of failing."""
@@ -573,8 +575,18 @@ def prebuilt_sender(exporter):
         Grpc = None
     if (Grpc is not None and type(exporter) is Grpc and hasattr(Grpc, "_translate_data")
             and hasattr(Grpc, "_count_data") and hasattr(exporter, "_export")):
-        exporter._translate_data = _parsed
         exporter._count_data = _counted
+        channel = getattr(exporter, "_channel", None)
+        if (callable(getattr(exporter, "_stub", None)) and channel is not None
+                and callable(getattr(channel, "unary_unary", None))):
+            # the bytes as they are: a stub whose Export takes a built request (its
+            # serializer passes bytes through), made again with each channel the exporter
+            # reconnects with (_initialize_channel_and_stub calls self._stub(channel))
+            exporter._stub = _RawTraceStub
+            exporter._client = _RawTraceStub(channel)
+            exporter._translate_data = _body
+        else:   # parsed back into the message (in C), for the SDK's own stub
+            exporter._translate_data = _parsed
         return lambda body, n: exporter._export((body, n)) == SpanExportResult.SUCCESS
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
 
@@ -587,6 +599,22 @@ def prebuilt_sender(exporter):
 
         return send
     return None
+
+
+class _RawTraceStub:
+    """TraceService's Export on a gRPC channel, taking the request as serialized bytes."""
+
+    def __init__(self, channel):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import \
+            ExportTraceServiceResponse
+
+        self.Export = channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString)
+
+
+def _body(built: tuple) -> bytes:
+    return built[0]
 
 
 def _parsed(built: tuple):
