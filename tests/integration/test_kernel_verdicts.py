@@ -100,10 +100,10 @@ def test_the_kernel_and_python_rules_agree_and_the_counts_are_the_records(tmp_pa
     # lags 5 ms after each read (its clients' reads wait for it), and Go clients of both
     echo = SlowReader("-mode", "echo", "-readsize", "64")
     lag = SlowReader("-mode", "echo", "-readsize", "64", "-delay", "5ms")
-    clients = [loadgen(echo.addr, "-conns", "3", "-pause", "3ms", "-duration", "8s"),
-               loadgen(lag.addr, "-conns", "3", "-pause", "1ms", "-duration", "8s"),
+    clients = [loadgen(echo.addr, "-conns", "3", "-pause", "3ms", "-duration", "60s"),
+               loadgen(lag.addr, "-conns", "3", "-pause", "1ms", "-duration", "60s"),
                loadgen(lag.addr, "-conns", "1", "-mode", "stream", "-pause", "1ms",
-                       "-duration", "8s")]
+                       "-duration", "60s")]
     try:
         time.sleep(0.3)
         pids = {echo.pid, lag.pid, *(c.pid for c in clients)}
@@ -160,7 +160,7 @@ def test_counts_stay_exact_when_a_tiny_ring_buffer_loses_most_records(tmp_path):
     # answered), each Read logged by the server itself, and a one-page read ring buffer
     log = tmp_path / "reads.jsonl"
     server = SlowReader("-mode", "echo", "-readsize", "64", log=log)
-    clients = [loadgen(server.addr, "-conns", "40", "-pause", "3ms", "-duration", "8s")]
+    clients = [loadgen(server.addr, "-conns", "40", "-pause", "3ms", "-duration", "60s")]
     try:
         time.sleep(0.5)
         t = Traced({server.pid}, include_idle=True, record_rate=0, ringbuf_pages=1)
@@ -200,7 +200,7 @@ def test_the_record_token_bucket_cuts_evenly_and_counts_what_it_cut(tmp_path):
     # Given ~3,000 slow reads a second over 2 CPUs and a record rate of 200 a second (one
     # bucket for all CPUs)
     server = SlowReader("-mode", "echo", "-readsize", "64")
-    clients = [loadgen(server.addr, "-conns", "12", "-pause", "2ms", "-duration", "8s")]
+    clients = [loadgen(server.addr, "-conns", "12", "-pause", "2ms", "-duration", "60s")]
     try:
         time.sleep(0.5)
         t = Traced({server.pid}, include_idle=True, record_rate=200)
