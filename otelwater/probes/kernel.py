@@ -528,6 +528,11 @@ class WaterProbe:
 
             self._standing = StandingWater(self.opts.ports, self.opts.pids, self.opts.cgroups)
         b = self._bpf
+        # the listeners first: the kernel decides roles (dialed or accepted) as soon as the
+        # generation moves from 0, which refresh_filters() below does; a socket decided before
+        # its namespace's listeners were written would keep the wrong role
+        go_pids = self.readers.opts.pids if self.readers is not None else ()
+        self.learn_listeners(("self", *sorted(self.opts.pids | frozenset(go_pids))))
         if self.opts.ports:
             t = b["watch_ports"]
             for p in self.opts.ports:
@@ -541,7 +546,6 @@ class WaterProbe:
             t = b["watch_cgroups"]
             for path in self.opts.cgroups:
                 t[ctypes.c_uint64(cgroup_id(path))] = ctypes.c_uint8(1)
-        self.learn_listeners(("self", *sorted(self.opts.pids)))
         # the programs ran while the filters were being written: sockets they decided under
         # generation 0 are decided again on their next event
         self._bump_generation()
