@@ -80,8 +80,15 @@ stood in the queue, ? unknown; ! the process's read-skew alert), WAIT its split 
 the peer, r waiting to run, q queue delay), CALLER the function that called net.(*conn).Read.
 
 With --json: "snapshot" records, Go slow reads as "read" (ts_start_ns, ts_end_ns, pid, tid,
-goid, fd, sock_key, requested, returned, stack, source, parked, queue_delay_ns), their
-"verdict"s, "alert" transitions, "lost" and "notice" records, and summaries at the end.
+goid, fd, sock_key, requested, returned, stack, source, parked, queue_delay_ns, role, peer,
+trace_id, parent_span_id, link_note, go_start), their "verdict"s, "alert" transitions, "lost"
+and "notice" records, and summaries at the end.
+
+Spans inside your traces: when the goroutine that reads carries its request's trace context as
+runtime/pprof labels (trace_id, span_id in hex by default), a slow read's span (--otlp-endpoint)
+is a child of the request's span; other keys and encodings: the `links` section of --config
+(or OTELWATER_LINKS_TRACE_KEY, _SPAN_KEY, _ENCODING). README: "Spans inside your service's
+traces".
 """
 
 
@@ -327,7 +334,9 @@ def _check_go_targets(go_binary, go_pids, probes) -> list[str]:
               "(each costs otelwater ~50-75 us of CPU here).  [default: 1000, or "
               "correlate.record_rate]")
 @click.option("--config", "config_file", default=None, metavar="FILE",
-              help="YAML file of thresholds (alerts, correlation; examples/otelwater.yaml). "
+              help="YAML file of settings (alerts, correlation, export, and `links`: the "
+              "pprof label keys that put a slow read's span inside its request's trace; "
+              "examples/otelwater.yaml lists every key). "
               "Precedence: defaults < this file (or $OTELWATER_CONFIG) < OTELWATER_* "
               "variables < flags.")
 @click.option("--wait", is_flag=True,

@@ -185,7 +185,8 @@ def offline_config(recorded: dict, config_file: str | None, flags: dict):
 @click.option("--otlp-endpoint", default=None, metavar="URL",
               help="Also re-export the verdicts as spans, and the water and read metrics, at "
               "their recorded times under each traced service's recorded identity, to this "
-              "OTLP endpoint.  [default: off, "
+              "OTLP endpoint; a read recorded with its request's trace context (pprof labels) "
+              "is again a child of the request's span.  [default: off, "
               "or OTEL_EXPORTER_OTLP_ENDPOINT]")
 @click.option("--otlp-protocol", type=click.Choice(["grpc", "http/protobuf"]), default=None,
               help="OTLP transport.  [default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc]")
