@@ -36,7 +36,9 @@
 #define OTW_CNT_CUT 12         /* slow reads the record token bucket kept off the ring buffer
                                 * (counted in `verdicts` all the same) */
 #define OTW_CNT_IDLE 13        /* slow reads whose verdict is idle (not recorded unless asked) */
-#define OTW_CNT_SLOTS 14
+#define OTW_CNT_UNKNOWN 14     /* uprobe: blocked reads of a process whose Go facts are in neither
+                                * up_procs nor up_exes (timed and counted, no record) */
+#define OTW_CNT_SLOTS 15
 
 /* the kernel's verdict of a slow read (goread_event.kverdict, `verdicts` keys): the rules of
  * otelwater/correlate/rules.py, decided where the read ends, so the counts are exact whatever
@@ -185,6 +187,25 @@ struct goread_inflight {
     u64 start_ns;      /* entry time; 0 when no Read is in flight */
     u64 conn;          /* receiver *conn (RAX at entry) */
     u64 requested;     /* len(b) (RCX at entry) */
+};
+
+/* uprobe sampler: the Go facts of a traced binary, written by Python (one program serves
+ * every binary: nothing here is a -D macro). In `up_procs` by tgid (the processes Python
+ * knows), and in `up_exes` by executable, where a process Python has not entered yet (started
+ * since its last /proc scan) finds them. Read only where a read needs them: at a blocked
+ * read's return (in the watch: at every return, for the fd's socket evidence). */
+struct goread_gofacts {
+    u32 goid_off;      /* runtime.g.goid */
+    u32 links;         /* as goread_proc.links (otw_read_links); 0: labels not read */
+    u32 conn_fd;       /* net.conn.fd: the *netFD in the receiver */
+    u32 netfd_sysfd;   /* net.netFD.pfd + internal/poll.FD.Sysfd: the int fd in the netFD */
+};
+
+/* uprobe sampler: an executable as the kernel names it: task->mm->exe_file->f_inode's
+ * i_sb->s_dev (MKDEV: major << 20 | minor) and i_ino */
+struct goread_exe {
+    u64 dev;
+    u64 ino;
 };
 
 

@@ -7,16 +7,25 @@
  * NEVER a uretprobe: it rewrites the return address on the goroutine stack, and Go (which
  * moves and scans its stacks) dies of it (docs/go.md).
  *
+ * One program serves every traced binary: its uprobes are attached per binary (and pid), and
+ * the binary's Go facts (struct goread_gofacts: runtime.g.goid's offset, where the labels and
+ * start function are, and the fd's path from the receiver) come from maps Python writes before
+ * it attaches: `up_procs` by tgid, the processes it knows, and `up_exes` by executable
+ * (dev, inode), where a process started since Python's last /proc scan finds them
+ * (otw_up_facts). A process in neither is timed and counted, never recorded (OTW_CNT_UNKNOWN).
+ *
  * At entry: RAX = receiver *conn, RCX = len(b), R14 = *g. At a `ret`: RAX = n, RBX != 0 when
  * err != nil, [rsp] = the return address into the direct caller (the frame pointer was already
  * restored, so a frame-pointer walk from here skips that caller: it travels as caller_ip).
  * In-flight state is keyed by (tgid, *g): the goroutine may change thread between entry and
- * return, and its g is fixed for its life; the goid itself (*(g + OTW_GOID_OFF)) is read only
+ * return, and its g is fixed for its life; the goid itself (*(g + goid_off)) is read only
  * for blocked reads. The LRU entry of a goroutine is inserted once and rewritten in place.
- * Every Read is counted with its exact Go-level latency; a Read lasting >= OTW_THRESHOLD_NS
- * also reads goid, fd (*(*(conn + OFF_CONN_FD) + OFF_NETFD_PFD + OFF_FD_SYSFD)), the socket
- * key and the user stack, and goes out on the ring buffer without a wakeup; a record the ring
- * buffer cannot take is counted, and the next one this CPU delivers says how many and when.
+ * Every Read is counted with its exact Go-level latency, and needs no Go fact for it; a Read
+ * lasting >= OTW_THRESHOLD_NS looks its process's facts up (one hash lookup by tgid), reads
+ * goid, fd (*(*(conn + conn_fd) + netfd_sysfd)), the socket key and the user stack, and goes
+ * out on the ring buffer without a wakeup; a record the ring buffer cannot take is counted,
+ * and the next one this CPU delivers says how many and when. Compiled into the water probe
+ * (OTW_WATER_EMBED) every return looks the facts up: the fd finds the socket's evidence.
  */
 #include <linux/sched.h>
 #define OTW_GOREAD_PROG 1
@@ -34,10 +43,48 @@
 #define OTW_MAX_INFLIGHT 65536
 #endif
 
+#ifndef OTW_UP_MAX_PROCS
+#define OTW_UP_MAX_PROCS 4096  /* processes entered by pid (more: found by executable) */
+#endif
+#ifndef OTW_UP_MAX_EXES
+#define OTW_UP_MAX_EXES 1024   /* binaries traced at once */
+#endif
+
 BPF_TABLE("lru_hash", struct goread_key, struct goread_inflight, inflight, OTW_MAX_INFLIGHT);
 BPF_PERCPU_ARRAY(counts, struct goread_counts, 1);
 BPF_RINGBUF_OUTPUT(read_events, OTW_READ_RINGBUF_PAGES);
+BPF_HASH(up_procs, u32, struct goread_gofacts, OTW_UP_MAX_PROCS);
+BPF_HASH(up_exes, struct goread_exe, struct goread_gofacts, OTW_UP_MAX_EXES);
 #include "goverdict.c"
+
+/* The Go facts of the current process: by tgid when Python has entered it, else by its
+ * executable (task->mm->exe_file->f_inode: a process of a traced binary started since
+ * Python's last scan, traced from its first read). NULL: neither knows it. */
+static __always_inline struct goread_gofacts *otw_up_facts(u32 tgid)
+{
+    struct goread_gofacts *gf = up_procs.lookup(&tgid);
+    if (gf)
+        return gf;
+    const char *task = (const char *)bpf_get_current_task();
+    const char *mm = 0, *file = 0, *inode = 0, *sb = 0;
+    bpf_probe_read_kernel(&mm, sizeof(mm), task + OFF_TASK_MM);
+    if (!mm)
+        return 0;
+    bpf_probe_read_kernel(&file, sizeof(file), mm + OFF_MM_EXE_FILE);
+    if (!file)
+        return 0;
+    bpf_probe_read_kernel(&inode, sizeof(inode), file + OFF_FILE_INODE);
+    if (!inode)
+        return 0;
+    struct goread_exe x = {};
+    u32 dev = 0;
+    bpf_probe_read_kernel(&x.ino, sizeof(x.ino), inode + OFF_INODE_INO);
+    bpf_probe_read_kernel(&sb, sizeof(sb), inode + OFF_INODE_SB);
+    if (sb)
+        bpf_probe_read_kernel(&dev, sizeof(dev), sb + OFF_SB_DEV);
+    x.dev = dev;
+    return up_exes.lookup(&x);
+}
 
 int otw_up_read_entry(struct pt_regs *ctx)
 {
@@ -96,13 +143,19 @@ int otw_up_read_return(struct pt_regs *ctx)
     if (!blocked)
         return 0;
 #endif
+    struct goread_gofacts *gf = otw_up_facts(k.tgid);
+    if (!gf) {
+        if (blocked)
+            c->n[OTW_CNT_UNKNOWN] += 1;
+        return 0;
+    }
 
     /* fd from the receiver: conn.fd (*netFD) -> netFD.pfd (poll.FD) .Sysfd (int) */
     u64 netfd = 0;
     s64 fd = -1;
-    bpf_probe_read_user(&netfd, sizeof(netfd), (void *)(f->conn + OFF_CONN_FD));
+    bpf_probe_read_user(&netfd, sizeof(netfd), (void *)(f->conn + gf->conn_fd));
     if (netfd)
-        bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + OFF_NETFD_PFD + OFF_FD_SYSFD));
+        bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + gf->netfd_sysfd));
     u64 key = 0;
     u32 evf = 0;
     u64 arrival = 0, qdelay = 0, send = 0, prev_arrival = 0;
@@ -169,9 +222,9 @@ int otw_up_read_return(struct pt_regs *ctx)
     e->source = OTW_SOURCE_UPROBE;
     e->goid = 0;
     e->has_goid = 0;
-    if (k.g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(k.g + OTW_GOID_OFF)) == 0)
+    if (k.g && bpf_probe_read_user(&e->goid, sizeof(e->goid), (void *)(k.g + gf->goid_off)) == 0)
         e->has_goid = 1;
-    otw_read_links(e, k.g, OTW_LINKS);    /* the request it served (goverdict.c) */
+    otw_read_links(e, k.g, gf->links);    /* the request it served (goverdict.c) */
     e->caller_ip = 0;
     e->arrival_ns = arrival;        /* 0 and no evidence when the water probe runs apart */
     e->queue_delay_ns = (evf & OTW_EV_QDELAY) ? qdelay : 0;

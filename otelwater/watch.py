@@ -53,7 +53,7 @@ def open_readers(go_binary, go_pids, probes, blocked_ns, ringbuf_pages=64, confi
     from otelwater.probes.goread import GoReadOptions, GoReadSampler
 
     # the sampler is compiled into the water probe's program, which hands it each read's
-    # socket and queue evidence (the uprobe sampler only when one binary is traced)
+    # socket and queue evidence (either mechanism, any number of binaries)
     from otelwater.config import Config
 
     from otelwater.events.links import LinkKeys

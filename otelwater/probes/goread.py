@@ -20,7 +20,12 @@ carries how many were lost before it and when (first and last), and poll() puts 
   sock:sock_recv_length ends each socket read, so a read that did not park counts as 0 ns.
 - "uprobe" (bpf/goread_uprobe.c): uprobes at the entry and at every `ret` of
   net.(*conn).Read (never a uretprobe). With a binary: pid -1, so every process of it, now and
-  later; with pids: one set of probes per pid. Exact Go-level latency of every Read.
+  later; with pids: one set of probes per pid. Exact Go-level latency of every Read. One BPF
+  program for every binary traced (pids of several Go versions, say): each binary's Go facts
+  (struct goread_gofacts) are written into its maps before its uprobes are attached, under
+  each known pid (`up_procs`; with a binary, /proc is re-scanned every RESCAN_S on poll())
+  and under the executable's (dev, inode) (`up_exes`: a process started since the last scan).
+  Compiled into the water probe with embed=True, whatever the number of binaries.
 
 User stacks are symbolized here from .symtab or .gopclntab (goelf.Symbolizer), PIE binaries
 through their load bias in /proc/PID/maps, once per distinct stack of a process (the names of
@@ -30,9 +35,9 @@ raw bytes. The read ring buffer has a consumer of its own
 (loader.RingBuffer), also when compiled into the water probe's program. stop() ends a run
 exactly: detached (embedded: by the water probe's stop(), called first), what the ring buffer
 still holds and the final lost total; every read stats() counts as recorded (blocked +
-queue_slow) is then a ReadRecord delivered, a loss counted, or not_socket. close() detaches,
-drains the ring buffer (poll() still returns what was drained) and frees everything; when the
-process dies the kernel detaches them anyway (BCC holds them as perf fds).
+queue_slow) is then a ReadRecord delivered, a loss counted, not_socket or unknown. close()
+detaches, drains the ring buffer (poll() still returns what was drained) and frees everything;
+when the process dies the kernel detaches them anyway (BCC holds them as perf fds).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_SETTLE_S, Ri
 GOREAD_H = header("goread.h")
 GoReadEvent = GOREAD_H.structs["goread_event"]
 GoReadProc = GOREAD_H.structs["goread_proc"]
+GoFacts = GOREAD_H.structs["goread_gofacts"]
+GoExe = GOREAD_H.structs["goread_exe"]
 LinkKeysValue = GOREAD_H.structs["otw_link_keys"]
 GoReadCounts = GOREAD_H.structs["goread_counts"]
 _D = GOREAD_H.defines
@@ -124,6 +131,8 @@ class GoReadStats:
     lost: int             # records the ring buffer could not take
     not_socket: int       # blocked reads on an fd that is not a TCP socket (no record)
     latency_sum_ns: int
+    unknown: int = 0             # uprobe: blocked reads of a process whose Go facts the
+                                 # kernel did not find (no record)
     queue_slow: int = 0          # reads that found data which had waited >= threshold: recorded
     queue_slow_limited: int = 0  # ...beyond the per-socket rate: counted only
     cut: int = 0                 # slow reads the record token bucket kept off the ring buffer
@@ -217,6 +226,45 @@ def exec_offsets(btf) -> dict[str, int]:
                              "use --go-pid PID, or --probes uprobe") from None
 
 
+UPROBE_EXE_FIELDS = {  # what the uprobe sampler reads to name a process's executable:
+    "OFF_TASK_MM": ("task_struct", "mm"),    # task->mm->exe_file->f_inode->{i_ino, i_sb->s_dev}
+    "OFF_MM_EXE_FILE": ("mm_struct", "exe_file"),
+    "OFF_INODE_SB": ("inode", "i_sb"),
+    "OFF_SB_DEV": ("super_block", "s_dev"),
+}
+
+
+def uprobe_exe_offsets(btf) -> dict[str, int]:
+    from otelwater.probes.btf import BtfError
+
+    try:
+        return {k: btf.member(s, m).offset for k, (s, m) in UPROBE_EXE_FIELDS.items()}
+    except BtfError as e:
+        raise ProbeLoadError(f"the kernel's BTF lacks what the uprobe sampler reads ({e})",
+                             "use --probes tracepoint") from None
+
+
+def kernel_exe(path: str) -> tuple[int, int] | None:
+    """(dev, inode) of an executable as the kernel keeps them (struct goread_exe: s_dev is
+    MKDEV, major << 20 | minor), from stat; None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.major(st.st_dev) << 20 | os.minor(st.st_dev), st.st_ino
+
+
+def _pids_running(key: tuple[int, int] | None) -> set[int]:
+    """The live processes whose executable has this (st_dev, st_ino) (_exe_key)."""
+    out = set()
+    if key is None:
+        return out
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _exe_key(f"/proc/{name}/exe") == key:
+            out.add(int(name))
+    return out
+
+
 def _tp_ret_offset() -> int:
     """Offset of sys_exit_read's `ret` in the tracepoint record (tracefs format)."""
     root = host.tracefs()
@@ -272,6 +320,12 @@ class _Binary:
             labels |= _D["OTW_LABELS_SLICE"]
         return labels | off.get("runtime.g.startpc", 0) << 16
 
+    def gofacts(self, links: bool):
+        """struct goread_gofacts: what the uprobe sampler reads in this binary's processes."""
+        off = self.info.offsets
+        return GoFacts(off["runtime.g.goid"], self.links if links else 0, off["net.conn.fd"],
+                       off["net.netFD.pfd"] + off["internal/poll.FD.Sysfd"])
+
     @property
     def pie(self) -> bool:
         return bool(self.info and self.info.pie)
@@ -304,7 +358,7 @@ def verdict_cflags(opts: GoReadOptions) -> list[str]:
 class GoReadSampler:
     def __init__(self, opts: GoReadOptions):
         self.opts = opts
-        self._bpfs: list = []                 # one BPF object (uprobe: one per binary)
+        self._bpfs: list = []                 # one BPF object, whatever the binaries
         self._rings: list[RingBuffer] = []    # the read_events of each, consumed on its own
         self._stopped = False                 # detached (or, embedded, closed)
         self._owned = True                    # False when bound into the water probe's
@@ -325,6 +379,7 @@ class GoReadSampler:
         self._stacks: dict[tuple, tuple[str, ...]] = {}   # (pid, caller, raw ips) -> names
         self._starts: dict[tuple[int, int], str] = {}      # (pid, startpc) -> function name
         self._slots: dict[int, tuple[int, int]] = {}   # tracepoint: pid -> (slot, gen)
+        self._up_pids: dict[int, _Binary] = {}         # uprobe: the pids in up_procs
         self._gens = [0] * opts.max_procs
         self._free = list(range(opts.max_procs - 1, -1, -1))
         self._next_scan = 0.0
@@ -336,17 +391,21 @@ class GoReadSampler:
         btf = self._btf = running_kernel_btf()
         self._targets = self._resolve_targets()
         for pid, binary in self._targets.items():   # tracepoints trace any process: say so
-            if binary.info is None:
+            if binary.info is None and binary.why_no_goid and (
+                    "not a Go program" not in binary.why_no_goid):
+                # a Go program otelwater cannot read (an unknown version, stripped): why
+                self._say_once(("notgo", pid), f"pid {pid}: its socket reads are traced "
+                               f"without goroutine ids or trace links: {binary.why_no_goid}")
+            elif binary.info is None:
                 self._say_once(("notgo", pid), f"pid {pid} ({binary.path}) is not a Go "
                                "program: its socket reads are traced without goroutine ids "
                                "or Go stacks (a wrapper script? give the Go service's own pid)")
         from otelwater.probes.btf import kernel_offsets
 
         self.offsets = kernel_offsets(btf)
-        # compiled into the water probe's program (for each read's evidence): the tracepoint
-        # sampler always can; the uprobe sampler when one binary is traced (one set of offsets)
-        self.embedded = opts.embed and (opts.mechanism == "tracepoint"
-                                        or len(self._uprobe_groups()) == 1)
+        # compiled into the water probe's program (for each read's evidence): either sampler,
+        # whatever the binaries (the uprobe sampler's Go facts are in its maps)
+        self.embedded = opts.embed
         try:
             if opts.mechanism == "tracepoint":
                 if not self.embedded:
@@ -435,8 +494,7 @@ class GoReadSampler:
         bpf/water.c, which then defines OTW_GO_TP or OTW_GO_UPROBE)."""
         o = self.opts
         if o.mechanism == "uprobe":
-            (binary, _pids), = self._uprobe_groups().values()
-            return self._uprobe_cflags(binary) + ["-DOTW_GO_UPROBE=1"]
+            return self._uprobe_cflags() + ["-DOTW_GO_UPROBE=1"]
         flags = self._cflags() + [f"-DOTW_MAX_PROCS={o.max_procs}", f"-DOTW_MAX_FDS={o.max_fds}",
                                   f"-DOTW_TP_RET_OFF={_tp_ret_offset()}", "-DOTW_GO_TP=1"]
         if o.binary:
@@ -461,8 +519,7 @@ class GoReadSampler:
         if self.opts.mechanism == "tracepoint":
             self._bind_tracepoint(b)
         else:
-            (binary, pids), = self._uprobe_groups().values()
-            self._attach_uprobes(b, binary, pids)
+            self._bind_uprobe(b)
 
     def _bind_tracepoint(self, b) -> None:
         o = self.opts
@@ -487,8 +544,8 @@ class GoReadSampler:
                                      "run 'otelwater doctor'") from e
 
     def _uprobe_groups(self) -> dict[int, tuple[_Binary, list[int]]]:
-        """One program per distinct binary (each has its own struct offsets): id -> (binary,
-        pids to attach to, -1 for every process of it)."""
+        """The uprobes to attach, per distinct binary: id -> (binary, pids to attach to, -1
+        for every process of it). One program serves them all."""
         if self.opts.mechanism != "uprobe":
             return {}
         groups: dict[int, tuple[_Binary, list[int]]] = {}
@@ -500,23 +557,53 @@ class GoReadSampler:
                 self._pid_binary[pid] = binary
         return groups
 
-    def _uprobe_cflags(self, binary: _Binary) -> list[str]:
-        off = binary.info.offsets
-        return self._cflags() + [
-            f"-DOTW_GOID_OFF={off['runtime.g.goid']}",
-            f"-DOTW_LINKS={binary.links if self.opts.links else 0}",
-            f"-DOFF_CONN_FD={off['net.conn.fd']}",
-            f"-DOFF_NETFD_PFD={off['net.netFD.pfd']}",
-            f"-DOFF_FD_SYSFD={off['internal/poll.FD.Sysfd']}",
-        ]
+    def _uprobe_cflags(self) -> list[str]:
+        """The same for every binary: its Go facts are in the maps (bind_uprobe)."""
+        return self._cflags() + [f"-D{k}={v}" for k, v in uprobe_exe_offsets(self._btf).items()]
 
     def _start_uprobe(self) -> None:
-        for binary, pids in self._uprobe_groups().values():
-            b = self._load("goread_uprobe.c", self._uprobe_cflags(binary))
+        self._bind_uprobe(self._load("goread_uprobe.c", self._uprobe_cflags()))
+
+    def _bind_uprobe(self, b) -> None:
+        """Each binary's Go facts into the maps (its executable; its pids, or the processes
+        running it now), then its uprobes: a hit finds them from its first read."""
+        self._up_procs = b["up_procs"]
+        exes = b["up_exes"]
+        groups = self._uprobe_groups()
+        for binary, pids in groups.values():
+            key = kernel_exe(binary.path)   # (pids too: a pid the full up_procs cannot take)
+            if key is not None:
+                exes[GoExe(*key)] = binary.gofacts(bool(self.opts.links))
+            for pid in pids:
+                if pid != -1:
+                    self._up_enter(pid, binary)
+        if self.opts.binary:
+            self._up_rescan()
+        for binary, pids in groups.values():
             self._attach_uprobes(b, binary, pids)
 
+    def _up_enter(self, pid: int, binary: _Binary) -> None:
+        self._pid_binary[pid] = binary
+        try:
+            self._up_procs[ctypes.c_uint32(pid)] = binary.gofacts(bool(self.opts.links))
+        except Exception:  # BCC: full (OTW_UP_MAX_PROCS): its binary's entry serves it
+            return
+        self._up_pids[pid] = binary
+
+    def _up_rescan(self) -> None:
+        """With a binary path: enter every process running it by pid (one lookup a blocked
+        read, where the executable's entry costs the walk to its inode), forget the ones gone."""
+        alive = _pids_running(_exe_key(self._main_binary.path))
+        for pid in alive - self._up_pids.keys():
+            self._up_enter(pid, self._main_binary)
+        for pid in self._up_pids.keys() - alive:
+            del self._up_pids[pid]
+            try:
+                del self._up_procs[ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+
     def _attach_uprobes(self, b, binary: _Binary, pids: list[int]) -> None:
-        b._otw_binary = binary  # which binary this program's records come from
         fn = binary.info.functions[READ_FUNCTION]
         for pid in pids:
             sites = [(fn.address, "otw_up_read_entry")]
@@ -596,7 +683,7 @@ class GoReadSampler:
     def watched_pids(self) -> frozenset[int]:
         if self.opts.mechanism == "tracepoint":
             return frozenset(self._slots)
-        return frozenset(self._targets)
+        return frozenset(self._up_pids)
 
     # -- records ---------------------------------------------------------------------------
     def _on_event(self, _ctx, data, _size) -> int:
@@ -623,6 +710,11 @@ class GoReadSampler:
         for pid in self.opts.pids:
             if pid not in self._exited and not _alive(pid):
                 self._exited.add(pid)
+                if self._up_pids.pop(pid, None) is not None:
+                    try:
+                        del self._up_procs[ctypes.c_uint32(pid)]
+                    except KeyError:
+                        pass
                 left = len(self.opts.pids) - len(self._exited)
                 self._say_once(("exit", pid), f"traced process {pid} exited; "
                                + (f"{left} traced process(es) left" if left else
@@ -700,6 +792,13 @@ class GoReadSampler:
         n = trace_links.VALUE_MAX
         trace, span, note = trace_links.decode(keys, flags, (values[:n], values[n:]),
                                                (lens[0], lens[1]), go_start)
+        if note.startswith("no label") and ("links", pid) not in self._said:
+            self._say_once(("links", pid), (
+                f"pid {pid}: its goroutines carry pprof labels, but not the keys looked for "
+                f"({note}): their spans stay out of the requests' traces (other keys: "
+                f"links.trace_key, links.span_key, "
+                f"links.encoding in --config, or OTELWATER_LINKS_*; off: "
+                f"OTELWATER_LINKS_ENABLED=false)"))
         return trace, span, note, go_start
 
     def _record(self, v) -> ReadRecord:
@@ -748,10 +847,12 @@ class GoReadSampler:
         self._budget = len(self._pending) + max_records
         self._deadline = time.monotonic() + POLL_TIME_S
         if not self._closed:
-            if (self.opts.mechanism == "tracepoint" and self.opts.binary
-                    and time.monotonic() >= self._next_scan):
+            if self.opts.binary and self._bpfs and time.monotonic() >= self._next_scan:
                 self._next_scan = time.monotonic() + RESCAN_S
-                self._rescan()
+                if self.opts.mechanism == "tracepoint":
+                    self._rescan()
+                else:
+                    self._up_rescan()
             if self.opts.pids and time.monotonic() >= self._next_exit_check:
                 self._next_exit_check = time.monotonic() + RESCAN_S
                 self._check_exits()
@@ -789,6 +890,7 @@ class GoReadSampler:
             parks=n[_D["OTW_CNT_PARKS"]], orphans=n[_D["OTW_CNT_ORPHAN"]],
             reentries=n[_D["OTW_CNT_REENTER"]], lost=n[_D["OTW_CNT_LOST"]],
             not_socket=n[_D["OTW_CNT_NOT_SOCKET"]], latency_sum_ns=n[_D["OTW_CNT_SUM_NS"]],
+            unknown=n[_D["OTW_CNT_UNKNOWN"]],
             queue_slow=n[_D["OTW_CNT_QSLOW"]], queue_slow_limited=n[_D["OTW_CNT_QSLOW_LIMITED"]],
             cut=n[_D["OTW_CNT_CUT"]], idle=n[_D["OTW_CNT_IDLE"]],
             histogram=tuple((1 << i, c) for i, c in enumerate(hist) if c),
@@ -869,7 +971,7 @@ class GoReadSampler:
         """The end of a run: detached (embedded: call the water probe's stop() first), every
         record the ring buffer still holds (all of them: nothing adds to it any more), and the
         sweep's lost record with the final, exact total. After it, every read stats() counts
-        as recorded was delivered or counted as lost (or is not_socket)."""
+        as recorded was delivered or counted as lost (or is not_socket or unknown)."""
         if self._closed or not self._bpfs:
             return []
         self._detach()

@@ -86,6 +86,14 @@ def test_goread_layouts_are_pinned():
     keys = h.structs["otw_link_keys"]    # written by Python (goread.py _set_link_keys)
     assert offsets(keys) == {"len": 0, "_pad": 2, "key": 8} and ctypes.sizeof(keys) == 72
     assert offsets(h.structs["goread_park"]) == {"start_ns": 0, "g": 8, "gen": 16, "_pad": 20}
+    # the uprobe sampler's Go facts of a binary and its executable's key (written by Python:
+    # goread.py _bind_uprobe), one program for every binary
+    facts = h.structs["goread_gofacts"]
+    assert ctypes.sizeof(facts) == 16
+    assert offsets(facts) == {"goid_off": 0, "links": 4, "conn_fd": 8, "netfd_sysfd": 12}
+    assert ctypes.sizeof(h.structs["goread_exe"]) == 16
+    assert offsets(h.structs["goread_exe"]) == {"dev": 0, "ino": 8}
+    assert h.defines["OTW_CNT_UNKNOWN"] == h.defines["OTW_CNT_SLOTS"] - 1
     counts = h.structs["goread_counts"]
     assert ctypes.sizeof(counts) == 8 * (
         h.defines["OTW_CNT_SLOTS"] + h.defines["OTW_HIST_SLOTS"] + 3)
