@@ -190,8 +190,9 @@ class LinksConfig:
                "reads pay nothing) and make its span a child of the request's span"})
     trace_key: str = _text("trace_id", pattern=r"[\x21-\x7e][\x20-\x7e]*", max_len=32,
                            doc="the label holding the trace id (or the traceparent)")
-    span_key: str = _text("span_id", pattern=r"[\x21-\x7e][\x20-\x7e]*", max_len=32,
-                          doc="the label holding the request's span id")
+    span_key: str = _text("span_id", pattern=r"(?:[\x21-\x7e][\x20-\x7e]*)?", max_len=32,
+                          doc="the label holding the request's span id (unused, and may be "
+                              "empty, with encoding traceparent)")
     encoding: str = _choice("hex", ("hex", "decimal", "traceparent"),
                             doc="hex: 32/16 hex digits; decimal: unsigned 64-bit numbers; "
                                 "traceparent: one label, a W3C traceparent")
@@ -424,6 +425,12 @@ def _check_together(cfg: Config, sources: Mapping[str, str]) -> None:
         given = [f"{k} ({sources[k]})" for k in keys if k in sources]
         return ", ".join(given) if given else "the defaults"
 
+    ln = cfg.links
+    if not ln.span_key and ln.encoding != "traceparent":
+        keys = ("links.span_key", "links.encoding")
+        raise UsageError(f"links.span_key is empty with encoding {ln.encoding}; set by "
+                         f"{src(*keys)}", "name the label holding the span id, e.g. "
+                         "links.span_key = span_id (only encoding traceparent needs none)")
     s = cfg.alerts.read_skew
     if s.min_tail > s.min_samples:
         keys = ("alerts.read_skew.min_tail", "alerts.read_skew.min_samples")

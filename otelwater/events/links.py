@@ -120,6 +120,11 @@ def _id(text: str, digits: int, encoding: str) -> str | None:
     return out if out.strip("0") else None
 
 
+def _shown(text: str) -> str:
+    """A label's value as a note shows it: quoted, at most 40 characters."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def decode(keys: LinkKeys, flags: int, values: tuple[bytes, bytes],
            lengths: tuple[int, int], go_start: str) -> tuple[str, str, str]:
     """(trace_id, parent_span_id, link_note) of a read from what the kernel copied: `flags`
@@ -149,14 +154,16 @@ def decode(keys: LinkKeys, flags: int, values: tuple[bytes, bytes],
     if keys.encoding == "traceparent":
         m = _TRACEPARENT.fullmatch(texts[0].strip().lower())
         if m is None or m.group(1) == "ff":
-            return "", "", f"label {keys.trace_key!r} is not a W3C traceparent"
+            return "", "", (f"label {keys.trace_key!r} is not a W3C traceparent "
+                            f"({_shown(texts[0])})")
         trace, span = _id(m.group(2), 32, "hex"), _id(m.group(3), 16, "hex")
     else:
         trace, span = _id(texts[0], 32, keys.encoding), _id(texts[1], 16, keys.encoding)
     enc = "hex" if keys.encoding == "traceparent" else keys.encoding
     if trace is None:
-        return "", "", f"label {keys.trace_key!r} is not a {enc} trace id"
+        return "", "", f"label {keys.trace_key!r} is not a {enc} trace id ({_shown(texts[0])})"
     if span is None:
-        key = keys.trace_key if keys.encoding == "traceparent" else keys.span_key
-        return "", "", f"label {key!r} is not a {enc} span id"
+        key, text = ((keys.trace_key, texts[0]) if keys.encoding == "traceparent"
+                     else (keys.span_key, texts[1]))
+        return "", "", f"label {key!r} is not a {enc} span id ({_shown(text)})"
     return trace, span, ""

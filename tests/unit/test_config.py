@@ -82,6 +82,11 @@ def test_empty_file_is_the_defaults(tmp_path):
                                                   "alerts.read_skew.baseline_s"]),
     ("alerts:\n  read_skew: {spread_quantile: 0.99}\n", ["spread_quantile 0.99 is not below "
                                                          "quantile 0.99"]),
+    ("links:\n  span_key: ''\n", ["links.span_key is empty with encoding hex",
+                                    "only encoding traceparent"]),
+    ("links:\n  trace_key: ''\n", ["links.trace_key", "printable ASCII"]),
+    ("links:\n  trace_key: " + "k" * 33 + "\n", ["links.trace_key", "1-32"]),
+    ("links:\n  encoding: base64\n", ["links.encoding", "hex, decimal, traceparent"]),
     ("alerts: 3\n", ["alerts", "is a section"]),
     ("- 1\n- 2\n", ["expected sections"]),
     ("alerts:\n\tfill_ratio: 0.9\n", ["line 2 column 1", "fix the YAML syntax"]),
@@ -95,7 +100,7 @@ def test_a_bad_file_is_one_line_naming_key_and_file(tmp_path, text, words):
     assert "\n" not in line and e.value.exit_code == 2
     for w in words:
         assert w in line
-    if "is above" not in line and "is not" not in line:
+    if "is above" not in line and "is not" not in line and "is empty with" not in line:
         assert path in line
 
 
@@ -158,3 +163,9 @@ def test_numbers_yaml_reads_as_strings_and_upper_bounds(tmp_path):
     f.write_text("correlate:\n  window_ms: 1e23\n")
     with pytest.raises(UsageError, match="correlate.window_ms.*at most"):
         load_config(str(f), env={})
+
+
+def test_traceparent_needs_no_span_key(tmp_path):
+    cfg = load_config(write(tmp_path, "links:\n  trace_key: traceparent\n  span_key: ''\n"
+                                      "  encoding: traceparent\n"), env={})
+    assert (cfg.links.trace_key, cfg.links.span_key) == ("traceparent", "")

@@ -58,6 +58,12 @@ def test_a_label_that_does_not_parse_says_so_and_links_nothing(trace, span, why)
     assert (t, s) == ("", "") and why in note
 
 
+def test_a_malformed_value_is_shown_in_the_note():
+    assert got(HEX, "xyz", SPAN)[2] == "label 'trace_id' is not a hex trace id ('xyz')"
+    note = got(HEX, TRACE, "q" * 60)[2]
+    assert note.endswith("('" + "q" * 37 + "...')")
+
+
 def test_more_labels_than_scanned_is_said():
     assert "among the first 16" in got(HEX, None, SPAN, extra=L.MORE)[2]
 
