@@ -11,7 +11,7 @@ Every downstream read is a slow read (>= 1 ms), and the sampler records all of t
 
 Conditions, alternating within each round on the same processes: GoReadSampler (tracepoint)
 on the api with links (the default keys) and without (LinkKeys None: no labels, no start
-function read). With kernel.bpf_stats_enabled on, the sampler's programs' run_time_ns summed
+function read). With the kernel's BPF statistics on (BPF_ENABLE_STATS), the sampler's programs' run_time_ns summed
 over the run, divided by the reads it recorded, is the kernel's cost per recorded read; the
 difference of the two conditions is what the labels add in the kernel. The reads that are
 not recorded run no new code (otw_read_links runs after the record is reserved), so their
@@ -38,6 +38,9 @@ from otelwater.events import links as L            # noqa: E402
 from otelwater.events.model import ReadRecord       # noqa: E402
 from otelwater.probes.goread import GoReadOptions, GoReadSampler   # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_parts import enable_stats, prog_stats as probe_prog_stats   # noqa: E402
+
 
 def start(binary: str, *args: str) -> tuple[subprocess.Popen, dict]:
     p = subprocess.Popen([binary, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -46,18 +49,18 @@ def start(binary: str, *args: str) -> tuple[subprocess.Popen, dict]:
 
 
 def prog_stats() -> tuple[int, int]:
-    """(run_time_ns, run_cnt) summed over this process's BPF programs (fdinfo)."""
+    """(run_time_ns, run_cnt) summed over this process's BPF programs (probe_parts.prog_stats
+    of each program fd it holds)."""
     t = n = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf-prog":
                 continue
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                info = dict(line.split(":", 1) for line in f if ":" in line)
+            run_ns, runs, _misses = probe_prog_stats(int(fd))
         except OSError:
             continue
-        t += int(info.get("run_time_ns", 0))
-        n += int(info.get("run_cnt", 0))
+        t += run_ns
+        n += runs
     return t, n
 
 
@@ -97,12 +100,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("links_cost: needs root (BPF)", file=sys.stderr)
         return 2
-    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
-        stats_before = f.read().strip()
     procs = []
+    stats_fd = enable_stats()   # the statistics stay on while this fd is open (even on kill)
     try:
-        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
-            f.write("1")
         down, d = start(a.binary, "-mode", "tcp-downstream", "-delay", "2ms")
         procs.append(down)
         api, info = start(a.binary, "-mode", "api", "-downstream", f"tcp:{d['listening']}")
@@ -127,10 +127,11 @@ def main() -> int:
             print("links_cost: no read of the last run was linked: no figure", file=sys.stderr)
             return 1
         # Python's share: decode and name, as goread.py does per record (names cached)
-        t0 = time.perf_counter_ns()
         last_reads = [r for r in last_reads if r.trace_id]
+        keys = L.LinkKeys()
+        t0 = time.perf_counter_ns()
         for r in last_reads:
-            L.decode(L.LinkKeys(), L.LABELS | L.FOUND0 | L.FOUND1,
+            L.decode(keys, L.LABELS | L.FOUND0 | L.FOUND1,
                      (r.trace_id.encode().ljust(64, b"\0"), r.parent_span_id.encode()
                       .ljust(64, b"\0")), (32, 16), r.go_start)
         py_us = (time.perf_counter_ns() - t0) / max(1, len(last_reads)) / 1000
@@ -139,8 +140,7 @@ def main() -> int:
             p.terminate()
         for p in procs:
             p.wait()
-        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
-            f.write(stats_before)
+        os.close(stats_fd)
     on = statistics.median(ns for ns, _ in rows["links"])
     off = statistics.median(ns for ns, _ in rows["no links"])
     print(f"command: {' '.join(sys.argv)}")

@@ -741,11 +741,7 @@ class GoReadSampler:
         binary = self._binary_of(pid)
         stack = ()
         if binary is not None and ips:
-            bias = 0
-            if binary.pie:
-                bias = self._bias.get(pid)
-                if bias is None:
-                    bias = self._bias[pid] = _load_bias(pid, binary.path)
+            bias = self._load_bias(pid, binary)
             stack = tuple(binary.name(ip - bias) for ip in ips)
             if binary.symbolizer is None:
                 self._say_once(("nosyms", binary.path), "stacks stay as raw addresses: "
@@ -761,6 +757,16 @@ class GoReadSampler:
         self._stacks[key] = stack
         return stack
 
+    def _load_bias(self, pid: int, binary: _Binary) -> int:
+        """What to subtract from process `pid`'s code addresses to get `binary`'s (PIE: its
+        load bias from /proc/PID/maps, read once per process; else 0)."""
+        if not binary.pie:
+            return 0
+        bias = self._bias.get(pid)
+        if bias is None:
+            bias = self._bias[pid] = _load_bias(pid, binary.path)
+        return bias
+
     def _go_start(self, pid: int, pc: int) -> str:
         """The name of a goroutine's start function (runtime.g.startpc), '' unknown."""
         key = (pid, pc)
@@ -769,12 +775,7 @@ class GoReadSampler:
             binary = self._binary_of(pid)
             name = ""
             if binary is not None and binary.symbolizer is not None:
-                bias = 0
-                if binary.pie:
-                    bias = self._bias.get(pid)
-                    if bias is None:
-                        bias = self._bias[pid] = _load_bias(pid, binary.path)
-                name = binary.name(pc - bias)
+                name = binary.name(pc - self._load_bias(pid, binary))
                 if name.startswith("0x"):
                     name = ""
             if len(self._starts) >= CACHE_MAX:
