@@ -63,20 +63,22 @@ BPF_RINGBUF_OUTPUT(read_events, OTW_READ_RINGBUF_PAGES);
 #include "goverdict.c"
 
 #if OTW_EXEC_WATCH
-/* With a binary path: a process that execs it is watched from its first instruction, not
- * from Python's next /proc scan. Python writes the binary's (kernel dev_t, inode) here. */
-struct otw_exec_target {
-    u64 dev;
-    u64 ino;
-};
-BPF_ARRAY(exec_target, struct otw_exec_target, 1);
+/* Processes that exec an executable Python named are watched from their first instruction,
+ * not from Python's next /proc scan: `exec_targets` holds, by executable (the kernel's dev_t,
+ * inode: struct goread_exe), the process row to give them (struct goread_proc: goid offset and
+ * label layout of that binary; slot none: their parks wait in the LRU hash until Python gives
+ * the process a row). One entry with --go-binary, one per Go binary seen for the agent. */
+#ifndef OTW_MAX_EXES
+#define OTW_MAX_EXES 1024   /* binaries watched at exec at once */
+#endif
+BPF_HASH(exec_targets, struct goread_exe, struct goread_proc, OTW_MAX_EXES);
 
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
     /* TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm) */
     const char *bprm = (const char *)ctx->args[2];
     const char *file = 0, *inode = 0, *sb = 0;
-    u64 ino = 0;
+    struct goread_exe x = {};
     u32 dev = 0;
     bpf_probe_read_kernel(&file, sizeof(file), bprm + OFF_BPRM_FILE);
     if (!file)
@@ -84,19 +86,18 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     bpf_probe_read_kernel(&inode, sizeof(inode), file + OFF_FILE_INODE);
     if (!inode)
         return 0;
-    bpf_probe_read_kernel(&ino, sizeof(ino), inode + OFF_INODE_INO);
+    bpf_probe_read_kernel(&x.ino, sizeof(x.ino), inode + OFF_INODE_INO);
     bpf_probe_read_kernel(&sb, sizeof(sb), inode + OFF_INODE_SB);
     if (sb)
         bpf_probe_read_kernel(&dev, sizeof(dev), sb + OFF_SB_DEV);
-    u32 zero = 0;
-    struct otw_exec_target *want = exec_target.lookup(&zero);
-    if (!want || want->ino != ino || want->dev != dev)
+    x.dev = dev;
+    struct goread_proc *want = exec_targets.lookup(&x);
+    if (!want)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    /* parks in the LRU hash until Python gives the process a row (or keeps it there) */
-    struct goread_proc p = {.slot = OTW_NO_SLOT, .gen = 0, .goid_off = OTW_EXEC_GOID_OFF,
-                            .links = OTW_EXEC_LINKS};
+    struct goread_proc p = *want;
     procs.update(&tgid, &p);
+    u32 zero = 0;
     u32 *gen = procs_gen.lookup(&zero);
     if (gen)
         __sync_fetch_and_add(gen, 1);

@@ -8,7 +8,6 @@ report it, exit 1; OTELWATER_DEBUG=1 or --verbose shows the traceback instead.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import sys
@@ -18,10 +17,8 @@ import click
 from otelwater import __version__
 from otelwater.cli_options import (MAX_BLOCKED_MS, MAX_HIGH_WATER, FiniteFloat, IntRangeFix,
                                    debugging, verbose_option)
-from otelwater.errors import (BinaryError, NoSuchProcess, OtelwaterError, OutputFailed,
-                              TargetError, UsageError)
-
-CGROUP2_SUPER_MAGIC = 0x63677270
+from otelwater.cli_checks import _check_cgroups, _check_pids, cgroup2_mounts  # noqa: F401
+from otelwater.errors import (BinaryError, OtelwaterError, OutputFailed, UsageError)
 
 
 def issues_url() -> str:
@@ -172,55 +169,6 @@ def doctor():
         click.echo(f"otelwater cannot run here: {problems} problem(s) above", err=True)
         sys.exit(3)
     click.echo("otelwater can run here")
-
-
-def _check_pids(pids):
-    for pid in pids:
-        if pid < 1 or not os.path.exists(f"/proc/{pid}"):
-            raise NoSuchProcess(f"no process with pid {pid}", "check the pid with ps or pgrep")
-
-
-def _fs_magic(path: str) -> int:
-    """statfs(2)'s f_type: which filesystem a path lives on."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(512)  # struct statfs: 120 bytes on x86-64, f_type first
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
-
-
-def cgroup2_mounts() -> list[str]:
-    """Mount points of the cgroup v2 hierarchy in this mount namespace."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields, _, fs = line.partition(" - ")
-                if fs.split()[:1] == ["cgroup2"]:
-                    out.append(fields.split()[4].replace("\\040", " "))
-    except OSError:
-        pass
-    return out
-
-
-def _check_cgroups(cgroups):
-    for d in cgroups:
-        mounts = cgroup2_mounts()
-        fix = (f"give a directory under {mounts[0]} (the cgroup v2 hierarchy), e.g. "
-               f"{mounts[0]}/my.slice" if mounts else
-               "this host has no cgroup v2 hierarchy: mount one "
-               "(mount -t cgroup2 none /sys/fs/cgroup/unified) or leave --cgroup out")
-        if not os.path.exists(d):
-            raise TargetError(f"cgroup {d} does not exist", fix)
-        if not os.path.isdir(d):
-            raise TargetError(f"cgroup {d} is not a directory", fix)
-        try:
-            magic = _fs_magic(d)
-        except OSError as e:
-            raise TargetError(f"cannot check cgroup {d} ({e.strerror})", fix) from None
-        if magic != CGROUP2_SUPER_MAGIC:
-            raise TargetError(f"{d} is not a cgroup v2 directory", fix)
 
 
 def _check_go_targets(go_binary, go_pids, probes) -> list[str]:
@@ -430,6 +378,10 @@ from otelwater.cli_record import correlate_command, record_command_from, with_re
 main.add_command(with_record_option(watch))            # watch --record FILE [--force]
 main.add_command(record_command_from(watch))
 main.add_command(verbose_option(correlate_command))
+
+from otelwater.cli_agent import agent_command  # noqa: E402
+
+main.add_command(verbose_option(agent_command))
 
 if __name__ == "__main__":
     main()

@@ -50,10 +50,11 @@ def _num(default, *, minimum=0.0, above=None, maximum=None, doc=""):
                                             "doc": doc})
 
 
-def _text(default, *, pattern, max_len, doc=""):
+def _text(default, *, pattern, max_len, doc="", what=""):
     """A free text field (a label key): `pattern` (a regex, whole match) and at most
-    `max_len` bytes."""
-    return field(default=default, metadata={"pattern": pattern, "max_len": max_len, "doc": doc})
+    `max_len` bytes; `what`: the form expected, for the error (default: printable ASCII)."""
+    return field(default=default, metadata={"pattern": pattern, "max_len": max_len, "doc": doc,
+                                            "what": what})
 
 
 def _choice(default, choices, doc=""):
@@ -199,12 +200,35 @@ class LinksConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """`otelwater agent`, the long-running mode (otelwater/agent/run.py): which processes it
+    traces, how it serves and logs."""
+
+    min_age_s: float = _num(2.0, maximum=86_400,
+                            doc="a process is traced once it has run this long (short-lived "
+                                "tools are not); a restart of a binary already traced is "
+                                "picked up at once")
+    rescan_s: float = _num(0.5, minimum=0.05, maximum=60,
+                           doc="how often the processes are scanned (new ones, exited ones)")
+    max_processes: int = _num(256, minimum=1, maximum=65_536,
+                                doc="processes traced at once at most (the rest are counted "
+                                    "as failed, reason too-many)")
+    probes: str = _choice("tracepoint", ("tracepoint", "uprobe"),
+                          doc="how Go reads are traced (watch --probes)")
+    listen: str = _text("127.0.0.1:9464", pattern=r"off|\[?[0-9A-Za-z:.\-]*\]?:[0-9]{1,5}",
+                        max_len=64, what="not ADDRESS:PORT (or off)",
+                        doc="ADDRESS:PORT of /metrics, /healthz and /readyz (off: none)")
+    log_format: str = _choice("json", ("json", "text"), doc="the agent's log lines on stderr")
+
+
+@dataclass(frozen=True)
 class Config:
     alerts: AlertConfig = field(default_factory=AlertConfig)
     correlate: CorrelateConfig = field(default_factory=CorrelateConfig)
     rainwater: RainWaterConfig = field(default_factory=RainWaterConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     links: LinksConfig = field(default_factory=LinksConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -282,7 +306,8 @@ def _check(key: str, value: Any, source: str, from_text: bool = False) -> Any:
         import re
 
         if not re.fullmatch(meta["pattern"], value) or len(value.encode()) > meta["max_len"]:
-            raise bad(f"not 1-{meta['max_len']} printable ASCII characters",
+            raise bad(meta.get("what") or
+                      f"not 1-{meta['max_len']} printable ASCII characters",
                       f"e.g. {key} = {f.default}")
         return value
     if kind == "str":

@@ -100,6 +100,7 @@ VERDICT_HIST_BOUNDS_S = tuple((1 << i) / 1e9
 SERVICE_NAME = "service.name"
 SERVICE_INSTANCE_ID = "service.instance.id"
 HOST_NAME = "host.name"
+CONTAINER_ID = "container.id"          # from /proc/PID/cgroup: the k8sattributes processor's key
 PROCESS_PID = "process.pid"
 PROCESS_EXECUTABLE_NAME = "process.executable.name"
 PROCESS_EXECUTABLE_PATH = "process.executable.path"

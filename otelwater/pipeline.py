@@ -45,9 +45,10 @@ class Stopper:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self):
+    def __init__(self, on_signal: Callable[[int], None] | None = None):
         self.event = threading.Event()
         self.signal: int | None = None
+        self.on_signal = on_signal      # told at once (the agent's readiness), in the handler
         self._old = {}
 
     def __enter__(self):
@@ -56,8 +57,11 @@ class Stopper:
         return self
 
     def _handle(self, signum, _frame):
+        first = self.signal is None
         self.signal = signum
         self.event.set()
+        if first and self.on_signal is not None:
+            self.on_signal(signum)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -73,6 +77,9 @@ class WatchLoop:
     poll_s: float = 0.1
     duration_s: float | None = None
     readers: object | None = None      # a Go read sampler with poll()/lost_total(), optional
+    # each round, before the probes are polled (the agent: which processes to trace); returns
+    # records to deliver with the round's (notices)
+    chores: Callable[[], list] | None = None
 
     final_drain_s: float = 0.5
 
@@ -111,6 +118,8 @@ class WatchLoop:
             done = stopper.event.is_set() or (
                 self.duration_s is not None and now - t0 >= self.duration_s)
             batch, backlogged = self._poll()
+            if self.chores is not None and not done:
+                batch.extend(self.chores())
             if done:
                 batch.extend(self._stop(backlogged))
             sweep = done or now >= next_sweep

@@ -48,8 +48,9 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Mapping
 
-from otelwater.errors import BinaryError, NoSuchProcess, ProbeLoadError, UsageError
+from otelwater.errors import BinaryError, NoSuchProcess, OtelwaterError, ProbeLoadError, UsageError
 from otelwater.events import links as trace_links
 from otelwater.events.layout import header
 from otelwater.events.model import ROLES, LostEvents, Notice, ReadRecord, VerdictCounts
@@ -115,6 +116,11 @@ class GoReadOptions:
     # the label keys that name a recorded read's request (events/links.py); None: read no
     # labels (nor the goroutine's start function)
     links: trace_links.LinkKeys | None = trace_links.LinkKeys()
+    # the agent: the processes are given at run time (set_targets), any number of binaries;
+    # with by_exe, every process of a binary given is traced from its exec (tracepoints) or
+    # its first read (uprobes), before the next set_targets names it
+    dynamic: bool = False
+    by_exe: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,6 +293,7 @@ class _Binary:
         from otelwater.probes import goelf
 
         self.path = path
+        self.kexe = kernel_exe(path)   # (dev, inode) as the kernel names it, while it exists
         self.info = None
         self.why_no_goid = self.why_no_names = ""   # one line each, for a notice said once
         try:
@@ -387,6 +394,13 @@ class GoReadSampler:
         self._closed = False
         self._final_stats: GoReadStats | None = None
         self._counts_sent: dict[tuple[int, int, int], int] = {}   # counts_sweep: reads sent
+        # tracepoints: the kernel enters the processes of these executables at their exec
+        self._exec_watch = opts.mechanism == "tracepoint" and bool(
+            opts.binary or (opts.dynamic and opts.by_exe))
+        self._exec_keys: set[tuple[int, int]] = set()
+        self._gone: set[int] = set()                   # untraced since the last counts sweep
+        self._up_bpf = None                            # uprobe: the program (attach later)
+        self._up_attached: dict[tuple[int, int], _Binary] = {}   # exe -> binary with uprobes
         self._validate()
         btf = self._btf = running_kernel_btf()
         self._targets = self._resolve_targets()
@@ -422,7 +436,9 @@ class GoReadSampler:
         if o.mechanism not in MECHANISMS:
             raise UsageError(f"unknown read probe mechanism {o.mechanism!r}",
                              "use --probes tracepoint or --probes uprobe")
-        if not o.binary and not o.pids:
+        if o.dynamic and (o.binary or o.pids):
+            raise UsageError("a dynamic read sampler takes its processes from set_targets()")
+        if not o.binary and not o.pids and not o.dynamic:
             raise UsageError("the Go read sampler needs a binary path or pids",
                              "give --go-binary PATH or --go-pid PID")
         if o.binary and o.pids:
@@ -497,9 +513,8 @@ class GoReadSampler:
             return self._uprobe_cflags() + ["-DOTW_GO_UPROBE=1"]
         flags = self._cflags() + [f"-DOTW_MAX_PROCS={o.max_procs}", f"-DOTW_MAX_FDS={o.max_fds}",
                                   f"-DOTW_TP_RET_OFF={_tp_ret_offset()}", "-DOTW_GO_TP=1"]
-        if o.binary:
-            flags += ["-DOTW_EXEC_WATCH=1", f"-DOTW_EXEC_GOID_OFF={self._main_binary.goid_off}",
-                      f"-DOTW_EXEC_LINKS={self._main_binary.links if o.links else 0}"]
+        if self._exec_watch:
+            flags += ["-DOTW_EXEC_WATCH=1"]
             flags += [f"-D{k}={v}" for k, v in exec_offsets(self._btf).items()]
         return flags
 
@@ -525,10 +540,10 @@ class GoReadSampler:
         o = self.opts
         self._procs = b["procs"]
         self._procs_gen = b["procs_gen"]
+        if self._exec_watch:
+            self._exec_targets = b["exec_targets"]
         if o.binary:
-            st = os.stat(self._main_binary.path)
-            kdev = os.major(st.st_dev) << 20 | os.minor(st.st_dev)  # the kernel's dev_t (MKDEV)
-            b["exec_target"][ctypes.c_int(0)] = b["exec_target"].Leaf(kdev, st.st_ino)
+            self._exec_enter(self._main_binary)
         for pid, binary in self._targets.items():
             self._watch(pid, binary)
         if o.binary:
@@ -568,7 +583,8 @@ class GoReadSampler:
         """Each binary's Go facts into the maps (its executable; its pids, or the processes
         running it now), then its uprobes: a hit finds them from its first read."""
         self._up_procs = b["up_procs"]
-        exes = b["up_exes"]
+        self._up_bpf = b
+        exes = self._up_exes = b["up_exes"]
         groups = self._uprobe_groups()
         for binary, pids in groups.values():
             key = kernel_exe(binary.path)   # (pids too: a pid the full up_procs cannot take)
@@ -621,7 +637,7 @@ class GoReadSampler:
     def _watch(self, pid: int, binary: _Binary) -> None:
         if pid in self._slots:
             return
-        if self.opts.binary:
+        if self._exec_watch:
             try:
                 self._procs[ctypes.c_uint32(pid)]
             except KeyError:
@@ -642,6 +658,19 @@ class GoReadSampler:
         self._slots[pid] = (slot, gen)
         self._pid_binary[pid] = binary
 
+    def _exec_enter(self, binary: _Binary) -> None:
+        """Tracepoints: processes that exec this binary from now on are traced from their
+        first instruction (the kernel gives them its row: bpf/goread_tp.c exec_targets)."""
+        key = binary.kexe
+        if key is None or key in self._exec_keys:
+            return
+        try:
+            self._exec_targets[GoExe(*key)] = GoReadProc(
+                NO_SLOT, 0, binary.goid_off, binary.links if self.opts.links else 0)
+        except Exception:  # BCC: full (OTW_MAX_EXES): its processes wait for the next scan
+            return
+        self._exec_keys.add(key)
+
     def _procs_changed(self) -> None:
         """Bump the table's generation: the water probe keeps, per socket, whether its
         reader is traced, and asks the table again when this moves (bpf/water.c)."""
@@ -649,6 +678,7 @@ class GoReadSampler:
         self._procs_gen[k] = ctypes.c_uint32(self._procs_gen[k].value + 1)
 
     def _unwatch(self, pid: int) -> None:
+        self._gone.add(pid)
         slot, _ = self._slots.pop(pid)
         try:
             del self._procs[ctypes.c_uint32(pid)]
@@ -674,6 +704,80 @@ class GoReadSampler:
                 self._unwatch(pid)
         for k in list(self._procs.keys()):  # added at exec by the kernel, gone before we saw it
             if k.value not in alive:
+                try:
+                    del self._procs[k]
+                except KeyError:
+                    pass
+                self._procs_changed()
+
+    # -- the agent: processes given at run time ---------------------------------------------
+    def set_targets(self, targets: Mapping[int, str]) -> dict[int, str]:
+        """A dynamic sampler: trace exactly these processes (pid -> a path to its executable)
+        from now on; the ones no longer named are forgotten. Returns pid -> one line for each
+        that cannot be traced (an unreadable binary, not Go for uprobes, a uprobe the kernel
+        refused): the others are traced all the same."""
+        if not self.opts.dynamic:
+            raise UsageError("set_targets() is for a dynamic read sampler")
+        failed: dict[int, str] = {}
+        if self._closed or not self._bpfs:
+            return failed
+        now = self.watched_pids()
+        for pid in now - targets.keys():
+            self._forget(pid)
+        uprobe = self.opts.mechanism == "uprobe"
+        for pid, path in targets.items():
+            if pid in now:
+                continue
+            try:
+                binary = self._binary(path, need_go=uprobe)
+                if uprobe:
+                    self._up_binary(binary)
+                    self._up_enter(pid, binary)
+                else:
+                    if self.opts.by_exe and binary.info is not None:
+                        self._exec_enter(binary)
+                    self._watch(pid, binary)
+            except OtelwaterError as e:
+                failed[pid] = e.one_line()
+            except Exception as e:  # noqa: BLE001 - one process must not stop the others
+                failed[pid] = f"{type(e).__name__}: {one_line(e)}"
+        if not uprobe:
+            self._drop_exited()
+        if len(self._binaries) > CACHE_MAX:   # executables no traced process runs any more
+            used = {id(b) for b in self._pid_binary.values()}
+            self._binaries = {k: b for k, b in self._binaries.items() if id(b) in used}
+        return failed
+
+    def _up_binary(self, binary: _Binary) -> None:
+        """Uprobes on this binary (once, for every process of it: the maps decide which are
+        traced), and with by_exe its Go facts by executable."""
+        key = binary.kexe
+        if key is None:
+            raise BinaryError(f"cannot read {binary.path}", "it may have exited")
+        if key in self._up_attached:
+            return
+        if self.opts.by_exe:
+            self._up_exes[GoExe(*key)] = binary.gofacts(bool(self.opts.links))
+        self._attach_uprobes(self._up_bpf, binary, [-1])
+        self._up_attached[key] = binary
+
+    def _forget(self, pid: int) -> None:
+        if pid in self._slots:
+            self._unwatch(pid)
+        if self._up_pids.pop(pid, None) is not None:
+            try:
+                del self._up_procs[ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+        self._gone.add(pid)
+        self._pid_binary.pop(pid, None)
+        self._bias.pop(pid, None)
+
+    def _drop_exited(self) -> None:
+        """Rows the kernel gave at exec to processes that have exited since (before a scan
+        named them)."""
+        for k in list(self._procs.keys()):
+            if k.value not in self._slots and not os.path.exists(f"/proc/{k.value}"):
                 try:
                     del self._procs[k]
                 except KeyError:
@@ -719,6 +823,10 @@ class GoReadSampler:
                 self._say_once(("exit", pid), f"traced process {pid} exited; "
                                + (f"{left} traced process(es) left" if left else
                                   "no traced process is left (the kernel probe goes on)"))
+
+    def binary_of(self, pid: int) -> _Binary | None:
+        """The executable a traced process runs (its Go facts: .info; None: unknown)."""
+        return self._binary_of(pid)
 
     def _binary_of(self, pid: int) -> _Binary | None:
         b = self._pid_binary.get(pid)
@@ -954,7 +1062,26 @@ class GoReadSampler:
                 verdict=KERNEL_VERDICTS.get(verdict, str(verdict)), reads=row[0],
                 recorded=row[1], cut=row[2], dur_sum_ns=row[3], wait_sum_ns=row[4],
                 dur_hist=_trimmed(row[5]), wait_hist=_trimmed(row[6])))
+        if self._gone:
+            self._drop_counts()
         return out
+
+    def _drop_counts(self) -> None:
+        """The verdict rows of processes no longer traced, once their last counts went out
+        above: the kernel's table (4,096 rows) stays room for the living through restarts."""
+        gone, self._gone = self._gone, set()
+        for b in self._bpfs:
+            try:
+                table = b["verdicts"]
+            except KeyError:
+                continue
+            for k in list(table.keys()):
+                if int(k.tgid) in gone:
+                    try:
+                        del table[k]
+                    except KeyError:
+                        pass
+        self._counts_sent = {k: n for k, n in self._counts_sent.items() if k[0] not in gone}
 
     # -- lifecycle -------------------------------------------------------------------------
     def _detach(self) -> None:

@@ -44,7 +44,7 @@ LAYERS = [
     (2, "sources", ("otelwater.probes", "otelwater.probes.*", "otelwater.sockdiag")),
     (3, "sinks", ("otelwater.export", "otelwater.export.*")),
     (4, "pipeline", ("otelwater.pipeline",)),
-    (5, "runs", ("otelwater.watch", "otelwater.report")),
+    (5, "runs", ("otelwater.watch", "otelwater.report", "otelwater.agent", "otelwater.agent.*")),
     (6, "commands", ("otelwater.cli", "otelwater.cli_*", "otelwater.__main__")),
 ]
 BCC_ALLOWED = ("otelwater.probes", "otelwater.probes.*")

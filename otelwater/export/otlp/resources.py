@@ -14,6 +14,7 @@ time, the verdict thresholds), so the spans alone give the same verdicts.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import uuid
@@ -41,13 +42,44 @@ class Identity:
     service_name: str | None = None
     resource_attributes: dict | None = None
     start_time: int | None = None
+    container_id: str | None = None
 
 
 def identity_from_proc(pid: int):
-    """The process's identity from /proc/PID (exe, environ's OTEL_* variables, start time)."""
+    """The process's identity from /proc/PID (exe, environ's OTEL_* variables, start time, the
+    container its cgroup names)."""
     from otelwater.events.recording import process_info
 
-    return process_info(pid)
+    p = process_info(pid)
+    return Identity(p.pid, p.exe, p.comm, p.service_name, p.resource_attributes, p.start_time,
+                    container_id(pid))
+
+
+# the container id a runtime puts in a cgroup path: 64 hex digits, after a runtime prefix
+# (docker-, cri-containerd-, crio-, libpod-) and before an optional .scope
+_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+
+
+def container_id(pid: int) -> str | None:
+    """The container id of a process from /proc/PID/cgroup (cgroup v2's one line, or the
+    first v1 hierarchy that names one), as the Collector's k8sattributes processor matches
+    it (container.id); None outside containers."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return container_id_of(lines)
+
+
+def container_id_of(lines) -> str | None:
+    for line in lines:
+        path = line.split(":", 2)[-1]
+        for part in reversed(path.split("/")):
+            m = _CONTAINER_ID.search(part)
+            if m:
+                return m.group(1)
+    return None
 
 
 def resource_attributes(ident, pid: int, host: str) -> dict:
@@ -69,6 +101,9 @@ def resource_attributes(ident, pid: int, host: str) -> dict:
     elif comm:
         attrs[N.PROCESS_EXECUTABLE_NAME] = comm
     attrs[N.HOST_NAME] = host
+    cid = getattr(ident, "container_id", None)
+    if cid and N.CONTAINER_ID not in given:
+        attrs[N.CONTAINER_ID] = cid
     if N.SERVICE_INSTANCE_ID not in given:  # the same process gives the same id, live or offline
         start = getattr(ident, "start_time", None)
         attrs[N.SERVICE_INSTANCE_ID] = str(uuid.uuid5(INSTANCE_NS, f"{host}/{pid}/{start}"))
@@ -110,6 +145,7 @@ class Service:
         from otelwater.export.otlp.spans import scope
 
         self.key = key
+        self.done = False              # shut down (a retired one is then let go)
         self.resource = Resource(attrs)
         self.scope = scope()
         self.span_processor, self.metric_reader = make_pipeline()
@@ -172,10 +208,13 @@ class Service:
             self.limited.add(0)
 
     def shutdown(self, timeout_s: float) -> None:
-        if self._add_span is None:     # a span processor of its own (a shared one is the sink's)
-            self.span_processor.shutdown()
-        if self.meter_provider is not None:
-            self.meter_provider.shutdown(timeout_millis=max(1.0, timeout_s * 1000))
+        try:
+            if self._add_span is None:  # a span processor of its own (a shared one: the sink's)
+                self.span_processor.shutdown()
+            if self.meter_provider is not None:
+                self.meter_provider.shutdown(timeout_millis=max(1.0, timeout_s * 1000))
+        finally:
+            self.done = True
 
 
 class Services:
@@ -240,6 +279,20 @@ class Services:
             self.traced.add(pid)
             self.get(pid)
 
+    def forget(self, pid: int) -> None:
+        """Shut the process's service down (its last export on a thread of its own) and
+        forget its name; its key is made afresh if it is seen again."""
+        self.traced.discard(pid)
+        self.identities.pop(pid, None)
+        svc = self.by_key.pop(pid, None)
+        if svc is not None:
+            self._retire(svc)
+
+    def _retire(self, svc: "Service") -> None:
+        self.retired = [r for r in self.retired if not r.done]
+        self.retired.append(svc)
+        threading.Thread(target=svc.shutdown, args=(RETIRE_TIMEOUT_S,), daemon=True).start()
+
     def get(self, key: int) -> Service:
         svc = self.by_key.get(key)
         if svc is not None:
@@ -255,10 +308,11 @@ class Services:
         svc = self.by_key[key] = Service(key, attrs, self.make_pipeline, self.extra_readers,
                                          self.observe, self.produce)
         if len(self.by_key) > self.max_services:
-            _, old = self.by_key.popitem(last=False)
-            self.retired.append(old)
-            threading.Thread(target=old.shutdown, args=(RETIRE_TIMEOUT_S,),
-                             daemon=True).start()
+            old_key, old = self.by_key.popitem(last=False)
+            # a process seen again later is named afresh (a long run meets many pids)
+            self.identities.pop(old_key, None)
+            self.traced.discard(old_key)
+            self._retire(old)
         return svc
 
     def all(self) -> list[Service]:

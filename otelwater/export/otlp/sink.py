@@ -252,6 +252,12 @@ class OtlpSink(Sink):
 
     # -- by kind (called under the lock) ----------------------------------------------------
 
+    def forget(self, pid: int) -> None:
+        """A process that exited (the agent, a while after): its service is shut down after
+        a last export, and a new process with its pid is named afresh."""
+        with self.lock:
+            self.registry.forget(pid)
+
     def on_snapshot(self, s) -> None:
         self.metrics.snapshot(s)
 
