@@ -182,6 +182,7 @@ class Agent:
 
     def _counts(self) -> None:
         st = self.state
+        st.sockets_watched = getattr(self.water, "socket_count", 0)
         try:
             stats = self.sampler.stats()
             st.unknown_reads = stats.unknown

@@ -499,6 +499,7 @@ class WaterProbe:
         self.drop_names = drop_reasons(btf)
         self._decoder = StateDecoder(self.drop_names)
         self._sweeper = Sweeper(self._decoder, self._owners, opts.still_reports, opts.still_ns)
+        self.socket_count = 0        # entries of the socket table at the last sweep
         check_tcp_states(btf)
         self.cflags = build_cflags(self.offsets, opts, host.kfree_skb_has_rx_sk(),
                                    sock_done_bit(btf))
@@ -672,7 +673,9 @@ class WaterProbe:
         now = time.monotonic_ns()
         if self.readers is not None:     # traced processes found since (a namespace each)
             self.learn_listeners(self.readers.watched_pids())
-        out, keys = self._sweeper.sweep(self._table(), now, all_sockets)
+        rows = self._table()
+        self.socket_count = len(rows)    # the kernel's table: sockets watched now
+        out, keys = self._sweeper.sweep(rows, now, all_sockets)
         if self._standing is not None and self._seeded:
             # standing water the probe has seen no event of: reported when its water changes,
             # and once a heartbeat (60 s) while it does not
