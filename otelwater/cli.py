@@ -336,6 +336,16 @@ def watch(pids, ports, cgroups, duration, interval, as_json, follow, high_water,
     _check_pids(go_pids)
     _check_cgroups(cgroups)
     notices = _check_go_targets(go_binary, go_pids, probes)
+    if probes == "uprobe" and (go_binary or go_pids):
+        from otelwater.probes import host
+
+        if host.uprobes_need_sys_admin():
+            from otelwater.errors import EnvironmentProblem
+
+            raise EnvironmentProblem(
+                "uprobes need CAP_SYS_ADMIN on this kernel (Linux 6.16 and the stable kernels "
+                "took them back from CAP_PERFMON), which this process lacks",
+                "use --probes tracepoint (the default: no CAP_SYS_ADMIN), or run as root")
     if ports and not wait:
         used = ports_in_use()
         idle = [p for p in ports if p not in used]

@@ -144,6 +144,13 @@ def agent_command(pids, ports, cgroups, go_binaries, min_age, probes, listen, lo
 
     log = AgentLog(config.agent.log_format, level=log_level)
     host.require_can_trace()        # before the port is bound: one line naming what is missing
+    if config.agent.probes == "uprobe" and host.uprobes_need_sys_admin():
+        from otelwater.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(
+            "uprobes need CAP_SYS_ADMIN on this kernel (Linux 6.16 and the stable kernels "
+            "took them back from CAP_PERFMON), which this process lacks",
+            "use --probes tracepoint (the default: no CAP_SYS_ADMIN), or run as root")
     state = AgentState()
     endpoint = None
     if listen_at is not None:       # bound now: a taken port fails before anything attaches
@@ -152,10 +159,13 @@ def agent_command(pids, ports, cgroups, go_binaries, min_age, probes, listen, lo
         endpoint = PrometheusEndpoint(listen_at[1], listen_at[0], routes=health_routes(state))
     selection = Selection(pids=frozenset(pids), go_binaries=binaries,
                           cgroups=tuple(cgroups), ports=frozenset(ports))
-    capture_library_logs(log)
+    # Python logging, warnings and dying threads as log lines (the OpenTelemetry SDK's retries
+    # stay quiet: the export's health says each outage once, with its cause, as a line)
+    library_logs = capture_library_logs(log)
     try:
         run_agent(selection=selection, config=config, log=log, state=state, otlp=otlp,
-                  endpoint=endpoint, duration=duration, ringbuf_pages=ringbuf_pages)
+                  endpoint=endpoint, duration=duration, ringbuf_pages=ringbuf_pages,
+                  library_logs=library_logs)
     finally:
         if endpoint is not None:
             endpoint.close()

@@ -35,9 +35,23 @@ nor TIME_WAIT, which has no receive queue), mapped onto WaterSnapshot (trigger "
                   sock_diag does not give; tcp_info's tcpi_bytes_received counts from the
                   peer's initial sequence number, so it would not line up with the kernel's
     pid, comm     the process holding the socket's inode (/proc/*/fd, as `ss -p`); tid 0
-    sock_key      otelwater.sockkey over this process's network namespace, as the kernel's
-Only sockets with unread_bytes > 0 are reported. Sockets in other network namespaces are not
-in this process's sock_diag view; run otelwater in the namespace to watch them.
+    sock_key      otelwater.sockkey over the socket's network namespace, as the kernel's
+Only sockets with unread_bytes > 0 are reported.
+
+Other network namespaces (otelwater as a sidecar or a DaemonSet agent, beside the service, not
+in its namespace). sock_diag answers only for the namespace of the netlink socket that asks, and
+joining another one (setns) takes CAP_SYS_ADMIN, which otelwater does without. So sock_diag
+dumps our own namespace, and another namespace is read from /proc/PID/net/tcp{,6} of a process
+in it (otelwater.hostsockets): its addresses, state, inode and rx_queue (the same
+rcv_nxt - copied_seq as idiag_rqueue), the key over that namespace's inode, which is the one the
+kernel takes from sk->sk_net. The rest of what sock_diag says (volume, capacity, backlog, drops,
+the last arrival) is read from the socket itself on a copy of its holder's fd (pidfd_getfd:
+ptrace access, i.e. CAP_SYS_PTRACE, one of the agent's capabilities; Linux 5.6), with SIOCINQ
+for the unread bytes; where that is refused they are 0 (unknown, as the level is) and the
+unread bytes come from rx_queue. Which namespaces: with a pid or cgroup filter, those of the
+processes holding the sockets it keeps (our own dumped only if one of them is in it); without,
+ours and every other one on the host (looked up at the scan and every NAMESPACES_S).
+tests/integration/test_namespaces.py checks it against `ss` run inside the namespace.
 
 Filters, as the kernel probe's: `ports` (local or remote port), `pids` (the socket's inode is
 one of the pids' socket inodes), `cgroups` (cgroup v2 directories: the pids in each one's
@@ -55,7 +69,14 @@ once for the owners (30-130 ms with this process holding those 2,000-8,000 fds),
 importing pyroute2 takes ~0.2 s, paid once in the constructor. `sweep` measures each dump's
 CPU time and re-dumps at most every `min_gap_s = max(floor_s, cost / 0.10)`, so the dumps stay
 under 10% of one CPU however many sockets the host has (with the 1 s floor, the gap starts to
-grow past ~28,000 sockets).
+grow past ~28,000 sockets). Another namespace costs a read of its two tables, in which the
+kernel walks the host's whole TCP hash table (262,144 buckets here, 2,400 sockets: 2.5 ms a
+table, where sock_diag's dump of both families took 2.7 ms), then only rows holding water are
+split and decoded, and each such socket's figures read on its fd (~12 µs). With one namespace,
+ours, a dump costs what it did: without a filter the host's namespaces are looked up at the scan
+and once a minute (~0.4 ms with 100 processes), with a pid filter each pid's namespace is read
+a dump (a readlink, ~5 µs); with a pid filter whose processes are all in another namespace,
+our own is not dumped at all.
 """
 
 from __future__ import annotations
@@ -69,12 +90,14 @@ from dataclasses import dataclass, replace
 
 from otelwater.errors import EnvironmentProblem, UsageError
 from otelwater.events.model import TCP_STATES, WaterSnapshot
-from otelwater.hostsockets import OwnerResolver, netns_inode, process_name, socket_inodes
+from otelwater.hostsockets import (Borrower, OwnerResolver, SocketFigures, TcpQueue, namespaces,
+                                   netns_inode, process_name, socket_inodes, tcp_queues)
 from otelwater.sockkey import addr16, addr_text, sock_key
 
 TRIGGER = "standing"
 CPU_BUDGET = 0.10          # share of one CPU the dumps may take (see module docstring)
 HEARTBEAT_S = 60.0         # an unchanged standing socket is reported again this often
+NAMESPACES_S = 60.0        # without a pid or cgroup filter: the host's namespaces looked up again
 
 # linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h (kernel ABI, stable since 2.6)
 NETLINK_SOCK_DIAG = 4
@@ -87,6 +110,7 @@ _NAME = {v: k for k, v in TCP_STATES.items()}
 # states whose sockets can hold unread bytes (see the module docstring)
 STATES = ("ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "CLOSING")
 STATE_MASK = sum(1 << _NAME[s] for s in STATES)
+_DUMPED = frozenset(_NAME[s] for s in STATES)
 # a FIN arrived in these states: rcv_nxt counts its sequence number until it is read
 FIN_IN = frozenset(_NAME[s] for s in ("CLOSE_WAIT", "LAST_ACK", "CLOSING"))
 EXTENSIONS = (1 << (INET_DIAG_SKMEMINFO - 1)) | (1 << (INET_DIAG_INFO - 1))
@@ -179,6 +203,29 @@ def snapshot_from_msg(msg, ts_ns: int, netns: int, owner: tuple[int, str] | None
     )
 
 
+def snapshot_from_row(row: TcpQueue, ts_ns: int, netns: int, owner: tuple[int, str] | None,
+                      figures: SocketFigures | None) -> WaterSnapshot:
+    """A WaterSnapshot from a /proc/PID/net/tcp{,6} row of another network namespace, with the
+    socket's own figures when they could be read (else unread bytes from rx_queue, the rest 0:
+    unknown, as the level is)."""
+    mem = figures.meminfo if figures is not None else ()
+    mem = mem + (0,) * (SK_MEMINFO_DROPS + 1 - len(mem))
+    pid, comm = owner or (0, "")
+    return WaterSnapshot(
+        ts_ns=ts_ns, sock_key=sock_key(netns, row.laddr, row.lport, row.raddr, row.rport),
+        pid=pid, comm=comm, tid=0, netns=netns,
+        laddr=addr_text(row.laddr), lport=row.lport, raddr=addr_text(row.raddr),
+        rport=row.rport, level=0,
+        volume=mem[SK_MEMINFO_RMEM_ALLOC],
+        unread_bytes=(figures.unread_bytes if figures is not None
+                      else unread_from_rqueue(row.rx_queue, row.state)),
+        capacity=mem[SK_MEMINFO_RCVBUF], backlog=mem[SK_MEMINFO_BACKLOG],
+        drops=mem[SK_MEMINFO_DROPS], drop_events=0, drop_reason="",
+        bytes_arrived=0, bytes_read=0,
+        trigger=TRIGGER, tcp_state=TCP_STATES.get(row.state, ""), ino=row.inode,
+    )
+
+
 def decode(buf, at: int, length: int):
     """pyroute2's decoding of one inet_diag_msg (family from the message itself)."""
     from pyroute2.netlink.diag import inet_diag_msg
@@ -222,6 +269,7 @@ class StandingWater:
     keys                      sock_keys of the last dump's standing sockets
     last_arrival_ms           sock_key -> ms since data last arrived (tcp_info), last dump
     min_gap_s, last_cost_ns, last_socket_count   the dump's measured cost and what it implies
+    last_namespaces           network namespaces the last dump looked in
     """
 
     def __init__(self, ports: frozenset[int] = frozenset(), pids: frozenset[int] = frozenset(),
@@ -240,8 +288,13 @@ class StandingWater:
         self.last_cost_ns = 0
         self.last_socket_count = 0
         self.last_arrival_ms: dict[int, int] = {}
+        self.last_namespaces = 0
         self._netns = netns_inode("self")
         self._owners = OwnerResolver()
+        self._borrower = Borrower()
+        self._others: dict[int, int | str] = {}   # the host's other namespaces -> a process
+        self._others_ns: int | None = None         # when they were looked up (None: never)
+        self._held_pids: frozenset[int] | set[int] = frozenset()
         self._standing: dict[int, WaterSnapshot] = {}
         self._reported: dict[int, tuple[tuple, int]] = {}   # key -> (water_of, when reported)
         self._last_dump_ns: int | None = None
@@ -255,6 +308,7 @@ class StandingWater:
 
     def scan(self, now_ns: int) -> list[WaterSnapshot]:
         """Dump now: every socket holding water that the filters keep (all reported now)."""
+        self._others_ns = None
         snaps = self._dump_standing(now_ns)
         self._reported = {s.sock_key: (water_of(s), now_ns) for s in snaps}
         return snaps
@@ -284,21 +338,29 @@ class StandingWater:
     def _dump_standing(self, now_ns: int) -> list[WaterSnapshot]:
         t0 = time.thread_time_ns()
         held = self._held_inodes()
-        pre = Prefilter(self.ports, None if held is None else frozenset(held))
+        own, others = self._namespaces(held, now_ns)
         standing, ages, count = {}, {}, 0
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for buf, at, length in self._dump(family):
-                count += 1
-                if not pre.passes(buf, at):
-                    continue
-                msg = decode(buf, at, length)
-                ino = msg["idiag_inode"]
-                owner = self._owner(ino, held)
-                snap = snapshot_from_msg(msg, now_ns, self._netns, owner)
-                standing[snap.sock_key] = snap
-                info = msg.get_attr("INET_DIAG_INFO")
-                if info:
-                    ages[snap.sock_key] = info["tcpi_last_data_recv"]
+        if own:
+            pre = Prefilter(self.ports, None if held is None else frozenset(held))
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for buf, at, length in self._dump(family):
+                    count += 1
+                    if not pre.passes(buf, at):
+                        continue
+                    msg = decode(buf, at, length)
+                    ino = msg["idiag_inode"]
+                    owner = self._owner(ino, held)
+                    snap = snapshot_from_msg(msg, now_ns, self._netns, owner)
+                    standing[snap.sock_key] = snap
+                    info = msg.get_attr("INET_DIAG_INFO")
+                    if info:
+                        ages[snap.sock_key] = info["tcpi_last_data_recv"]
+        if others:
+            try:
+                count += self._dump_others(others, held, now_ns, standing, ages)
+            finally:
+                self._borrower.release()
+        self.last_namespaces = len(others) + own
         self._standing, self.last_arrival_ms = standing, ages
         if any(k not in standing for k in self._reported):   # drained or gone: forgotten
             self._reported = {k: v for k, v in self._reported.items() if k in standing}
@@ -321,22 +383,97 @@ class StandingWater:
 
     # -- inside ------------------------------------------------------------------------------
     def _held_inodes(self) -> dict[int, int] | None:
-        """inode -> holding pid under the pid/cgroup filters (None: no such filter)."""
+        """inode -> holding pid under the pid/cgroup filters (None: no such filter); the
+        processes looked at are left in _held_pids."""
         if not self.pids and not self.cgroups:
             return None
         by_pid = None
         if self.pids:
             by_pid = {ino: pid for pid in self.pids for ino in socket_inodes(pid).values()}
+            self._held_pids = self.pids
         if self.cgroups:
             members = set().union(*(cgroup_pids(p) for p in self.cgroups))
             by_cg = {ino: pid for pid in members for ino in socket_inodes(pid).values()}
             by_pid = by_cg if by_pid is None else {i: p for i, p in by_pid.items() if i in by_cg}
+            self._held_pids = members if not self.pids else self.pids & members
         return by_pid
 
     def _owner(self, ino: int, held: dict[int, int] | None) -> tuple[int, str] | None:
         if held is not None and ino in held:
             return held[ino], process_name(held[ino])
         return self._owners.owner(ino)
+
+    def _holder(self, ino: int, held: dict[int, int] | None, fds: dict) -> tuple[int, int] | None:
+        """(pid, fd) holding the socket: with a filter, the pid's fd table (read once a dump,
+        and only for a socket of another namespace holding water); else the owners' scan."""
+        if held is None:
+            return self._owners.holder(ino)
+        pid = held.get(ino)
+        if pid is None:
+            return None
+        if pid not in fds:
+            fds[pid] = {i: fd for fd, i in socket_inodes(pid).items()}
+        fd = fds[pid].get(ino)
+        return None if fd is None else (pid, fd)
+
+    def _namespaces(self, held: dict[int, int] | None, now_ns: int
+                    ) -> tuple[bool, dict[int, int | str]]:
+        """(dump our own namespace through sock_diag?, the other namespaces to read -> a process
+        in each). With a pid or cgroup filter: the namespaces of the processes holding the
+        sockets it keeps (a readlink each); without: ours, and every other one on the host, looked
+        up at the scan and every NAMESPACES_S after (a socket made since in a namespace made
+        since had its events: the kernel probe's)."""
+        if held is None:
+            if self._others_ns is None or now_ns - self._others_ns >= NAMESPACES_S * 1e9:
+                self._others = {ns: pid for ns, pid in self._host_namespaces().items()
+                                if ns != self._netns}
+                self._others_ns = now_ns
+            return True, self._others
+        spaces = self._namespaces_of(sorted(self._held_pids))
+        own = spaces.pop(self._netns, None) is not None
+        return own, spaces
+
+    def _namespaces_of(self, pids) -> dict[int, int | str]:
+        return namespaces(pids)
+
+    def _host_namespaces(self) -> dict[int, int | str]:
+        return namespaces()
+
+    def _tables(self, pid: int | str) -> list[TcpQueue] | None:
+        return tcp_queues(pid, self.ports)
+
+    def _dump_others(self, others: dict[int, int | str], held, now_ns: int,
+                     standing: dict, ages: dict) -> int:
+        """Standing water in the other namespaces, from a process's /proc/PID/net/tcp{,6} each,
+        with each socket's own figures read on its holder's fd where allowed (Borrower).
+        Returns the rows with water seen (sock_diag's count is of every socket)."""
+        count = 0
+        gone = False
+        fds: dict[int, dict[int, int]] = {}
+        for netns, pid in others.items():
+            rows = self._tables(pid)
+            if rows is None:
+                gone = True     # the process left: look the namespaces up again next dump
+                continue
+            count += len(rows)
+            for row in rows:
+                if row.state not in _DUMPED or (held is not None and row.inode not in held):
+                    continue
+                if unread_from_rqueue(row.rx_queue, row.state) <= 0:
+                    continue
+                holder = self._holder(row.inode, held, fds)
+                figures = (self._borrower.figures(holder[0], holder[1], row.inode)
+                           if holder is not None else None)
+                snap = snapshot_from_row(row, now_ns, netns, self._owner(row.inode, held),
+                                         figures)
+                if snap.unread_bytes <= 0:
+                    continue
+                standing[snap.sock_key] = snap
+                if figures is not None:
+                    ages[snap.sock_key] = figures.last_data_recv_ms
+        if gone and held is None:
+            self._others_ns = None
+        return count
 
     def _dump(self, family: int) -> Iterator[tuple[memoryview, int, int]]:
         """(buffer, offset, length) of each inet_diag_msg of one dump of one family."""

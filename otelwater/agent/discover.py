@@ -19,6 +19,7 @@ section-table read per new executable. Caches are bounded (Scanner.MAX_EXES exec
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ class Scan:
 
     targets: dict[int, str] = field(default_factory=dict)
     young: int = 0
+    denied: int = 0       # processes whose executable this process may not read
 
 
 class Scanner:
@@ -193,8 +195,9 @@ class Scanner:
             if pid == self._own:
                 continue
             exe = f"/proc/{pid}/exe"
-            key = exe_key(exe)
+            key, err = _exe_key_or_error(exe)
             if key is None:              # a kernel thread, gone, or not ours to read
+                out.denied += err == errno.EACCES
                 continue
             named = pid in sel.pids
             if not named:
@@ -219,6 +222,14 @@ class Scanner:
                         continue
             out.targets[pid] = _exe_path(pid)
         return out
+
+
+def _exe_key_or_error(path: str) -> tuple[tuple[int, int] | None, int]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return None, e.errno
+    return (st.st_dev, st.st_ino), 0
 
 
 def _uptime() -> float | None:

@@ -24,6 +24,7 @@ import os
 import time
 
 from otelwater.agent.discover import Scanner, Selection, exe_key
+from otelwater.agent.logs import LogStream
 from otelwater.agent.state import AgentState
 from otelwater.export.sink import RunInfo, Sink
 from otelwater.pipeline import Analysis, Pipeline, Stopper, WatchLoop
@@ -58,30 +59,11 @@ class AgentSink(Sink):
         self.log.notice(n)
 
 
-class LogStream:
-    """A file-like for code that prints its one-line messages (the export's health): each line
-    becomes a log line."""
-
-    def __init__(self, log, event: str, level: str = "warning"):
-        self.log, self.event, self.level = log, event, level
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            line = line.strip()
-            if line:
-                msg = line.removeprefix("otelwater: ")
-                getattr(self.log, self.level)(self.event, msg)
-        return len(text)
-
-    def flush(self) -> None:
-        return None
-
-
 class Agent:
     """The agent's own work each round of the watch loop (WatchLoop.chores)."""
 
     def __init__(self, *, selection: Selection, config, state: AgentState, log, sampler,
-                 water, exporter=None):
+                 water, exporter=None, library_logs=None):
         a = config.agent
         self.selection = selection
         self.state = state
@@ -89,6 +71,7 @@ class Agent:
         self.sampler = sampler
         self.water = water
         self.exporter = exporter
+        self.library_logs = library_logs    # its flush() says the counts of repeated lines
         self.scanner = Scanner(selection, a.min_age_s)
         self.rescan_s = a.rescan_s
         self.max_processes = int(a.max_processes)
@@ -96,6 +79,7 @@ class Agent:
         self.failed: dict[int, str] = {}        # pid -> why (not tried again while it lives)
         self.exited: dict[int, float] = {}      # pid -> when it was forgotten (export)
         self._next_scan = 0.0
+        self._said_denied = False
 
     def chores(self) -> list:
         now = time.monotonic()
@@ -105,11 +89,20 @@ class Agent:
         self._next_scan = now + self.rescan_s
         self.scan()
         self._counts()
+        if self.library_logs is not None:
+            self.library_logs.flush()
         self.state.ready = True
         return []
 
     def scan(self) -> None:
-        found = self.scanner.scan().targets
+        result = self.scanner.scan()
+        found = result.targets
+        if result.denied and not self._said_denied:
+            self._said_denied = True
+            self.log.warning("process.denied", f"{result.denied} processes' executables "
+                             "cannot be read (/proc/PID/exe refused): they are not traced; "
+                             "grant CAP_SYS_PTRACE (docs/privileges.md)",
+                             processes=result.denied)
         for pid in [p for p in self.failed if p not in found]:
             del self.failed[pid]                      # gone: a new process may take its pid
         wanted = {pid: path for pid, path in found.items() if pid not in self.failed}
@@ -197,12 +190,13 @@ class Agent:
 
 def run_agent(*, selection: Selection, config, log, state: AgentState | None = None,
               otlp=None, endpoint=None, duration: float | None = None, interval: float = 1.0,
-              ringbuf_pages: int = 64) -> AgentState:
+              ringbuf_pages: int = 64, library_logs=None) -> AgentState:
     """Run until SIGTERM/SIGINT or the duration; returns the final state."""
     from otelwater.events.links import LinkKeys
     from otelwater.export.prometheus import export_sink
     from otelwater.probes.goread import GoReadOptions, GoReadSampler
     from otelwater.probes.kernel import WaterOptions, WaterProbe
+    from otelwater.probes.loader import release_compiler_memory
 
     state = state or AgentState()
     a, c, ln = config.agent, config.correlate, config.links
@@ -237,12 +231,16 @@ def run_agent(*, selection: Selection, config, log, state: AgentState | None = N
             Stopper(on_signal=stopping) as stopper, GoReadSampler(read_opts) as sampler, \
             WaterProbe(water_opts, readers=sampler) as water:
         bpfs.append(water._bpf)
+        dropped = release_compiler_memory()   # weeks of running: the compiler's pages go
+        log.debug("agent.compiled", f"compiler pages dropped: {dropped >> 20} MiB",
+                  dropped_bytes=dropped)
         start_ns = time.monotonic_ns()
         pipeline.analysis = Analysis(config, start_ns=start_ns)
         what = selection.describe()
         pipeline.start(RunInfo(start_ns, config, pids=tuple(selection.pids), what=what))
         agent = Agent(selection=selection, config=config, state=state, log=log,
-                      sampler=sampler, water=water, exporter=exporter)
+                      sampler=sampler, water=water, exporter=exporter,
+                      library_logs=library_logs)
         log.info("agent.started", f"tracing {what} by {a.probes}s, TCP receive queues of "
                  + (f"the selected sockets" if selection.pids or selection.ports
                     or selection.cgroups else "every socket"),

@@ -25,6 +25,14 @@ scrape does not use up what the next scraper would see.
 
 The port is bound when the endpoint is opened, before any probe is attached, so a taken port
 is one line and exit 2, not a failure minutes into a run.
+
+Besides /metrics the endpoint serves the `routes` it is given (path -> a function returning a
+status code and a plain-text body: the agent's /healthz and /readyz); any other path is 404.
+The server is prometheus_client's own pieces (make_wsgi_app for /metrics, its
+ThreadingWSGIServer: a thread per request, so a slow scrape does not hold a health probe), with
+no request log, nothing when a client hangs up, and the traceback of a scrape that failed
+logged (Python logging) rather than printed on stderr. More metrics: `reader()` for
+another MeterProvider (the agent's own metrics), `register()` for a prometheus_client collector.
 """
 
 from __future__ import annotations
@@ -33,10 +41,13 @@ import bisect
 import copy
 import errno
 import json
+import logging
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 
 from otelwater.errors import UsageError
 from otelwater.names import SERVICE_NAME
@@ -46,30 +57,58 @@ RESOURCE_LABELS = frozenset({SERVICE_NAME})   # resource attributes that label e
 TARGET_INFO = "target"                       # -> target_info, one sample per service
 TARGET_INFO_HELP = "Target metadata"
 TRACE_ID, SPAN_ID = "trace_id", "span_id"    # exemplar labels
+METRICS_PATH = "/metrics"
+
+# a route: () -> (HTTP status code, plain-text body)
+Route = Callable[[], tuple[int, str]]
 
 
 class PrometheusEndpoint:
-    """An HTTP /metrics endpoint serving the metrics of every reader it handed out."""
+    """An HTTP endpoint serving the metrics of every reader it handed out at /metrics, and
+    `routes` (path -> () -> (status code, plain-text body)) beside them; 404 elsewhere."""
 
-    def __init__(self, port: int, address: str = DEFAULT_ADDRESS):
-        from prometheus_client import CollectorRegistry, start_http_server
+    def __init__(self, port: int, address: str = DEFAULT_ADDRESS,
+                 routes: dict[str, Route] | None = None):
+        from prometheus_client import CollectorRegistry, make_wsgi_app
 
         self.port, self.address = port, address
+        self.routes: dict[str, Route] = dict(routes or {})
         self._lock = threading.Lock()
         self._readers: list = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Merged(self))
+        app = _routed(make_wsgi_app(self.registry), self.routes)
         try:
-            self._server, self._thread = start_http_server(port, addr=address,
-                                                           registry=self.registry)
+            self._server = _server(address, port, app)
         except OSError as e:
             raise UsageError(*_bind_error(address, port, e)) from None
         self.port = self._server.server_address[1]   # the real one when port 0 was asked
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="otelwater-prometheus", daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
 
     @property
     def url(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}/metrics"
+        return self.base_url + METRICS_PATH
+
+    def route(self, path: str, handler: Route) -> None:
+        """Serve `path` (e.g. "/healthz") from now on: handler() -> (status code, body)."""
+        if path == METRICS_PATH or not path.startswith("/"):
+            raise ValueError(f"cannot route {path!r}")
+        self.routes[path] = handler
+
+    def register(self, collector) -> None:
+        """A prometheus_client collector whose families every scrape adds (its names must not
+        be those of the readers' metrics: an exposition may not repeat a family)."""
+        self.registry.register(collector)
+
+    def unregister(self, collector) -> None:
+        self.registry.unregister(collector)
 
     def reader(self):
         """A new MetricReader for one MeterProvider, served by this endpoint until the provider
@@ -98,6 +137,90 @@ class PrometheusEndpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _routed(metrics_app, routes: dict[str, Route]):
+    """The WSGI app: /metrics to prometheus_client's app, a route's path to its handler (GET
+    and HEAD; its status and body as plain text, never cached), 404 elsewhere. A handler that
+    raises is a 500 with one line, and logged."""
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        if path == METRICS_PATH:
+            return metrics_app(environ, start_response)
+        handler = routes.get(path)
+        method = environ.get("REQUEST_METHOD", "GET")
+        if handler is None:
+            status, body = 404, f"not found: {path} (served: " + \
+                ", ".join([METRICS_PATH, *sorted(routes)]) + ")"
+        elif method not in ("GET", "HEAD"):
+            status, body = 405, f"{method} not allowed: use GET"
+        else:
+            try:
+                status, body = handler()
+            except Exception as e:  # noqa: BLE001 - a probe's answer, never a dead server
+                logging.getLogger(__name__).warning("%s failed: %s: %s", path,
+                                                    type(e).__name__, e, exc_info=True)
+                status, body = 500, f"{path} failed: {type(e).__name__}: {e}"
+        data = (body if body.endswith("\n") else body + "\n").encode()
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        headers = [("Content-Type", "text/plain; charset=utf-8"),
+                   ("Content-Length", str(len(data))), ("Cache-Control", "no-store")]
+        if status == 405:
+            headers.append(("Allow", "GET, HEAD"))
+        start_response(f"{status} {phrase}".rstrip(), headers)
+        return [b""] if method == "HEAD" else [data]
+
+    return app
+
+
+def _server(address: str, port: int, app):
+    """prometheus_client's threading WSGI server bound to address:port (the address family the
+    address asks for), without a request log; a client that hangs up is not a traceback."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+            pass
+
+        def get_stderr(self):   # where wsgiref prints the traceback of an app that raised
+            return _LoggedTraceback()
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+        def handle_error(self, request, client_address):
+            e = sys.exc_info()[1]
+            if isinstance(e, (ConnectionError, TimeoutError)):
+                return
+            logging.getLogger(__name__).warning("serving %s failed: %s: %s", client_address,
+                                                type(e).__name__, e, exc_info=True)
+
+    return make_server(sockaddr[0], port, app, Server, handler_class=Quiet)
+
+
+class _LoggedTraceback:
+    """A stderr for wsgiref: what it prints (the traceback of a scrape that raised, then
+    flush()) as one logged warning, not raw lines on the process's stderr."""
+
+    def __init__(self):
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        text, self._parts = "".join(self._parts).strip(), []
+        if text:
+            logging.getLogger(__name__).warning("serving a request failed: %s", text)
 
 
 class _Merged:
@@ -145,10 +268,12 @@ def export_sink(otlp=None, prometheus: PrometheusEndpoint | None = None, **kw):
     traced service. None when both are off. The endpoint itself is closed by its owner."""
     from otelwater.export.otlp import OtlpSink
 
+    out = kw.pop("out", None)
     if prometheus is None:
-        return OtlpSink.for_options(otlp, **kw) if otlp is not None else None
+        return OtlpSink.for_options(otlp, out=out, **kw) if otlp is not None else None
     if otlp is not None:
-        sink = OtlpSink.for_options(otlp, extra_readers=lambda: [prometheus.reader()], **kw)
+        sink = OtlpSink.for_options(otlp, extra_readers=lambda: [prometheus.reader()], out=out,
+                                    **kw)
         sink.name = "OTLP export and Prometheus endpoint"
         return sink
     from opentelemetry.sdk.trace import SpanProcessor

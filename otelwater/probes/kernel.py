@@ -534,6 +534,20 @@ class WaterProbe:
         # its namespace's listeners were written would keep the wrong role
         go_pids = self.readers.opts.pids if self.readers is not None else ()
         self.learn_listeners(("self", *sorted(self.opts.pids | frozenset(go_pids))))
+        if not self.opts.pids:
+            # every namespace whose sockets may be watched (a pod's, another container's):
+            # its connections accepted before the start are known as accepted
+            from otelwater.hostsockets import namespaces
+
+            if self.opts.cgroups:
+                from otelwater.sockdiag import cgroup_pids
+
+                members = set()
+                for path in self.opts.cgroups:
+                    members |= cgroup_pids(path)
+                self.learn_listeners(namespaces(sorted(members)).values())
+            else:
+                self.learn_listeners(namespaces().values())
         if self.opts.ports:
             t = b["watch_ports"]
             for p in self.opts.ports:

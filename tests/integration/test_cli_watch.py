@@ -124,8 +124,13 @@ def test_without_privileges_one_line_and_exit_3(drop, tmp_path):
     r = subprocess.run([setpriv, *drop, "--", *OTELWATER, "watch", "-d", "1"],
                        capture_output=True, text=True, env=env, cwd="/")
     assert r.returncode == 3, r.stderr
+    who = "euid 65534" if "--reuid=65534" in drop else "euid 0"
+    fix = ("run as root (sudo), or grant" if "--reuid=65534" in drop else
+           "grant this root process")
     assert r.stderr.strip().splitlines() == [
-        "otelwater: loading eBPF programs needs root or CAP_BPF+CAP_PERFMON; run with sudo"]
+        f"otelwater: loading eBPF programs needs CAP_BPF and CAP_PERFMON, and this process "
+        f"({who}) lacks CAP_BPF and CAP_PERFMON; {fix} CAP_BPF, CAP_PERFMON, "
+        "CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE (docs/privileges.md)"]
 
 
 def test_without_btf_one_line_and_exit_3():

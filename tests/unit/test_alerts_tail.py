@@ -212,11 +212,12 @@ def check_avalanche(got, start_s=40, length_s=10):
 
 
 # The slowest 5% of the heaviest tails 10x at 200 reads a second is at the edge of what 5 s
-# windows resolve (of 20 seeds: lognormal sigma 3, 17 fired; Pareto alpha 1.1, 19): they are
-# checked at 1,000 reads a second, where 20 of 20 fired.
+# windows resolve (of 20 seeds: lognormal sigma 3, 17 fired; Pareto alpha 1.1, 19; lognormal
+# sigma 2, 9 of 10, seed 10982847 not): they are checked at 1,000 reads a second, where 20 of
+# 20 fired (lognormal sigma 2: 10 of 10, that seed too).
+HEAVY = ("lognormal sigma 2", "lognormal sigma 3", "pareto alpha 1.1")
 CASES = [(name, "all", 200) for name in AVALANCHE] + [
-    (name, "top 5%", 1000 if name in ("lognormal sigma 3", "pareto alpha 1.1") else 200)
-    for name in AVALANCHE]
+    (name, "top 5%", 1000 if name in HEAVY else 200) for name in AVALANCHE]
 
 
 @pytest.mark.parametrize("name, mode, rate", CASES)

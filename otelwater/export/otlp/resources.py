@@ -171,7 +171,8 @@ class Service:
         from otelwater import __version__
         from otelwater.export.otlp.metrics import add_producer
 
-        readers = [self.metric_reader, *extra_readers()]
+        # the endpoint's readers first: a Collector that is down cannot use up their deadline
+        readers = [*extra_readers(), self.metric_reader]
         if produce is not None:   # the verdict counts, pre-aggregated (otlp.metrics)
             scope = InstrumentationScope(N.SCOPE, __version__)
             for reader in readers:
@@ -213,6 +214,8 @@ class Service:
                 self.span_processor.shutdown()
             if self.meter_provider is not None:
                 self.meter_provider.shutdown(timeout_millis=max(1.0, timeout_s * 1000))
+        except Exception:  # noqa: BLE001 - a reader out of time (a Collector that is down):
+            pass           # what it could not send is counted by the export's health
         finally:
             self.done = True
 
