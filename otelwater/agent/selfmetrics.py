@@ -58,7 +58,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -132,7 +131,7 @@ STATE_FIELDS = {PROCESSES: "processes_traced", PROCESSES_STARTED: "processes_sta
 def agent_resource_attributes(host: str | None = None) -> dict:
     """The agent's resource (module docstring), built as a traced service's is."""
     from otelwater.export.otlp.resources import (Identity, identity_from_proc,
-                                                 resource_attributes)
+                                                 own_host_name, resource_attributes)
 
     pid = os.getpid()
     try:
@@ -143,7 +142,7 @@ def agent_resource_attributes(host: str | None = None) -> dict:
         own = Identity(pid, exe=sys.executable, service_name=AGENT_SERVICE)
     elif not getattr(own, "service_name", None):
         own = dataclasses.replace(own, service_name=AGENT_SERVICE)
-    attrs = resource_attributes(own, pid, host or socket.gethostname())
+    attrs = resource_attributes(own, pid, host or own_host_name())
     attrs[SERVICE_VERSION] = __version__
     return attrs
 

@@ -306,12 +306,20 @@ def checks() -> list[Check]:
     out.append(Check("kernel BTF", btf, path if btf else f"{path} missing or unreadable",
                      "use a kernel built with CONFIG_DEBUG_INFO_BTF=y"))
     tfs = tracefs()
+    st = None
     if unreadable and not tfs:
-        st = os.stat(unreadable)
+        try:
+            st = os.stat(unreadable)
+        except OSError as e:   # listed in mountinfo, not reachable here (another mount view)
+            out.append(Check("tracefs", False, f"mounted at {unreadable} but not reachable "
+                             f"here ({e.strerror})", "mount tracefs at /sys/kernel/tracing "
+                             "in this mount namespace (a container: mount the host's, "
+                             "read-only)"))
+    if st is not None:
         out.append(Check("tracefs", False, f"mounted at {unreadable}, not readable by this "
                          f"process (mode {st.st_mode & 0o777:04o}, uid {st.st_uid})",
                          f"grant CAP_DAC_READ_SEARCH ({PRIVILEGES_DOC})"))
-    else:
+    elif not (unreadable and not tfs):
         out.append(Check("tracefs", bool(tfs), tfs or "not mounted",
                          "mount -t tracefs tracefs /sys/kernel/tracing (as root; systemd "
                          "mounts it at boot)"))

@@ -219,7 +219,7 @@ def captured_stderr_fd():
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with tempfile.TemporaryFile() as tmp, _c_exit_hook():
+        with _scratch_file() as tmp, _c_exit_hook():
             os.dup2(tmp.fileno(), 2)
             _capturing.append((saved, tmp))
             try:
@@ -232,6 +232,15 @@ def captured_stderr_fd():
                 log.text = tmp.read().decode(errors="replace")
     finally:
         os.close(saved)
+
+
+def _scratch_file():
+    """An anonymous file in memory (memfd: no writable directory needed, the agent's root file
+    system may be read-only), else a temporary file."""
+    try:
+        return os.fdopen(os.memfd_create("otelwater-bcc-log", os.MFD_CLOEXEC), "w+b")
+    except (AttributeError, OSError):
+        return tempfile.TemporaryFile()
 
 
 def first_error(log: str) -> str | None:

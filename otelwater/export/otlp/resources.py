@@ -45,6 +45,18 @@ class Identity:
     container_id: str | None = None
 
 
+def own_host_name() -> str:
+    """The host the telemetry is about: host.name of otelwater's own OTEL_RESOURCE_ATTRIBUTES
+    when given (a DaemonSet's pod has a hostname of its own: give it the node's name, e.g.
+    OTEL_RESOURCE_ATTRIBUTES=host.name=$(NODE_NAME) from the downward API), else the hostname."""
+    import socket
+
+    from otelwater.events.recording import parse_resource_attributes
+
+    given = parse_resource_attributes(os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")) or {}
+    return given.get(N.HOST_NAME) or socket.gethostname()
+
+
 def identity_from_proc(pid: int):
     """The process's identity from /proc/PID (exe, environ's OTEL_* variables, start time, the
     container its cgroup names)."""
@@ -100,7 +112,7 @@ def resource_attributes(ident, pid: int, host: str) -> dict:
         attrs[N.PROCESS_EXECUTABLE_NAME] = os.path.basename(exe)
     elif comm:
         attrs[N.PROCESS_EXECUTABLE_NAME] = comm
-    attrs[N.HOST_NAME] = host
+    attrs[N.HOST_NAME] = given.get(N.HOST_NAME) or host
     cid = getattr(ident, "container_id", None)
     if cid and N.CONTAINER_ID not in given:
         attrs[N.CONTAINER_ID] = cid

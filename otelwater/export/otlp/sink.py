@@ -36,7 +36,6 @@ appears, so rate() works from the first scrape.
 
 from __future__ import annotations
 
-import socket as socketlib
 import threading
 import time
 from collections import OrderedDict, deque
@@ -51,7 +50,8 @@ from otelwater.export.otlp.health import (ExportHealth, _counting_metric_exporte
 from otelwater.export.otlp.metrics import LiveMetrics
 from otelwater.export.otlp.options import ExportOptions, quiet_sdk_logs, request_timeout_s
 from otelwater.export.otlp.options import metric_interval_s as metric_interval_from_env
-from otelwater.export.otlp.resources import Services, endpoints_from_proc, identity_from_proc
+from otelwater.export.otlp.resources import (Services, endpoints_from_proc, identity_from_proc,
+                                           own_host_name)
 from otelwater.export.otlp.spans import (WINDOW_NS, AlertWindow, ExemplarContext, SpanExport,
                                          lost_span, read_span)
 from otelwater.export.series import MAX_SOCKETS, OWN, TOP_N
@@ -118,7 +118,7 @@ class OtlpSink(Sink):
         self.clock = clock or WallClock.measure()
         self.lock = threading.RLock()
         self.registry = Services(make_pipeline=make_pipeline, identity=identity,
-                                 host=host or socketlib.gethostname(), traced_pids=traced_pids,
+                                 host=host or own_host_name(), traced_pids=traced_pids,
                                  extra_readers=extra_readers, observe=self._observe,
                                  produce=self._produce)
         self.registry.run[N.CLOCK_OFFSET_NS] = self.clock.offset_ns   # on every resource
