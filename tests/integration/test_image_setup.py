@@ -16,25 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_deploy import containerfile
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="scripts/setup.sh installs Debian packages: needs root")
-
-
-def steps() -> list[tuple[str, str]]:
-    out, pending = [], ""
-    for raw in (ROOT / "Containerfile").read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        inst, _, args = (pending + line).partition(" ")
-        pending = ""
-        out.append((inst.upper(), args.strip()))
-    return out
 
 
 def _free_port() -> int:
@@ -47,7 +34,7 @@ def test_the_image_steps_install_an_agent_that_runs(tmp_path):
     image = tmp_path / "image"
     workdir = None
     run = entry = None
-    for inst, args in steps():
+    for inst, args in containerfile():
         if inst == "WORKDIR":
             workdir = image / args.lstrip("/")
             workdir.mkdir(parents=True, exist_ok=True)
