@@ -156,7 +156,8 @@ def agent_command(pids, ports, cgroups, go_binaries, min_age, probes, listen, lo
     if listen_at is not None:       # bound now: a taken port fails before anything attaches
         from otelwater.export.prometheus import PrometheusEndpoint
 
-        endpoint = PrometheusEndpoint(listen_at[1], listen_at[0], routes=health_routes(state))
+        endpoint = PrometheusEndpoint(listen_at[1], listen_at[0], routes=health_routes(state),
+                                      option="--listen")
     selection = Selection(pids=frozenset(pids), go_binaries=binaries,
                           cgroups=tuple(cgroups), ports=frozenset(ports))
     # Python logging, warnings and dying threads as log lines (the OpenTelemetry SDK's retries

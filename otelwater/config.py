@@ -269,7 +269,11 @@ def flag_name(key: str) -> str:
 
 
 ENV_NAMES: dict[str, str] = {env_name(k): k for k in KEYS}
-FLAG_NAMES: dict[str, str] = {k: flag_name(k) for k in KEYS}
+FLAG_NAMES: dict[str, str] = {k: flag_name(k) for k in KEYS} | {
+    # the keys whose flag is not named after the key (watch and agent spell them the same)
+    "correlate.threshold_ms": "--blocked-ms", "export.span_rate": "--otlp-span-rate",
+    "agent.min_age_s": "--min-age", "agent.probes": "--probes", "agent.listen": "--listen",
+    "agent.log_format": "--log-format"}
 
 
 def _kind(f: dataclasses.Field) -> str:

@@ -80,6 +80,9 @@ class WatchLoop:
     # each round, before the probes are polled (the agent: which processes to trace); returns
     # records to deliver with the round's (notices)
     chores: Callable[[], list] | None = None
+    # at each sweep when nothing is backlogged: every record made before this CLOCK_MONOTONIC
+    # time was delivered (the analysis decides the reads a quiet spell would hold)
+    on_clock: Callable[[int], None] | None = None
 
     final_drain_s: float = 0.5
 
@@ -115,6 +118,7 @@ class WatchLoop:
         lost_seen = {"water": 0, "reads": 0}
         while True:
             now = time.monotonic()
+            drained_ns = time.monotonic_ns()
             done = stopper.event.is_set() or (
                 self.duration_s is not None and now - t0 >= self.duration_s)
             batch, backlogged = self._poll()
@@ -151,6 +155,8 @@ class WatchLoop:
             if batch:
                 batch.sort(key=record_ts)
                 self.on_records(batch)
+            if sweep and not backlogged and not done and self.on_clock is not None:
+                self.on_clock(drained_ns)
             if sweep:
                 self.on_tick()
             if done:
@@ -304,6 +310,17 @@ class Pipeline:
             for g in self.sinks:
                 g.call("write", records)
 
+    def advance(self, now_ns: int) -> None:
+        """The sources were drained up to now_ns: the reads that waited for a later record
+        get their verdicts."""
+        a = self.analysis
+        if a is None:
+            return
+        out = a.correlator.advance(now_ns)
+        if out and self.post is not None:
+            out = self.post(out)
+        self.emit(out)
+
     def tick(self) -> None:
         for g in self.all:
             g.call("tick")
@@ -358,6 +375,7 @@ class Pipeline:
         """The live source until it stops, then the reads still pending."""
         loop.on_records = self.feed
         loop.on_tick = self.tick
+        loop.on_clock = self.advance
         loop.run(stopper)
         self.finish()
 

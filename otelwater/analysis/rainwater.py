@@ -39,6 +39,7 @@ on demand; `RainGauges` does that per socket with a bounded number of sockets.
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -115,7 +116,10 @@ class RainFigure:
 
 
 class RainGauge:
-    """The last `size` (ts_ns, height) samples of one socket, in a ring; O(size) memory."""
+    """The last `size` (ts_ns, height) samples of one socket, in a ring of two arrays of 64-bit
+    integers; memory grows with the samples taken, up to 16 bytes a sample (a socket with a
+    few snapshots holds a few: the ring was two lists of `size` slots, 16 KiB a socket at the
+    default 1,024 before its first sample, and full ~50 KiB with its integer objects)."""
 
     __slots__ = ("size", "ts", "h", "start", "n", "late")
 
@@ -123,23 +127,26 @@ class RainGauge:
         if size < 1:
             raise ValueError("size must be at least 1")
         self.size = size
-        self.ts = [0] * size
-        self.h = [0] * size
+        self.ts = array("q")            # the ring: appended to until it holds `size`
+        self.h = array("q")
         self.start = 0
         self.n = 0
         self.late = 0
 
     def add(self, ts_ns: int, height: int) -> None:
         """Append a sample; one older than the last is dropped and counted in `late`."""
-        if self.n and ts_ns < self.ts[(self.start + self.n - 1) % self.size]:
+        n = self.n
+        if n and ts_ns < self.ts[(self.start + n - 1) % self.size]:
             self.late += 1
             return
-        if self.n == self.size:
-            self.start = (self.start + 1) % self.size
-            self.n -= 1
-        j = (self.start + self.n) % self.size
+        if n < self.size:               # not full yet: start is 0, the ring is the list
+            self.ts.append(ts_ns)
+            self.h.append(height)
+            self.n = n + 1
+            return
+        j = self.start
         self.ts[j], self.h[j] = ts_ns, height
-        self.n += 1
+        self.start = (j + 1) % self.size
 
     def __len__(self) -> int:
         return self.n

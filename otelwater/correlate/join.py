@@ -26,7 +26,9 @@ every ``lateness_ns``, which also forgets sockets with nothing held or pending),
 ``max_snapshots`` (1,000,000) over all sockets, evicting the least recently used socket beyond
 that or beyond ``max_sockets`` (65,536). Every snapshot dropped that way is counted, and a
 read whose window reaches back past anything dropped has ``evidence_complete = False``; its
-verdict is the same, because no rule uses snapshots. If all records arrive within
+verdict is the same, because no rule uses snapshots. The per-socket and per-reader summaries
+(``summaries``, correlate.summary) keep those of closed sockets apart, at most ``max_closed``
+(4,096: the worst, and the latest closed). If all records arrive within
 ``lateness_ns`` and reads last at most ``history_ns - window_ns``, and no cap is reached, the
 join equals the brute-force join (``tests/unit/test_correlate.py`` checks it).
 
@@ -90,6 +92,7 @@ class CorrelatorConfig:
     max_snapshots: int = 1_000_000
     max_sockets: int = 65536
     max_summaries: int = 65536
+    max_closed: int = 4096                   # summaries of closed sockets and their readers
     dominance: float = 0.6
     unknown_on_lost: tuple[str, ...] = ()
     include_idle: bool = False               # idle reads are slow reads (verdicts, spans) too
@@ -100,7 +103,7 @@ class CorrelatorConfig:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} is negative", "give a value >= 0")
         for name in ("max_evidence", "max_snapshots_per_socket", "max_snapshots",
-                     "max_sockets", "max_summaries"):
+                     "max_sockets", "max_summaries", "max_closed"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1")
         if self.max_summaries < self.max_sockets:
@@ -122,10 +125,11 @@ class CorrelatorConfig:
 class _Socket:
     """One socket's held snapshots: parallel sorted lists from index ``head`` on."""
 
-    __slots__ = ("ts", "snaps", "head", "horizon", "pending", "summary")
+    __slots__ = ("ts", "snaps", "head", "horizon", "pending", "summary", "closed")
 
     def __init__(self, horizon: int, summary) -> None:
         self.summary = summary   # its SocketSummary (peak water, drops, verdicts)
+        self.closed = False      # its close snapshot came (its summary goes once decided)
         self.ts: list[int] = []
         self.snaps: list[WaterSnapshot] = []
         self.head = 0
@@ -155,7 +159,7 @@ class Correlator:
     def __init__(self, config: CorrelatorConfig | None = None, *, start_ns: int | None = None):
         self.config = c = config or CorrelatorConfig()
         self.start_ns = start_ns
-        self.summaries = Summaries(c.max_summaries, c.dominance)
+        self.summaries = Summaries(c.max_summaries, c.dominance, c.max_closed)
         self._sockets: OrderedDict[int, _Socket] = OrderedDict()
         self._pending: list = []            # heap of (ts_end + window, seq, read, its _Socket)
         self._seq = 0
@@ -189,6 +193,7 @@ class Correlator:
         per_socket = c.max_snapshots_per_socket
         max_held, max_sockets = c.max_snapshots, c.max_sockets
         pending = self._pending
+        closed = self.summaries._closed
         # the hot loop keeps the watermark and the count held in locals, and puts them back
         # in self before anything that reads them (a sweep, an eviction, a read, a loss)
         max_ts, wm = self._max_ts, self.watermark_ns
@@ -217,6 +222,8 @@ class Correlator:
                     counts["late_snapshots"] += 1
                     if key:
                         self.summaries.socket(key).add_snapshot(r)
+                        if r.trigger == "close":
+                            self.summaries.closed(key)
                     continue
                 if not key:
                     continue
@@ -226,6 +233,13 @@ class Correlator:
                 else:
                     move_to_end(key)
                 s.summary.add_snapshot(r)
+                if r.trigger == "close":        # no longer alive: its summary may go once
+                    s.closed = True             # its reads are decided
+                    if not s.pending:
+                        self.summaries.closed(key)
+                elif s.closed or key in closed:     # the key in use again
+                    s.closed = False
+                    self.summaries.reopened(key)
                 sts = s.ts
                 if not sts or ts >= sts[-1]:
                     sts.append(ts)
@@ -265,6 +279,20 @@ class Correlator:
         counts["snapshots"] += n_snap
         return out
 
+    def advance(self, now_ns: int) -> list[Verdict]:
+        """The sources were drained up to `now_ns`: move the watermark as a record at that time
+        would, deciding the reads it passes (a quiet spell on the watched sockets must not
+        hold the last reads before it until the next traffic)."""
+        out: list[Verdict] = []
+        if now_ns > self._max_ts:
+            self._max_ts = now_ns
+            self.watermark_ns = now_ns - self.config.lateness_ns
+            if self._pending and self._pending[0][0] < self.watermark_ns:
+                self._decide_until(self.watermark_ns, out)
+            if self.watermark_ns >= self._next_sweep:
+                self._sweep()
+        return out
+
     def finish(self) -> list[Verdict]:
         """Decide every pending read (end of a file or of a watch); return those verdicts."""
         out: list[Verdict] = []
@@ -278,6 +306,10 @@ class Correlator:
                  lost_by_probe=dict(self._lost_total),
                  summaries_evicted=self.summaries.sockets_evicted,
                  readers_evicted=self.summaries.readers_evicted)
+        for name, n in (("closed_summaries_evicted", self.summaries.closed_evicted),
+                        ("closed_readers_evicted", self.summaries.closed_readers_evicted)):
+            if n:       # said once it happens (a run's stats stay as they were until then)
+                d[name] = n
         return d
 
     # -- internals ---------------------------------------------------------------------------
@@ -379,11 +411,15 @@ class Correlator:
         pending = self._pending
         while pending and (wm is None or pending[0][0] < wm):
             _, _, read, s = heapq.heappop(pending)
+            closing = False
             if s is not None:
                 s.pending -= 1
+                closing = s.closed and not s.pending    # its last read: the summary may go
                 if self._sockets.get(read.sock_key) is not s:
                     s = None            # evicted meanwhile: what it held is forgotten
             v = self._decide(read, s, late=False)
+            if closing:
+                self.summaries.closed(read.sock_key)
             if v is not None:
                 out.append(v)
 

@@ -7,6 +7,18 @@ buckets per sketch, whatever the number of values.
 
 A socket's (or reader's) verdict is the cause of at least ``dominance`` (default 0.6) of its
 slow reads, ``mixed`` when no cause reaches it, ``None`` with no slow reads.
+
+Bounded twice. Each table holds at most ``max_entries`` (65,536), the least recently used
+evicted beyond. And what is no longer alive goes sooner: a socket's summary once the socket
+closed (its close snapshot: ``closed(key)``), a reader's once the socket it read last closed
+(a Go server's goroutine per connection ends with its connection). Of those, the ``max_closed``
+(4,096) with the most slow reads (then the most water, then the most reads) are kept, and the
+``max_closed // 2`` closed most recently whatever their figures (their last reads may still be
+being decided); the rest are dropped, ``max_closed // 4`` at a time (counted in
+``closed_evicted`` and ``closed_readers_evicted``). A reader that reads an open socket again,
+or a socket key seen again in a non-close snapshot (the 4-tuple reused), is alive again. So a
+long run's summaries cover every socket and reader alive and the worst of those gone, in
+memory that does not grow with the connections it has seen.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from otelwater.events.verdict import VERDICTS
 from otelwater.sockkey import format_key
 
 MIXED = "mixed"
+MAX_CLOSED = 4096            # summaries of closed sockets (and of their readers) kept
 _SUB = 4                     # 2**4 sub-buckets per power of two
 _EXACT = 1 << (_SUB + 1)     # values below this have their own bucket
 
@@ -180,22 +193,38 @@ class ReaderSummary(_Figures):
 
 
 class Summaries:
-    """Socket and reader summaries, each table capped at ``max_entries`` (LRU, counted)."""
+    """Socket and reader summaries, each table capped at ``max_entries`` (LRU, counted), those
+    of closed sockets and their readers at ``max_closed`` (module docstring)."""
 
-    def __init__(self, max_entries: int = 65536, dominance: float = 0.6) -> None:
+    def __init__(self, max_entries: int = 65536, dominance: float = 0.6,
+                 max_closed: int = MAX_CLOSED) -> None:
         self.max_entries = max_entries
         self.dominance = dominance
+        self.max_closed = max(1, max_closed)
         self.sockets: OrderedDict[int, SocketSummary] = OrderedDict()
         self.readers: OrderedDict[tuple[int, int | None], ReaderSummary] = OrderedDict()
         self.sockets_evicted = 0
         self.readers_evicted = 0
+        self.closed_evicted = 0
+        self.closed_readers_evicted = 0
+        # closed, the oldest close first: sock keys, and reader keys with the socket they
+        # read last
+        self._closed: OrderedDict[int, None] = OrderedDict()
+        self._closed_readers: OrderedDict[tuple[int, int | None], int] = OrderedDict()
+        self._reader_of: dict[int, tuple[int, int | None]] = {}   # sock key -> its last reader
+
+    def _evicted(self, key: int) -> None:
+        """A socket summary left the table: what refers to it goes too."""
+        self._closed.pop(key, None)
+        self._reader_of.pop(key, None)
 
     def socket(self, key: int) -> SocketSummary:
         s = self.sockets.get(key)
         if s is None:
             s = self.sockets[key] = SocketSummary(key)
             if len(self.sockets) > self.max_entries:
-                self.sockets.popitem(last=False)
+                old, _ = self.sockets.popitem(last=False)
+                self._evicted(old)
                 self.sockets_evicted += 1
         else:
             self.sockets.move_to_end(key)
@@ -207,12 +236,58 @@ class Summaries:
         now = self.sockets.get(s.sock_key)
         if now is None:
             self.sockets[s.sock_key] = now = s
+            if s.last is not None and s.last.trigger == "close":
+                self.closed(s.sock_key)
             if len(self.sockets) > self.max_entries:
-                self.sockets.popitem(last=False)
+                old, _ = self.sockets.popitem(last=False)
+                self._evicted(old)
                 self.sockets_evicted += 1
         else:
             self.sockets.move_to_end(s.sock_key)
         return now
+
+    def closed(self, key: int) -> None:
+        """The socket closed (its close snapshot): its summary and its last reader's are no
+        longer alive (module docstring)."""
+        if key in self.sockets:
+            self._closed[key] = None
+            self._closed.move_to_end(key)
+        rk = self._reader_of.pop(key, None)
+        if rk is not None:
+            r = self.readers.get(rk)
+            if r is not None and r.last_sock_key == key:
+                self._closed_readers[rk] = key
+                self._closed_readers.move_to_end(rk)
+        limit = self.max_closed + self.max_closed // 4
+        if len(self._closed) > limit:
+            self.closed_evicted += self._trim(self._closed, self.sockets, _socket_rank)
+        if len(self._closed_readers) > limit:
+            self.closed_readers_evicted += self._trim(self._closed_readers, self.readers,
+                                                      _reader_rank)
+
+    def reopened(self, key: int) -> None:
+        """A socket key seen again in a non-close snapshot: alive again."""
+        self._closed.pop(key, None)
+
+    def _trim(self, closed: OrderedDict, table: OrderedDict, rank) -> int:
+        """Down to max_closed: the newest max_closed // 2 closes kept, of the older ones those
+        ranking highest; returns how many were dropped from `table`."""
+        keep_newest = self.max_closed // 2
+        older = list(closed)[:len(closed) - keep_newest]
+        gone = [k for k in older if k not in table]
+        for k in gone:                      # evicted from the table meanwhile
+            del closed[k]
+        over = len(closed) - self.max_closed
+        if over <= 0:
+            return 0
+        older = [k for k in older if k in table]
+        older.sort(key=lambda k: rank(table[k]))
+        for k in older[:over]:
+            del closed[k]
+            del table[k]
+            if table is self.sockets:
+                self._reader_of.pop(k, None)
+        return min(over, len(older))
 
     def reader(self, pid: int, goid: int | None) -> ReaderSummary:
         k = (pid, goid)
@@ -220,7 +295,8 @@ class Summaries:
         if r is None:
             r = self.readers[k] = ReaderSummary(pid, goid)
             if len(self.readers) > self.max_entries:
-                self.readers.popitem(last=False)
+                old, _ = self.readers.popitem(last=False)
+                self._closed_readers.pop(old, None)
                 self.readers_evicted += 1
         else:
             self.readers.move_to_end(k)
@@ -228,9 +304,26 @@ class Summaries:
 
     def add_read(self, read: ReadRecord, verdict: str | None, wait_peer: int | None,
                  wait_run: int | None, idle: bool = False) -> None:
-        if read.sock_key:
-            self.socket(read.sock_key).add_read(read, verdict, wait_peer, wait_run, idle)
+        key = read.sock_key
+        if key:
+            self.socket(key).add_read(read, verdict, wait_peer, wait_run, idle)
+        rk = (read.pid, read.goid)
         r = self.reader(read.pid, read.goid)
         r.comm = read.comm or r.comm
-        r.last_sock_key = read.sock_key
+        r.last_sock_key = key
         r.add_read(read, verdict, wait_peer, wait_run, idle)
+        if key:
+            if key in self._closed:         # a read of a closed socket, decided after its close
+                self._closed_readers[rk] = key
+            else:
+                self._reader_of[key] = rk
+                if rk in self._closed_readers:      # reads an open socket: alive again
+                    del self._closed_readers[rk]
+
+
+def _socket_rank(s: SocketSummary) -> tuple:
+    return s.slow_reads, s.peak_volume, s.reads
+
+
+def _reader_rank(r: ReaderSummary) -> tuple:
+    return r.slow_reads, r.reads

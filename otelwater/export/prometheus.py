@@ -68,7 +68,7 @@ class PrometheusEndpoint:
     `routes` (path -> () -> (status code, plain-text body)) beside them; 404 elsewhere."""
 
     def __init__(self, port: int, address: str = DEFAULT_ADDRESS,
-                 routes: dict[str, Route] | None = None):
+                 routes: dict[str, Route] | None = None, option: str | None = None):
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
         self.port, self.address = port, address
@@ -81,7 +81,7 @@ class PrometheusEndpoint:
         try:
             self._server = _server(address, port, app)
         except OSError as e:
-            raise UsageError(*_bind_error(address, port, e)) from None
+            raise UsageError(*_bind_error(address, port, e, option)) from None
         self.port = self._server.server_address[1]   # the real one when port 0 was asked
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="otelwater-prometheus", daemon=True)
@@ -448,8 +448,20 @@ def translate(data, kept: dict | None = None) -> tuple[list, dict]:
     return merge_families(families), exemplars
 
 
-def _bind_error(address: str, port: int, e: OSError) -> tuple[str, str]:
+def _bind_error(address: str, port: int, e: OSError,
+                option: str | None = None) -> tuple[str, str]:
+    """(problem, fix) of a bind that failed; `option`: the one option giving both address and
+    port (the agent's --listen ADDRESS:PORT), else watch's --prometheus-port/-address."""
     where = f"{address}:{port}"
+    if option is not None:
+        why = ("is already in use" if e.errno == errno.EADDRINUSE else
+               f"is not an address of this host ({e.strerror})"
+               if e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror) else
+               "is not allowed (use a port above 1023)" if e.errno == errno.EACCES else
+               f"cannot be listened on ({e.strerror or e})")
+        return (f"{option} {where}: {why}",
+                f"give a free local ADDRESS:PORT (e.g. {option} 127.0.0.1:9464), or stop what "
+                f"listens there (ss -ltnp 'sport = :{port}')")
     if e.errno == errno.EADDRINUSE:
         return (f"--prometheus-port {port}: {where} is already in use",
                 "pick a free port (e.g. --prometheus-port 9464) or stop what listens there "

@@ -29,7 +29,8 @@ Cumulative from the run's attach (`start_ns`, wall clock), each point dated by i
 when a reader collects, offline at the end of the second of the recording that changed it.
 
 Bounded: the rows of MAX_PIDS processes are kept, those of the process that moved least
-recently forgotten beyond (as the live sink's providers are: otlp.resources.MAX_SERVICES).
+recently forgotten beyond (as the live sink's providers are: otlp.resources.MAX_SERVICES); and
+forget(pid) drops a process's rows at once (the live export: once its service is gone).
 """
 
 from __future__ import annotations
@@ -125,12 +126,17 @@ class VerdictTally:
             return
         pids[pid] = None
         if len(pids) > self.max_pids:
-            old, _ = pids.popitem(last=False)
-            self.kernel.discard(old)
-            self.roles.pop(old, None)
-            for key in [k for k in self.rows if k[0] == old]:
-                del self.rows[key]
-                self.changed.pop(key, None)
+            self.forget(next(iter(pids)))
+
+    def forget(self, pid: int) -> None:
+        """Drop a process's rows (a process gone: a new one with its pid starts afresh)."""
+        if self.pids.pop(pid, False) is False:
+            return
+        self.kernel.discard(pid)
+        self.roles.pop(pid, None)
+        for key in [k for k in self.rows if k[0] == pid]:
+            del self.rows[key]
+            self.changed.pop(key, None)
 
     def seen(self, pid: int, role: str) -> None:
         """A read of `pid` on a socket of `role`: its zero rows, if not made yet."""

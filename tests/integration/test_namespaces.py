@@ -192,7 +192,22 @@ class Reader:
         assert self.pid == self.proc.pid
 
     def stop_reading(self) -> None:
+        """SIGSTOP, and back once every thread is stopped (a thread still running could read
+        what the test writes next)."""
         os.kill(self.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = []
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                try:
+                    with open(f"/proc/{self.pid}/task/{task}/stat") as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    continue
+            if states and all(st in ("T", "t") for st in states):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"slowreader {self.pid} did not stop")
 
     def go_on(self) -> None:
         os.kill(self.pid, signal.SIGCONT)

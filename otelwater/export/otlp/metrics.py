@@ -130,6 +130,7 @@ class LiveMetrics:
     def produced(self, key: int) -> list:
         """The verdict counts of the service `key` now, as SDK Metrics (module docstring)."""
         if key == OWN:
+            self._forget_gone()     # otelwater's own service is collected as long as it runs
             return []
         now = time.time_ns()
         points = []
@@ -137,6 +138,21 @@ class LiveMetrics:
             points.extend(series_points(verdict_attributes(verdict, role), row,
                                         self.start_wall_ns, now))
         return as_metrics(points)
+
+    def _forget_gone(self) -> None:
+        """The verdict rows of processes whose service is gone (forgotten after they exited,
+        or evicted), once its last export is done: nothing collects them any more."""
+        svc = self.services
+        gone = [pid for pid in self.tally.pids if pid not in svc.by_key
+                and pid not in svc.traced]
+        if not gone:
+            return
+        retiring = {s.key for s in svc.retired if not s.done}
+        gone = {pid for pid in gone if pid not in retiring}
+        for pid in gone:
+            self.tally.forget(pid)
+        for k in [k for k in self.drop_started if k[0] in gone]:
+            del self.drop_started[k]
 
     def alert(self, a) -> None:
         active = (alert_key(a), a.rule)
