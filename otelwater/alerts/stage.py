@@ -36,7 +36,7 @@ evaluated: the surge variance needs consecutive samples in order.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Iterable
 
 from otelwater.alerts.rules import (SEVERITIES, Hysteresis, TailWatch, clear_levels,
@@ -52,16 +52,19 @@ DETAILS_KEPT = 4096
 
 
 class _Watched:
-    """Alert state of one socket (or one process for process-scope read_skew)."""
+    """Alert state of one socket (or one process for process-scope read_skew). Kept small:
+    one is held per socket watched (10,000 sockets, 10,000 of them). A rule that has never
+    gone above its threshold holds no state (a quiet Hysteresis is no Hysteresis); the last
+    levels are a short list, not a deque (a deque is ~600 bytes whatever it holds)."""
 
     __slots__ = ("pid", "last_ts", "levels", "rules", "values")
 
     def __init__(self, pid: int, surge_window: int):
         self.pid = pid
         self.last_ts = -1
-        self.levels: deque[int] = deque(maxlen=surge_window)
-        self.rules: dict[str, Hysteresis | TailWatch] = {}
-        self.values: dict[str, float] = {}
+        self.levels: list[int] = []     # the last surge_window levels, oldest first
+        self.rules: dict[str, Hysteresis | TailWatch] | None = None   # made when needed
+        self.values: dict[str, float] | None = None
 
 
 def record_ts(rec) -> int:
@@ -147,13 +150,13 @@ class AlertStage:
         """read_skew's state for a pid (process scope) or a sock_key (socket scope)."""
         table = self._procs if self.cfg.read_skew.scope == "process" else self._socks
         w = table.get(key)
-        return None if w is None else w.rules.get("read_skew")
+        return None if w is None or not w.rules else w.rules.get("read_skew")
 
     # ---- internals ----
 
     @staticmethod
     def _active(w: _Watched | None) -> dict[str, str]:
-        if w is None:
+        if w is None or not w.rules:
             return {}
         return {r: SEVERITIES[h.band - 1] for r, h in w.rules.items() if h.band}
 
@@ -176,12 +179,24 @@ class AlertStage:
 
     def _step(self, w: _Watched, key: int, is_proc: bool, rule: str, value: float,
               ts: int) -> list[AlertTransition]:
-        w.values[rule] = value
-        h = w.rules.get(rule)
-        if h is None:
-            h = w.rules[rule] = Hysteresis()
         limits = self._limits[rule]
+        rules = w.rules
+        h = rules.get(rule) if rules else None
+        if h is None:
+            if value <= limits[0]:      # quiet, as a new Hysteresis would stay: no state
+                if w.values:
+                    w.values.pop(rule, None)
+                return []
+            if rules is None:
+                rules = w.rules = {}
+            h = rules[rule] = Hysteresis()
+        if w.values is None:
+            w.values = {}
+        w.values[rule] = value
         left = h.step(value, ts, limits, self._clears[rule], self._hold_ns)
+        if not h.band:          # quiet again: as if it had never fired (no state kept)
+            del rules[rule]
+            del w.values[rule]
         if left is None:
             return []
         sock = 0 if is_proc else key
@@ -195,6 +210,8 @@ class AlertStage:
     def _clear_all(self, w: _Watched, key: int, is_proc: bool, ts: int,
                    reason: str) -> list[AlertTransition]:
         out = []
+        if not w.rules:
+            return out
         for rule in RULES:
             h = w.rules.get(rule)
             if h is None or not h.band:
@@ -204,7 +221,7 @@ class AlertStage:
                 value, limit = h.value, h.limit     # the last window judged
                 h.reset()
             else:
-                value, limit = w.values.get(rule, 0.0), self._limits[rule][h.band - 1]
+                value, limit = (w.values or {}).get(rule, 0.0), self._limits[rule][h.band - 1]
                 h.band = 0
             out.append(AlertTransition(ts, 0 if is_proc else key, w.pid, rule, "cleared", sev,
                                        value, limit, sev, reason))
@@ -218,6 +235,8 @@ class AlertStage:
                 return []
             if snap.pid:
                 w.pid = snap.pid
+            if w.values is None:
+                w.values = {}
             w.values.update(water_level=float(snap.level), fill_ratio=snap.fill_ratio)
             return self._clear_all(w, key, False, ts, "close")
         w, out = self._get(self._socks, key, snap.pid, ts, False)
@@ -225,11 +244,15 @@ class AlertStage:
             self.late += 1
             return out
         self._touch(self._socks, key, w, ts, snap.pid)
-        w.levels.append(snap.level)
+        levels = w.levels
+        levels.append(snap.level)
+        window = self.cfg.surge_window
+        if len(levels) > window:
+            del levels[0]
         out += self._step(w, key, False, "water_level", float(snap.level), ts)
         out += self._step(w, key, False, "fill_ratio", snap.fill_ratio, ts)
-        if len(w.levels) == w.levels.maxlen:
-            out += self._step(w, key, False, "surge", level_variance(w.levels), ts)
+        if len(levels) == window:
+            out += self._step(w, key, False, "surge", level_variance(levels), ts)
         return out
 
     def _read(self, rec: ReadRecord) -> list[AlertTransition]:
@@ -245,6 +268,8 @@ class AlertStage:
         if latency is None:
             self.unmeasured += 1
             return out
+        if w.rules is None:
+            w.rules = {}
         watch = w.rules.get("read_skew")
         if watch is None:
             watch = w.rules["read_skew"] = TailWatch(cfg)

@@ -94,8 +94,14 @@ def dominant(counts: dict[str, int], dominance: float) -> str | None:
     return cause if n >= dominance * total else MIXED
 
 
+_NO_VALUES = LogSketch()     # the sketch of a summary with no value yet (shared, never added to)
+_NO_VERDICTS = dict.fromkeys(VERDICTS, 0)   # (shared, never written)
+
+
 class _Figures:
-    """What socket and reader summaries share: read counts, verdicts, delay sketches."""
+    """What socket and reader summaries share: read counts, verdicts, delay sketches. A
+    summary is held for every socket watched, most of which no traced process reads: its
+    sketches and verdict counts are made at its first value (until then shared empty ones)."""
 
     __slots__ = ("reads", "slow_reads", "idle_reads", "verdicts", "queue_delay", "wait_run",
                  "wait_peer")
@@ -104,10 +110,8 @@ class _Figures:
         self.reads = 0
         self.slow_reads = 0
         self.idle_reads = 0       # idle long reads not counted as slow (the default)
-        self.verdicts = dict.fromkeys(VERDICTS, 0)
-        self.queue_delay = LogSketch()
-        self.wait_run = LogSketch()
-        self.wait_peer = LogSketch()
+        self.verdicts = _NO_VERDICTS
+        self.queue_delay = self.wait_run = self.wait_peer = _NO_VALUES
 
     def add_read(self, read: ReadRecord, verdict: str | None, wait_peer: int | None,
                  wait_run: int | None, idle: bool = False) -> None:
@@ -116,10 +120,16 @@ class _Figures:
             self.idle_reads += 1
         elif verdict is not None:
             self.slow_reads += 1
+            if self.verdicts is _NO_VERDICTS:
+                self.verdicts = dict(_NO_VERDICTS)
             self.verdicts[verdict] += 1
         if read.queue_delay_ns is not None:
+            if self.queue_delay is _NO_VALUES:
+                self.queue_delay = LogSketch()
             self.queue_delay.add(read.queue_delay_ns)
         if wait_run is not None:
+            if self.wait_run is _NO_VALUES:
+                self.wait_run, self.wait_peer = LogSketch(), LogSketch()
             self.wait_run.add(wait_run)
             self.wait_peer.add(wait_peer)
 
