@@ -173,13 +173,18 @@ def agent_command(pids, ports, cgroups, go_binaries, min_age, probes, listen, lo
 
 
 def _check_binary(path: str, probes: str) -> str:
-    """A --go-binary: an existing Go executable (uprobes need its Go facts; tracepoints take
-    any ELF with symbols, as watch does)."""
+    """A --go-binary: an existing Go executable (Go build info: the agent traces Go programs;
+    uprobes need its Go facts too)."""
+    from otelwater.agent.discover import is_go_executable
     from otelwater.errors import BinaryError
     from otelwater.probes import goelf
 
     if not os.path.isfile(path):
         raise BinaryError(f"{path}: no such file", "give the path of a Go executable")
+    if not is_go_executable(path):
+        raise BinaryError(f"{path} is not a Go program (no .go.buildinfo or .gopclntab)",
+                          "give the path of a Go executable (the agent traces Go programs; "
+                          "watch --go-pid traces any program's reads)")
     try:
         goelf.locate(path)
     except BinaryError:

@@ -41,7 +41,7 @@ from otelwater.errors import UsageError
 ENV_PREFIX = "OTELWATER_"
 CONFIG_ENV = "OTELWATER_CONFIG"
 # OTELWATER_* variables that are not configuration keys (anything else is a typo, and an error).
-OTHER_ENV = frozenset({CONFIG_ENV, "OTELWATER_BTF"})
+OTHER_ENV = frozenset({CONFIG_ENV, "OTELWATER_BTF", "OTELWATER_DEBUG", "OTELWATER_SETUP"})
 
 
 def _num(default, *, minimum=0.0, above=None, maximum=None, doc=""):

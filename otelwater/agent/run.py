@@ -32,6 +32,15 @@ from otelwater.pipeline import Analysis, Pipeline, Stopper, WatchLoop
 FORGET_AFTER_S = 30.0   # an exited process's export identity is kept this long (late verdicts)
 
 
+def _running(pid: int) -> bool:
+    """The process runs (a zombie, exited but not reaped yet, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 class AgentSink(Sink):
     """What flows through the pipeline, counted into the state; notices as log lines."""
 
@@ -130,7 +139,7 @@ class Agent:
             self._picked_up(pid, wanted.get(pid, ""))
         for pid in sorted(self.traced.keys() - traced):
             path = self.traced.pop(pid)
-            alive = os.path.exists(f"/proc/{pid}")
+            alive = _running(pid)
             if not alive:
                 self.state.processes_exited += 1
             self.exited[pid] = time.monotonic()
