@@ -50,10 +50,12 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 
 from otelwater.errors import UsageError
-from otelwater.names import SERVICE_NAME
+from otelwater.names import SERVICE_INSTANCE_ID, SERVICE_NAME
 
 DEFAULT_ADDRESS = "127.0.0.1"
-RESOURCE_LABELS = frozenset({SERVICE_NAME})   # resource attributes that label every series
+# resource attributes that label every series: the service, and which process of it (two
+# processes of one service, or a restart, must not give the same series twice)
+RESOURCE_LABELS = frozenset({SERVICE_NAME, SERVICE_INSTANCE_ID})
 TARGET_INFO = "target"                       # -> target_info, one sample per service
 TARGET_INFO_HELP = "Target metadata"
 TRACE_ID, SPAN_ID = "trace_id", "span_id"    # exemplar labels

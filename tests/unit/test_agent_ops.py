@@ -51,13 +51,14 @@ def get(url: str, method: str = "GET") -> tuple[int, str]:
 
 def samples(endpoint: PrometheusEndpoint) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels but the scope's and service's): value} of one scrape."""
+    service = ("service_name", "service_instance_id")
     status, body = get(endpoint.url)
     assert status == 200
     out = {}
     for family in parse_text(body):
         for s in family.samples:
             labels = tuple(sorted((k, v) for k, v in s.labels.items()
-                                  if not k.startswith("otel_scope_") and k != "service_name"))
+                                  if not k.startswith("otel_scope_") and k not in service))
             out[(s.name, labels)] = s.value
     return out
 
