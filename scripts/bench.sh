@@ -2,7 +2,8 @@
 # Runs the benchmarks in bench/ after doing the one setup (scripts/setup.sh); root, like the
 # probe itself. Each writes its figures to bench/results/<name>.json as well; every argument
 # goes to each benchmark, e.g.
-#   scripts/bench.sh                       # full run (~3 min each)
+#   scripts/bench.sh                       # full run (~3 min each; agent_cost.py ~25 min,
+#                                          #   agent_soak.py's soak of the agent ~21 min)
 #   scripts/bench.sh --quick               # a smoke run
 # Run nothing else meanwhile: the benchmarks measure CPU time and see every other BPF program.
 # A benchmark is any bench/*.py with a main; see bench/README.md for what they measure.

@@ -179,3 +179,42 @@ def test_the_export_lets_go_of_the_verdict_rows_of_processes_whose_service_is_go
     assert set(h.sink.metrics.tally.pids) == {149}
     assert {k[0] for k in h.sink.metrics.drop_started} <= {149, OWN}
     assert h.metrics(key=149)["otelwater.read.verdicts"]
+
+
+# -- per-socket state of what is watched -----------------------------------------------------------
+
+def test_a_quiet_socket_holds_no_alert_state_and_one_that_cleared_holds_none_again():
+    from otelwater.alerts.stage import AlertStage
+    from otelwater.config import AlertConfig
+
+    stage = AlertStage(AlertConfig())
+    # given 1,000 sockets whose water stays low
+    for i in range(1000):
+        stage.feed([snap(i * MS, i, volume=64), snap(i * MS + 1, i, volume=0)])
+    # then none holds a rule's state, and its last levels are a short list
+    ws = list(stage._socks.values())
+    assert len(ws) == 1000 and all(w.rules is None and w.values is None for w in ws)
+    assert all(type(w.levels) is list and len(w.levels) <= stage.cfg.surge_window for w in ws)
+    # when one fills, its rule fires; when it empties (after the hold), it clears and forgets
+    full = WaterSnapshot(2 * 10**9, 5, 7, "svc", 7, 1, "::1", 80, "::1", 5005, 1, 1000, 0, 1000,
+                         0, 0, 0, "", 0, 0, "arrival", "ESTABLISHED", 9)
+    fired = [t for t in stage.feed([full]) if getattr(t, "rule", None) == "fill_ratio"]
+    assert fired and fired[0].state == "fired"
+    cleared = [t for t in stage.feed([snap(60 * 10**9, 5, volume=0)])
+               if getattr(t, "rule", None) == "fill_ratio"]
+    assert cleared and cleared[0].state == "cleared"
+    assert not stage._socks[5].rules
+
+
+def test_a_socket_summary_without_reads_shares_its_empty_figures_and_says_the_same():
+    s = Summaries()
+    quiet, read_one = s.socket(1), s.socket(2)
+    quiet.add_snapshot(snap(0, 1))
+    read_one.add_snapshot(snap(0, 2))
+    s.add_read(read(0, 5 * MS, 2, goid=9), "consumer-lagging", None, None)
+    assert quiet.queue_delay is s.socket(3).queue_delay      # one shared empty sketch
+    assert read_one.queue_delay is not quiet.queue_delay and read_one.queue_delay.n == 1
+    d = quiet.to_json()
+    assert d["reads"] == 0 and d["verdict"] is None and d["queue_delay_ns"]["p50"] is None
+    assert set(d["verdicts"].values()) == {0}
+    assert s.socket(3).queue_delay.n == 0 and s.socket(3).verdicts == d["verdicts"]
