@@ -39,7 +39,6 @@ process, closed on the way out (Ctrl-C and SIGTERM included).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -57,6 +56,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+
+from otelwater.probes.bpfinfo import enable_stats  # noqa: E402  (BPF_ENABLE_STATS)
 
 TRACEPOINT = b"sock_recv_length"
 SOURCE = HERE / "probe_parts.c"
@@ -96,17 +97,6 @@ PARTS = {
 
 
 # -- statistics and attachments (all fds of this process) -----------------------------------
-def enable_stats() -> int:
-    """An fd that keeps the kernel's BPF run-time statistics on while it is open."""
-    libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    libbpf.bpf_enable_stats.argtypes = [ctypes.c_int]
-    fd = libbpf.bpf_enable_stats(0)    # BPF_STATS_RUN_TIME
-    if fd < 0:
-        err = ctypes.get_errno() or -fd
-        raise OSError(err, f"BPF_ENABLE_STATS failed: {os.strerror(err)}")
-    return fd
-
-
 def prog_stats(prog_fd: int) -> tuple[int, int, int]:
     """(run_time_ns, run_cnt, recursion_misses) of a loaded program, from its fd's fdinfo."""
     got = {}

@@ -45,7 +45,6 @@ tracepoint in the same round.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -63,6 +62,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+
+from otelwater.probes.bpfinfo import enable_stats  # noqa: E402  (BPF_ENABLE_STATS)
 
 CONDITIONS = ["off", "empty", "empty-raw", "all", "other"]   # + "all:NAME" per --variant
 CONDITION_TEXT = {
@@ -275,18 +276,6 @@ def load_conditions(have_rx_sk: bool, variants: dict[str, tuple]) -> tuple[dict,
 
 # -- profile pass: ns per hit of each program (BPF run-time statistics) ----------------------
 PROFILE_CONDITIONS = ["empty", "empty-raw", "all", "other"]  # + "all:NAME" per --variant
-
-
-def enable_stats() -> int:
-    """An fd that keeps the kernel's BPF run-time statistics on while it is open (libbpf's
-    bpf_enable_stats); kernel.bpf_stats_enabled is neither read nor written."""
-    libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    libbpf.bpf_enable_stats.argtypes = [ctypes.c_int]
-    fd = libbpf.bpf_enable_stats(0)    # BPF_STATS_RUN_TIME
-    if fd < 0:
-        err = ctypes.get_errno() or -fd
-        raise OSError(err, f"BPF_ENABLE_STATS failed: {os.strerror(err)}")
-    return fd
 
 
 def prog_stats(prog_fd: int) -> tuple[int, int]:

@@ -35,6 +35,7 @@ import pytest
 
 from .conftest import ROOT, prog_ids_of
 from .slowreader import SlowReader
+from .services import free_port, wait_for  # noqa: F401  (the tests take them from here)
 
 AGENT = [sys.executable, "-m", "otelwater", "agent"]
 LOADGEN = str(ROOT / "examples" / "bin" / "loadgen")
@@ -43,25 +44,6 @@ MS = 1_000_000
 SLOW_NS = 2 * MS        # a Read the Go program timed at this or more blocked past the 1 ms mark
 CLOCK_SLACK_NS = 20_000    # the Go program's CLOCK_MONOTONIC readings are this exact, or better
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 no one listens on now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, check, timeout_s: float = 30.0, every_s: float = 0.2):
-    """check()'s first true value, polled; the test fails naming `what` after timeout_s."""
-    end = time.monotonic() + timeout_s
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(every_s)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:

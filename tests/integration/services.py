@@ -25,6 +25,18 @@ import pytest
 SETUP = "run scripts/setup.sh (as root) to install it"
 
 
+def wait_for(what: str, check, timeout_s: float = 30.0, every_s: float = 0.2):
+    """check()'s first true value, polled; the test fails naming `what` after timeout_s."""
+    end = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(every_s)
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 no one listens on now (the kernel's pick; a server started
     right after gets it unless something else grabs it in between)."""

@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -16,18 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.services import free_port
 from tests.unit.test_deploy import containerfile
 
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="scripts/setup.sh installs Debian packages: needs root")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_image_steps_install_an_agent_that_runs(tmp_path):
@@ -65,7 +59,7 @@ def test_the_image_steps_install_an_agent_that_runs(tmp_path):
     assert not (workdir / ".toolchains").exists() and not (workdir / "examples").exists()
     exe = entry[0].replace("/opt/otelwater", str(workdir))
     assert Path(exe).is_file(), entry
-    port = _free_port()
+    port = free_port()
     agent = subprocess.Popen([exe, *entry[1:], "--listen", f"127.0.0.1:{port}", "-d", "60",
                               "--min-age", "0.5"], cwd="/", stderr=subprocess.PIPE, text=True)
     try:

@@ -38,6 +38,7 @@ from tests.goexamples import debian
 
 from .conftest import OTELWATER, ROOT, gone, prog_ids_of
 from .loopback import Pair, siocinq
+from .services import free_port
 from .slowreader import SlowReader
 
 if os.geteuid() != 0:
@@ -145,9 +146,22 @@ class Feeder:
         self.sock.close()
 
 
-def grab_socket(pid: int, lport: int, rport: int) -> socket.socket:
+def grab_socket(pid: int, lport: int, rport: int, timeout_s: float = 10.0) -> socket.socket:
     """Process `pid`'s end of the connection lport<->rport, duplicated into this process
-    (pidfd_getfd, root): the same socket, for SIOCINQ."""
+    (pidfd_getfd, root): the same socket, for SIOCINQ. The connection is up on the client's
+    side before the server has accepted it, so this waits for the accept."""
+    end = time.monotonic() + timeout_s
+    while True:
+        found = _find_socket(pid, lport, rport)
+        if found is not None:
+            return found
+        if time.monotonic() >= end:
+            raise AssertionError(f"process {pid} holds no socket {lport}<->{rport} "
+                                 f"after {timeout_s:g}s")
+        time.sleep(0.02)
+
+
+def _find_socket(pid: int, lport: int, rport: int) -> socket.socket | None:
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
     try:
@@ -169,7 +183,7 @@ def grab_socket(pid: int, lport: int, rport: int) -> socket.socket:
             s.close()
     finally:
         os.close(pidfd)
-    raise AssertionError(f"process {pid} holds no socket {lport}<->{rport}")
+    return None
 
 
 def wait_still(sock: socket.socket, settle_s: float = 0.5, timeout_s: float = 30.0) -> int:
@@ -371,12 +385,6 @@ def bpftool_json(*args) -> list:
 def _agent_exists() -> bool:
     r = subprocess.run([*OTELWATER, "agent", "--help"], capture_output=True, text=True)
     return r.returncode == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(url: str) -> str | None:

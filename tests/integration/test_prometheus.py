@@ -36,6 +36,7 @@ from otelwater import names as N
 from .conftest import OTELWATER, ROOT
 from .loopback import Pair, ss
 from .otlp_receiver import HttpReceiver, attrs
+from .services import free_port, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
@@ -48,23 +49,6 @@ READ_BUCKETS = "otelwater_read_duration_seconds_bucket"
 DASHBOARD = ROOT / "examples" / "grafana" / "dashboards" / "otelwater.json"
 # what Grafana would put in the dashboard's variables and intervals
 SUBSTITUTE = {"$job": JOB, "$pid": ".*", "$__rate_interval": "15s", "$__range": "5m"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, check, timeout_s: float = 30.0, every_s: float = 0.5):
-    end = time.monotonic() + timeout_s
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(every_s)
 
 
 class Prometheus:

@@ -16,6 +16,7 @@ from otelwater.agent.discover import (Scanner, Selection, exe_key, is_go_executa
 from otelwater.cli_agent import parse_listen
 from otelwater.errors import UsageError
 from otelwater.export.otlp.resources import Services, container_id_of
+from tests.integration.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 GO = ROOT / "examples" / "bin" / "slowreader"
@@ -55,18 +56,12 @@ def test_start_age_of_a_live_and_a_missing_process():
     assert start_age_s(2**22 + 12345) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def procs():
     """A Go server listening on a port, and a process that is not Go."""
     if not GO.exists():
         pytest.skip("examples not built: run scripts/setup.sh")
-    port = _free_port()
+    port = free_port()
     go = subprocess.Popen([str(GO), "-listen", f"127.0.0.1:{port}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     other = subprocess.Popen(["sleep", "60"])
