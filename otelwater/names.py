@@ -116,7 +116,7 @@ SOCKET_KEY = "otelwater.socket.key"            # 16 hex digits, or OTHER_SOCKETS
 SOCKET_ROLE = "otelwater.socket.role"          # "dialed" (we connected) | "accepted" (from a
                                                # listener); absent: unknown. Spans, and the
                                                # verdict metrics' series
-OTHER_SOCKETS = "other"                        # sockets beyond the top N, per (pid, local port)
+OTHER_SOCKETS = "other"                        # sockets beyond the top N, per (pid, port)
 
 # per read (span attributes)
 THREAD_ID = "thread.id"

@@ -25,8 +25,8 @@ dashboard cannot tell a re-export from a live run:
   costs a point per series per 10 s, not per second.
 - Gauges (water level, volume, unread, capacity, fill ratio): a socket's last snapshot at the
   bucket's end, the sockets ranked then. As live, the top N sockets by volume have their own
-  series and the rest are summed per (process, local port); a close ends a socket's series,
-  and a socket with no snapshot for 10 minutes of the recording is forgotten (at the first
+  series and the rest are summed per (process, local port), or peer port for the sockets it
+  dialed; a close ends a socket's series, and a socket with no snapshot for 10 minutes of the recording is forgotten (at the first
   snapshot that much later, as live).
 - Counters (drops, lost records) and the alerts-active up-down counter: cumulative from the
   recording's start (start_time_unix_nano, the same on every point of a series), and each
@@ -73,8 +73,8 @@ GAUGES = (N.WATER_LEVEL, N.WATER_VOLUME, N.WATER_UNREAD, N.CAPACITY, N.FILL_RATI
 BOUNDS = tuple(N.READ_DURATION_BOUNDS_S)
 
 # series ids (tuples) start with their kind:
-#   gauges  ("gs", sock_key, pid)  ("go", pid, lport)      value (level, volume, unread, cap)
-#   drops   ("ds", sock_key, pid)  ("do", pid, lport)      cumulative int
+#   gauges  ("gs", sock_key, pid)  ("go", pid, port, dialed)  value (level, volume, unread, cap)
+#   drops   ("ds", sock_key, pid)  ("do", pid, port, dialed)  cumulative int
 #   ("l", probe)  ("a", owner, rule, severity)                         cumulative int
 #   ("h", pid, verdict, role)  (count, sum, bucket counts, min, max)
 #   ("t", pid, verdict, role)  tally.Row: the verdict counts' points (tally.series_points)

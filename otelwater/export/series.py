@@ -9,11 +9,14 @@ drift:
   first, none after it was forgotten).
 - Cardinality is bounded: the top N sockets by water (volume, then unread bytes, then level;
   the socket key breaks ties) have series of their own (SOCKET series: every endpoint
-  attribute), the rest are summed per (process.pid, network.local.port) with
-  otelwater.socket.key="other" (OTHER series).
-- Series ids say which: ("gs", sock_key, pid) and ("go", pid, lport) for the gauges,
-  ("ds", sock_key, pid) and ("do", pid, lport) for the drops; a drops series starts at 0 when
-  it first appears, so rate() works from the first point.
+  attribute), the rest are summed with otelwater.socket.key="other" (OTHER series): the
+  sockets a process accepted (or whose side is unknown) per (process.pid, network.local.port),
+  the ones it dialed per (process.pid, network.peer.port). A dialed socket's local port is
+  ephemeral, so summing those by it would give a series per connection (a client of 5,000
+  connections: 5,000 series); by the server's port they are one.
+- Series ids say which: ("gs", sock_key, pid) and ("go", pid, port, dialed) for the gauges,
+  ("ds", sock_key, pid) and ("do", pid, port, dialed) for the drops; a drops series starts at
+  0 when it first appears, so rate() works from the first point.
 - A series belongs to its process's resource when the process is traced (has Go reads), else
   to otelwater's own (OWN).
 
@@ -60,9 +63,19 @@ def socket_attributes(s: WaterSnapshot) -> dict:
     return endpoint_attributes(s.pid, s.sock_key, (s.laddr, s.lport, s.raddr, s.rport))
 
 
-def other_attributes(pid: int, lport: int) -> dict:
-    return {N.PROCESS_PID: pid, N.NETWORK_TRANSPORT: "tcp", N.NETWORK_LOCAL_PORT: lport,
+def other_attributes(pid: int, port: int, dialed: bool = False) -> dict:
+    """The attributes of the sum of a process's other sockets on one port: the peer's port
+    for the sockets it dialed, its own for the rest."""
+    return {N.PROCESS_PID: pid, N.NETWORK_TRANSPORT: "tcp",
+            N.NETWORK_PEER_PORT if dialed else N.NETWORK_LOCAL_PORT: port,
             N.SOCKET_KEY: N.OTHER_SOCKETS}
+
+
+def other_group(s: WaterSnapshot) -> tuple[int, int, bool]:
+    """(pid, port, dialed): the OTHER series a socket beyond the top N is summed into."""
+    if s.role == "dialed":
+        return s.pid, s.rport, True
+    return s.pid, s.lport, False
 
 
 def gauge_values(values: tuple) -> tuple:
@@ -83,7 +96,7 @@ class Series(NamedTuple):
     def attributes(self) -> dict:
         if self.snapshot is not None:
             return socket_attributes(self.snapshot)
-        return other_attributes(self.pid, self.sid[2])
+        return other_attributes(self.pid, self.sid[2], self.sid[3])
 
 
 class Ranking(NamedTuple):
@@ -96,7 +109,8 @@ def drops_series(s: WaterSnapshot, own: bool) -> tuple[tuple, dict]:
     port's sum."""
     if own:
         return ("ds", s.sock_key, s.pid), socket_attributes(s)
-    return ("do", s.pid, s.lport), other_attributes(s.pid, s.lport)
+    group = other_group(s)
+    return ("do", *group), other_attributes(*group)
 
 
 def gauge_to_drops(sid: tuple) -> tuple:
@@ -156,23 +170,25 @@ class SocketSeries:
         return key in self.sockets
 
     def rank(self) -> Ranking:
-        """The series now: the top N sockets' own, then the rest summed per (pid, port)."""
+        """The series now: the top N sockets' own, then the rest summed per (pid, port,
+        dialed)."""
         socks = list(self.sockets.values())
         top = top_sockets(socks, self.top_n)
         top_keys = frozenset(s.sock_key for s in top)
         series = [Series(("gs", s.sock_key, s.pid), s.pid,
                          (s.level, s.volume, s.unread_bytes, s.capacity), s) for s in top]
-        sums: dict[tuple[int, int], list[int]] = {}
+        sums: dict[tuple[int, int, bool], list[int]] = {}
         for s in socks:
             if s.sock_key in top_keys:
                 continue
-            t = sums.get((s.pid, s.lport))
+            group = other_group(s)
+            t = sums.get(group)
             if t is None:
-                t = sums[(s.pid, s.lport)] = [0, 0, 0, 0]
+                t = sums[group] = [0, 0, 0, 0]
             t[0] += s.level
             t[1] += s.volume
             t[2] += s.unread_bytes
             t[3] += s.capacity
-        series.extend(Series(("go", pid, lport), pid, tuple(t), None)
-                      for (pid, lport), t in sums.items())
+        series.extend(Series(("go", pid, port, dialed), pid, tuple(t), None)
+                      for (pid, port, dialed), t in sums.items())
         return Ranking(top_keys, series)

@@ -13,7 +13,8 @@ for readers): every reader of a service's MeterProvider (the OTLP exporter's, th
 endpoint's, a test's in-memory one) gets them in the same collection as the SDK's own.
 
 Gauges: the top N sockets by water volume (default 50) get their own series, the rest are
-summed per (process.pid, network.local.port) with otelwater.socket.key="other"; the ranking is
+summed per (process.pid, network.local.port), or network.peer.port for the sockets it dialed,
+with otelwater.socket.key="other" (otelwater.export.series); the ranking is
 taken when a reader collects, at most every RANK_EVERY_S (sooner when the traced services
 changed). Drops (increase of sk_drops) go to the series the socket has in the ranking in force
 when its snapshot comes; a drops series starts at 0 when it first appears. Alerts firing are an
