@@ -115,10 +115,12 @@ def agent_command(pids, ports, cgroups, go_binaries, min_age, probes, listen, lo
     up as they start and exit, and exports OTLP and Prometheus; health endpoints, self-metrics
     and JSON logs for operating it.
     """
+    from otelwater.agent.run import bound_malloc_arenas
     from otelwater.cli_checks import _check_cgroups, _check_pids
     from otelwater.config import load_config
     from otelwater.probes.loader import check_ringbuf_pages
 
+    bound_malloc_arenas()      # before any thread of ours starts
     config = load_config(config_file, flags={
         "agent.min_age_s": min_age, "agent.probes": probes, "agent.listen": listen,
         "agent.log_format": log_format, "correlate.threshold_ms": blocked_ms,

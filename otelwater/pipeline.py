@@ -181,7 +181,9 @@ class Analysis:
 
     process() takes each batch; finish() flushes the reads still pending at the end."""
 
-    def __init__(self, config=None, start_ns: int | None = None):
+    def __init__(self, config=None, start_ns: int | None = None, summaries: bool = True):
+        """summaries=False: no socket or reader summaries (nor the rain-water figures they
+        carry) for a run that never reports them (the agent)."""
         from otelwater.alerts.stage import AlertStage
         from otelwater.analysis.rainwater import RainGauges
         from otelwater.config import Config
@@ -190,20 +192,21 @@ class Analysis:
         cfg = config or Config()
         self.config = cfg
         self.alerts = AlertStage(cfg.alerts)
-        self.rain = RainGauges(cfg.rainwater.samples, cfg.rainwater.series)
+        self.rain = RainGauges(cfg.rainwater.samples, cfg.rainwater.series) if summaries else None
         c = cfg.correlate
         self.correlator = Correlator(CorrelatorConfig(
             window_ns=c.window_ns, slow_ns=c.threshold_ns, run_ns=c.run_threshold_ns,
-            include_idle=c.include_idle),
+            include_idle=c.include_idle, summaries=summaries),
             start_ns=start_ns)
         self.closed_rain: dict = {}     # sock_key -> RainFigure taken at close (bounded)
-        self.rain_kept = 65536
+        # the figures of closed sockets whose summaries are kept (correlate.summary)
+        self.rain_kept = self.correlator.config.max_closed * 5 // 4
 
     def process(self, batch: list) -> list:
         from otelwater.events.model import WaterSnapshot
 
         out = self.alerts.feed(batch)
-        for r in batch:
+        for r in batch if self.rain is not None else ():
             if isinstance(r, WaterSnapshot):
                 figure = self.rain.add(r)
                 if figure is not None:

@@ -229,6 +229,8 @@ class SelfMetrics:
         self._process = psutil.Process()
         self._exporter = None
         self._closed = False
+        self._closing: threading.Thread | None = None   # start_close()'s thread
+        self._deadline = 0.0
         # the OTLP reader last: the provider shuts its readers down in order, under one
         # deadline, and the OTLP one's last export may use all of it (a Collector down)
         all_readers = list(readers)
@@ -290,13 +292,13 @@ class SelfMetrics:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
-        """Shut the provider down (the OTLP reader's last export included) within `timeout_s`:
-        past it, the exporter is shut, which ends its retries. Never raises (a reader that
-        failed to shut down, a Collector down: logged by the SDK, or here)."""
-        if self._closed:
+    def start_close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Begin shutting the provider down (its readers' last collection and the OTLP
+        reader's last export) on a thread of its own, so the agent's stop waits for it and the
+        services' export side by side, under one deadline, not one after the other."""
+        if self._closing is not None:
             return
-        self._closed = True
+        self._deadline = time.monotonic() + max(0.0, timeout_s)
 
         def shutdown() -> None:
             try:
@@ -305,9 +307,21 @@ class SelfMetrics:
                 logging.getLogger(__name__).warning("self-metrics shut down incompletely: %s",
                                                     str(e).replace("\n", " "))
 
-        t = threading.Thread(target=shutdown, name="otelwater-selfmetrics-close", daemon=True)
-        t.start()
-        t.join(max(0.0, timeout_s))
+        self._closing = threading.Thread(target=shutdown, name="otelwater-selfmetrics-close",
+                                         daemon=True)
+        self._closing.start()
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Shut the provider down (the OTLP reader's last export included) within `timeout_s`
+        of start_close() (called here when it was not): past it, the exporter is shut, which
+        ends its retries. Never raises (a reader that failed to shut down, a Collector down:
+        logged by the SDK, or here)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.start_close(timeout_s)
+        t = self._closing
+        t.join(max(0.0, self._deadline - time.monotonic()))
         if t.is_alive() and self._exporter is not None:
             try:
                 self._exporter.shutdown()

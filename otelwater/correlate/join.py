@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from otelwater.correlate.rules import classify, is_slow
-from otelwater.correlate.summary import Summaries
+from otelwater.correlate.summary import NoSummaries, Summaries
 from otelwater.errors import UsageError
 from otelwater.events.model import LostEvents, ReadRecord, WaterSnapshot
 from otelwater.events.verdict import IDLE, Verdict
@@ -96,6 +96,7 @@ class CorrelatorConfig:
     dominance: float = 0.6
     unknown_on_lost: tuple[str, ...] = ()
     include_idle: bool = False               # idle reads are slow reads (verdicts, spans) too
+    summaries: bool = True                   # keep socket and reader summaries (not the agent)
 
     def __post_init__(self) -> None:
         for name in ("window_ns", "slow_ns", "slack_ns", "lateness_ns", "history_ns",
@@ -159,7 +160,8 @@ class Correlator:
     def __init__(self, config: CorrelatorConfig | None = None, *, start_ns: int | None = None):
         self.config = c = config or CorrelatorConfig()
         self.start_ns = start_ns
-        self.summaries = Summaries(c.max_summaries, c.dominance, c.max_closed)
+        self.summaries = (Summaries if c.summaries else NoSummaries)(
+            c.max_summaries, c.dominance, c.max_closed)
         self._sockets: OrderedDict[int, _Socket] = OrderedDict()
         self._pending: list = []            # heap of (ts_end + window, seq, read, its _Socket)
         self._seq = 0

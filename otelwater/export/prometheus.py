@@ -281,7 +281,7 @@ def export_sink(otlp=None, prometheus: PrometheusEndpoint | None = None, **kw):
     from opentelemetry.sdk.trace import SpanProcessor
 
     # metrics only: spans still start and end (exemplars take their ids) but go nowhere
-    sink = OtlpSink(make_pipeline=lambda: (SpanProcessor(), prometheus.reader()), **kw)
+    sink = OtlpSink(make_pipeline=lambda: (SpanProcessor(), prometheus.reader()), out=out, **kw)
     sink.name = "Prometheus endpoint"
     return sink
 

@@ -402,7 +402,9 @@ class GoReadSampler:
         self._up_bpf = None                            # uprobe: the program (attach later)
         self._up_attached: dict[tuple[int, int], _Binary] = {}   # exe -> binary with uprobes
         self._validate()
-        btf = self._btf = running_kernel_btf()
+        btf = running_kernel_btf()   # not kept: its parse holds ~17 MiB for the run's length
+        self._exec_offsets = exec_offsets(btf) if self._exec_watch else {}
+        self._uprobe_offsets = uprobe_exe_offsets(btf) if opts.mechanism == "uprobe" else {}
         self._targets = self._resolve_targets()
         for pid, binary in self._targets.items():   # tracepoints trace any process: say so
             if binary.info is None and binary.why_no_goid and (
@@ -515,7 +517,7 @@ class GoReadSampler:
                                   f"-DOTW_TP_RET_OFF={_tp_ret_offset()}", "-DOTW_GO_TP=1"]
         if self._exec_watch:
             flags += ["-DOTW_EXEC_WATCH=1"]
-            flags += [f"-D{k}={v}" for k, v in exec_offsets(self._btf).items()]
+            flags += [f"-D{k}={v}" for k, v in self._exec_offsets.items()]
         return flags
 
     def bind(self, b) -> None:
@@ -574,7 +576,7 @@ class GoReadSampler:
 
     def _uprobe_cflags(self) -> list[str]:
         """The same for every binary: its Go facts are in the maps (bind_uprobe)."""
-        return self._cflags() + [f"-D{k}={v}" for k, v in uprobe_exe_offsets(self._btf).items()]
+        return self._cflags() + [f"-D{k}={v}" for k, v in self._uprobe_offsets.items()]
 
     def _start_uprobe(self) -> None:
         self._bind_uprobe(self._load("goread_uprobe.c", self._uprobe_cflags()))

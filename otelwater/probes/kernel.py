@@ -31,6 +31,7 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from otelwater.errors import ProbeLoadError, UsageError
 from otelwater.events.layout import header
@@ -687,28 +688,38 @@ class WaterProbe:
         now = time.monotonic_ns()
         if self.readers is not None:     # traced processes found since (a namespace each)
             self.learn_listeners(self.readers.watched_pids())
-        rows = self._table()
-        self.socket_count = len(rows)    # the kernel's table: sockets watched now
-        out, keys = self._sweeper.sweep(rows, now, all_sockets)
+        counted = [0]
+
+        def rows():     # streamed: a batch's rows at a time, not the whole table's at once
+            for row in self._table():
+                counted[0] += 1
+                yield row
+
+        out, keys = self._sweeper.sweep(rows(), now, all_sockets)
+        self.socket_count = counted[0]   # the kernel's table: sockets watched now
         if self._standing is not None and self._seeded:
             # standing water the probe has seen no event of: reported when its water changes,
             # and once a heartbeat (60 s) while it does not
             out += self._standing.sweep(now, self._standing.keys - keys)
         return out
 
-    def _table(self) -> list:
+    def _table(self) -> Iterator[tuple]:
         """(map key, STATE_FIELDS values) of every entry of the socket table: by batches of
-        BATCH entries a syscall (BPF_MAP_LOOKUP_BATCH, Linux 5.6+), else one key at a time."""
+        BATCH entries a syscall (BPF_MAP_LOOKUP_BATCH, Linux 5.6+), else one key at a time.
+        Lazily: the rows of 10,000 sockets held at once were 15 MiB of tuples a sweep, and the
+        memory they left behind stayed with the process."""
         table = self._bpf["socks"]
         if self._batch is not False:
             got = self._lookup_batch(table)
             if got is not None:
                 return got
         unpack, fields = SOCK_STRUCT.unpack, SOCK_FIELDS
-        return [(k.value, fields(unpack(bytes(ws)))) for k, ws in table.items()]
+        return ((k.value, fields(unpack(bytes(ws)))) for k, ws in table.items())
 
-    def _lookup_batch(self, table) -> list | None:
-        """None when the kernel refused (then never again for EINVAL/ENOTSUPP)."""
+    def _lookup_batch(self, table) -> Iterator[tuple] | None:
+        """The rows, batch by batch (the first batch is read now); None when the kernel
+        refused the first (then never again for EINVAL/ENOTSUPP). A later batch refused ends
+        the rows there."""
         import errno as E
 
         from bcc.libbcc import lib
@@ -726,9 +737,9 @@ class WaterProbe:
         size, unpack, fields = SOCK_STRUCT.size, SOCK_STRUCT.iter_unpack, SOCK_FIELDS
         fd = table.map_fd
         view = memoryview(vals)
-        out: list = []
-        first = True
-        while True:
+
+        def batch(first: bool) -> tuple[list, bool] | None:
+            """(this batch's rows, whether more follow); None when the kernel refused."""
             count.value = BATCH
             res = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token_in),
                                        ctypes.byref(token_out), keys, vals,
@@ -740,12 +751,20 @@ class WaterProbe:
                     if err in (E.EINVAL, E.ENOTSUP, E.EOPNOTSUPP, 524, E.EPERM):  # 524: ENOTSUPP
                         self._batch = False
                     return None
-            if n:
-                out.extend(zip(keys[:n], map(fields, unpack(view[:n * size]))))
-            if res:
-                return out
+            rows = list(zip(keys[:n], map(fields, unpack(view[:n * size])))) if n else []
             token_in.value = token_out.value
-            first = False
+            return rows, not res
+
+        got = batch(True)
+        if got is None:
+            return None
+
+        def rest(got):
+            while got is not None:
+                rows, more = got
+                yield from rows
+                got = batch(False) if more else None
+        return rest(got)
 
     def stop(self) -> list:
         """The end of a run: detach every program of this probe (the embedded Go read

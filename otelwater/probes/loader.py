@@ -369,7 +369,9 @@ def load_bpf(src: str, cflags: list[str], what: str, embed: tuple[str, ...] = ()
                              details=details) from e
 
 
-COMPILER_LIBRARIES = ("libLLVM", "libclang")   # BCC's compiler, in this process
+# BCC's compiler, in this process, and the disassembler (used again only when a new Go binary
+# is traced: its pages come back then)
+COMPILER_LIBRARIES = ("libLLVM", "libclang", "libcapstone")
 MADV_DONTNEED = 4
 
 
@@ -387,11 +389,19 @@ def release_compiler_memory() -> int:
     for lo, hi in _clean_compiler_mappings():
         if libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
             dropped += hi - lo
-    try:
-        libc.malloc_trim(0)
-    except AttributeError:   # not glibc
-        pass
+    trim_heap()
     return dropped
+
+
+def trim_heap() -> None:
+    """Give the free pages of the C heap back to the system (glibc's malloc_trim(0), which
+    also releases free pages inside the heap and the threads' arenas, not only its top). The
+    agent does it after the load and then every TRIM_EVERY_S: each sweep and export frees
+    what it allocated, but glibc keeps freed pages until told. A few ms; no-op elsewhere."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):   # not glibc
+        pass
 
 
 def _clean_compiler_mappings() -> list[tuple[int, int]]:

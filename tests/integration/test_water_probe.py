@@ -216,3 +216,32 @@ def test_water_level_rule_fires_for_trickled_messages():
     assert snap.level > 100
     fired = rules.update(snap.sock_key, snap.level, snap.volume, snap.capacity)
     assert ("water_level", "fired") in [(r, w) for r, w, _ in fired]
+
+
+def test_a_sweep_read_batch_by_batch_equals_one_key_at_a_time(monkeypatch):
+    # Given 12 connections whose servers' ends hold water, and batches of 5 entries: the sweep
+    # reads the socket table in several syscalls, streaming each batch's rows into the sweep
+    import otelwater.probes.kernel as K
+
+    monkeypatch.setattr(K, "BATCH", 5)
+    pairs = [Pair() for _ in range(12)]
+    with WaterProbe(WaterOptions(ports=frozenset(p.port for p in pairs))) as probe:
+        for p in pairs:
+            p.connect()
+            p.client.sendall(b"x" * 100)
+        for p in pairs:
+            p.wait_still()
+        batched = {s.sock_key: s for s in probe.sweep(all_sockets=True)}
+        count = probe.socket_count
+        # When the same table is read one key at a time (the path for kernels without batch
+        # lookups)
+        probe._batch = False
+        one_by_one = {s.sock_key: s for s in probe.sweep(all_sockets=True)}
+        ours = {server_key(p) for p in pairs}
+    for p in pairs:
+        p.close()
+    # Then both give every socket, with the same water
+    assert ours <= batched.keys()
+    assert count == probe.socket_count >= 12     # more than two batches
+    assert batched.keys() == one_by_one.keys()
+    assert all(batched[k].unread_bytes == one_by_one[k].unread_bytes == 100 for k in ours)

@@ -436,3 +436,19 @@ def test_the_waits_add_up_and_match_a_plain_reading_of_the_rule(start, dur, arr,
     want = ("runtime-starved" if run_ >= MS else "peer-starved" if peer >= MS else
             "idle" if idle > peer else "peer-starved")
     assert v == want
+
+
+def test_without_summaries_the_verdicts_are_the_same_and_nothing_is_kept():
+    # Given the same records through a correlator that keeps summaries and one that does not
+    import dataclasses as dc
+
+    recs = ([snap(0, key=k, volume=500) for k in (1, 2, 3)]
+            + [read(1 * MS, 12 * MS, key=k, parked=True, arrival=2 * MS, goid=k)
+               for k in (1, 2, 3)]
+            + [dc.replace(snap(20 * MS, key=k), trigger="close") for k in (1, 2, 3)])
+    kept_v, kept = run(recs)
+    bare_v, bare = run(recs, cfg(summaries=False))
+    # Then the verdicts are equal, and only the first holds summaries
+    assert kept_v == bare_v and len(kept_v) == 3
+    assert len(kept.summaries.sockets) == 3 and len(kept.summaries.readers) == 3
+    assert not bare.summaries.sockets and not bare.summaries.readers

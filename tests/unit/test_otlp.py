@@ -238,7 +238,7 @@ def test_a_reads_socket_ends_come_from_proc_when_no_snapshot_named_them():
         conn, _ = srv.accept()
         with conn:
             key = fd_sock_keys(os.getpid())[conn.fileno()]
-            ends = endpoints_from_proc(os.getpid(), key)
+            ends = endpoints_from_proc(os.getpid())[key]
             assert ends == ("127.0.0.1", srv.getsockname()[1], "127.0.0.1",
                             cli.getsockname()[1])
             h = Harness(endpoints=endpoints_from_proc)
@@ -248,6 +248,47 @@ def test_a_reads_socket_ends_come_from_proc_when_no_snapshot_named_them():
     a = dict(h.spans.get_finished_spans()[0].attributes)
     assert a["network.peer.port"] == ends[3]
     assert a["network.local.address"] == "127.0.0.1" and a["network.type"] == "ipv4"
+
+
+def test_a_verdict_decided_after_its_socket_closed_still_names_the_ends():
+    # Given a socket whose only snapshot is its close (the verdicts of its reads come a window
+    # and the lateness after it, when neither the snapshots nor /proc have it any more)
+    calls = []
+    h = Harness(endpoints=lambda pid: calls.append(pid) or {})
+    r = read(0, 2 * MS, key=77)
+    h.sink.write([r, snap(3 * MS, key=77, lport=7070, trigger="close")])
+    # When the read's verdict comes
+    h.sink.write([Verdict(r, "peer-starved", "", 2 * MS, 0, None)])
+    # Then its span has the ends the close snapshot named, without a /proc lookup
+    a = dict(h.spans.get_finished_spans()[0].attributes)
+    assert a["network.local.port"] == 7070 and a["network.peer.port"] == 50077
+    assert calls == []
+
+
+def test_a_process_socket_table_is_read_once_for_many_sockets_and_again_for_a_newer_one():
+    # Given the /proc table of a process holding sockets 1 and 2 (no snapshot names them)
+    tables = [{1: ("127.0.0.1", 1, "127.0.0.1", 11), 2: ("127.0.0.1", 2, "127.0.0.1", 12)}]
+    calls = []
+
+    def endpoints(pid):
+        calls.append(pid)
+        return tables[-1]
+
+    h = Harness(endpoints=endpoints)
+    for key in (1, 2):
+        r = read(0, 2 * MS, key=key)
+        h.sink.write([r, Verdict(r, "peer-starved", "", 2 * MS, 0, None)])
+    # Then one read of the table served both
+    assert len(calls) == 1
+    # and a socket opened after it is found by reading it again (once REREAD_S passed)
+    time.sleep(0.02)
+    tables.append({**tables[0], 3: ("127.0.0.1", 3, "127.0.0.1", 13)})
+    r = read(0, 2 * MS, key=3)
+    h.sink.write([r, Verdict(r, "peer-starved", "", 2 * MS, 0, None)])
+    assert len(calls) == 2
+    ports = sorted(dict(s.attributes)["network.peer.port"]
+                   for s in h.spans.get_finished_spans())
+    assert ports == [11, 12, 13]
 
 
 # -- metrics ---------------------------------------------------------------------------------

@@ -122,17 +122,24 @@ def resource_attributes(ident, pid: int, host: str) -> dict:
     return attrs
 
 
-def endpoints_from_proc(pid: int, key: int) -> tuple[str, int, str, int] | None:
-    """(laddr, lport, raddr, rport) of the process's TCP socket with this key, from its
-    network namespace's /proc/PID/net/tcp{,6}; None when it is gone. Live only: a slow-peer
+def endpoints_from_proc(pid: int) -> dict[int, tuple[str, int, str, int]]:
+    """{socket key: (laddr, lport, raddr, rport)} of the process's TCP sockets, from its
+    network namespace's /proc/PID/net/tcp{,6}; {} when it is gone. Live only: a slow-peer
     socket may have no snapshot at all (its queue never rises), yet its span needs its ends."""
     from otelwater.hostsockets import netns_inode, tcp_table
     from otelwater.sockkey import addr_text, sock_key
 
     try:
         ns = netns_inode(pid)
+        return {sock_key(ns, e.laddr, e.lport, e.raddr, e.rport):
+                (addr_text(e.laddr), e.lport, addr_text(e.raddr), e.rport)
+                for e in tcp_table(pid).values()}
     except OSError:
-        return None
+        return {}
+    if key is None:     # every socket: {key: ends}
+        return {sock_key(ns, e.laddr, e.lport, e.raddr, e.rport):
+                (addr_text(e.laddr), e.lport, addr_text(e.raddr), e.rport)
+                for e in tcp_table(pid).values()}
     for e in tcp_table(pid).values():
         if sock_key(ns, e.laddr, e.lport, e.raddr, e.rport) == key:
             return addr_text(e.laddr), e.lport, addr_text(e.raddr), e.rport

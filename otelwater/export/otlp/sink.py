@@ -61,6 +61,9 @@ MAX_RECORDS = 16384             # records waiting for the sink's worker (write()
 SPAN_RATE = 500.0               # spans a second per sink, at most; None: every slow read
 METRIC_INTERVAL_S = 10.0        # unless OTEL_METRIC_EXPORT_INTERVAL says otherwise
 CLOSE_TIMEOUT_S = 5.0           # the most close() waits for the last export
+MAX_CLOSED_ENDS = 4096          # closed sockets whose ends are kept for their last verdicts
+TABLE_S = 1.0                   # a process's socket table read for spans serves this long
+REREAD_S = 0.01                 # ...and is read again for a socket it misses after this
 
 
 class SpanBudget:
@@ -110,10 +113,10 @@ class OtlpSink(Sink):
                  traced_pids: Iterable[int] = (), top_n: int = TOP_N,
                  window_ns: int = WINDOW_NS, health: ExportHealth | None = None,
                  extra_readers: Callable[[], list] = list,
-                 endpoints: Callable[[int, int], tuple | None] | None = endpoints_from_proc,
+                 endpoints: Callable[[int], dict] | None = endpoints_from_proc,
                  background: bool = True, queue_records: int = MAX_RECORDS,
                  span_rate: float | None = SPAN_RATE, now: Callable[[], float] = time.monotonic,
-                 span_export: SpanExport | None = None):
+                 span_export: SpanExport | None = None, out: IO[str] | None = None):
         self.span_export = span_export
         self.clock = clock or WallClock.measure()
         self.lock = threading.RLock()
@@ -126,11 +129,14 @@ class OtlpSink(Sink):
         self.metrics = LiveMetrics(self.registry, top_n)
         self.alerts = AlertWindow(window_ns)
         self.delivers = health is not None  # an OTLP destination: close() sums up delivery
-        self.health = health if health is not None else ExportHealth(None)
+        # no OTLP destination (Prometheus only): its notices (a full queue) still go to `out`
+        self.health = health if health is not None else ExportHealth(None, out)
         self.span_rate = span_rate
         self.budget = SpanBudget(span_rate, now=now) if span_rate is not None else None
-        self.endpoints = endpoints          # (pid, sock_key) -> (laddr, lport, raddr, rport)
+        self.endpoints = endpoints          # pid -> {sock_key: (laddr, lport, raddr, rport)}
         self.ends: OrderedDict[int, tuple | None] = OrderedDict()  # sock_key -> that, bounded
+        self._tables: dict[int, tuple] = {}   # pid -> (when, its endpoints), for TABLE_S
+        self.closed_ends: OrderedDict[int, tuple] = OrderedDict()   # closed sockets', bounded
         self.spans = 0
         self._closed = False
         # the worker's queue: batches of records; `queued` counts records not yet processed
@@ -260,11 +266,17 @@ class OtlpSink(Sink):
 
     def on_snapshot(self, s) -> None:
         self.metrics.snapshot(s)
+        if s.trigger == "close":
+            # its reads' verdicts come up to a window and the lateness after the close: the
+            # ends are kept for them (the /proc table no longer has the socket)
+            self.ends.pop(s.sock_key, None)
+            self.closed_ends[s.sock_key] = (s.laddr, s.lport, s.raddr, s.rport)
+            if len(self.closed_ends) > MAX_CLOSED_ENDS:
+                self.closed_ends.popitem(last=False)
 
     def on_read(self, r) -> None:
         self.registry.trace(r.pid)
         self.metrics.read(r)
-        self._learn_ends(r)
 
     def on_counts(self, c) -> None:
         self.registry.trace(c.pid)   # its reads may all have been cut, lost or idle
@@ -304,17 +316,38 @@ class OtlpSink(Sink):
         known = v.evidence[0] if v.evidence else self.metrics.sockets.get(r.sock_key)
         if known is not None:
             return known.laddr, known.lport, known.raddr, known.rport
+        closed = self.closed_ends.get(r.sock_key)
+        if closed is not None:
+            return closed
+        if r.sock_key not in self.ends:
+            self._learn_ends(r)
         return self.ends.get(r.sock_key) or None
 
     def _learn_ends(self, r: ReadRecord) -> None:
-        """The ends of a read's socket, looked up once per socket while it is open."""
+        """The ends of a read's socket, looked up once per socket while it is open, and only
+        for a span that needs them (no snapshot named them). A read of the process's socket
+        table serves the lookups of the next TABLE_S: a server's new connections' first spans
+        each read the whole table before (the agent's main cost with many sockets). A socket
+        the table misses was opened after it was read (or is gone): read again, at most every
+        REREAD_S a process; a miss within that is not kept, so the next span asks again."""
         if (self.endpoints is None or not r.sock_key or r.sock_key in self.ends
                 or r.sock_key in self.metrics.sockets):
             return
-        try:
-            self.ends[r.sock_key] = self.endpoints(r.pid, r.sock_key)
-        except Exception:  # noqa: BLE001 - the span goes out with its socket key only
-            self.ends[r.sock_key] = None
+        now = time.monotonic()
+        for pid in [p for p, (t, _) in self._tables.items() if now - t >= TABLE_S]:
+            del self._tables[pid]
+        got = self._tables.get(r.pid)
+        ends = got[1].get(r.sock_key) if got is not None else None
+        if ends is None:
+            if got is not None and now - got[0] < REREAD_S:
+                return
+            try:
+                table = self.endpoints(r.pid) or {}
+            except Exception:  # noqa: BLE001 - the span goes out with its socket key only
+                table = {}
+            self._tables[r.pid] = (now, table)
+            ends = table.get(r.sock_key)     # None now: the socket is gone
+        self.ends[r.sock_key] = ends
         if len(self.ends) > MAX_SOCKETS:
             self.ends.popitem(last=False)
 

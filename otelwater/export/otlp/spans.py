@@ -568,11 +568,13 @@ def prebuilt_sender(exporter):
     way instead of failing."""
     from opentelemetry.sdk.trace.export import SpanExportResult
 
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import \
-            OTLPSpanExporter as Grpc
-    except ImportError:   # grpcio missing: HTTP only
-        Grpc = None
+    Grpc = None     # gRPC's exporter is imported only for a gRPC exporter: grpcio's module
+    if type(exporter).__module__.startswith("opentelemetry.exporter.otlp.proto.grpc"):
+        try:        # alone is ~18 MB of a process's memory
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import \
+                OTLPSpanExporter as Grpc
+        except ImportError:   # grpcio missing: HTTP only
+            pass
     if (Grpc is not None and type(exporter) is Grpc and hasattr(Grpc, "_translate_data")
             and hasattr(Grpc, "_count_data") and hasattr(exporter, "_export")):
         exporter._count_data = _counted
