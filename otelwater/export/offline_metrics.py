@@ -274,11 +274,14 @@ class OfflineMetrics(RecordHandler):
             g.set(b, sid, v)
         for sid in [sid for sid in g.last if sid not in now]:
             g.forget(sid)
-        # drops: a series counts from 0 when it appears; the bucket's increases are its own
+        # drops: a sum's series counts from 0 when it appears (a socket's own from its first
+        # drops, otelwater.export.series); the bucket's increases are its own
         # socket's when the socket is among the top N (at the bucket's end, or at the last
         # one's for a socket that closed in it), else its process and port's sum
         events = self.events
         for sid in now:
+            if sid[0] != "go":      # a socket's own drops series comes with its first drops
+                continue
             d = gauge_to_drops(sid)
             if d not in self.meta:
                 self._series(d, self.meta[sid][0], self.meta[sid][1])

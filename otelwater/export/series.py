@@ -15,8 +15,11 @@ drift:
   ephemeral, so summing those by it would give a series per connection (a client of 5,000
   connections: 5,000 series); by the server's port they are one.
 - Series ids say which: ("gs", sock_key, pid) and ("go", pid, port, dialed) for the gauges,
-  ("ds", sock_key, pid) and ("do", pid, port, dialed) for the drops; a drops series starts at
-  0 when it first appears, so rate() works from the first point.
+  ("ds", sock_key, pid) and ("do", pid, port, dialed) for the drops. A sum's drops series
+  starts at 0 when it first appears, so rate() works from the first point; a socket's own
+  drops series appears with its first drops while among the top N, at their count. (Starting
+  every top socket's own at 0 gave a series to every socket that ever ranked: sockets pass
+  through the top N all day, and a counter's series stay in the SDK for the run's length.)
 - A series belongs to its process's resource when the process is traced (has Go reads), else
   to otelwater's own (OWN).
 

@@ -17,7 +17,8 @@ summed per (process.pid, network.local.port), or network.peer.port for the socke
 with otelwater.socket.key="other" (otelwater.export.series); the ranking is
 taken when a reader collects, at most every RANK_EVERY_S (sooner when the traced services
 changed). Drops (increase of sk_drops) go to the series the socket has in the ranking in force
-when its snapshot comes; a drops series starts at 0 when it first appears. Alerts firing are an
+when its snapshot comes; a sum's drops series starts at 0 when it first appears, a socket's own
+with its first drops. Alerts firing are an
 up-down counter per (rule, severity); lost records a counter per probe (from 0 at the start).
 """
 
@@ -96,13 +97,17 @@ class LiveMetrics:
 
     def _drops(self, s: WaterSnapshot, more: int) -> None:
         """Add a socket's new drops to its series (its own among the top N, else its
-        process and port's sum); a series seen for the first time starts at 0."""
+        process and port's sum); a sum's series starts at 0 when first seen, a socket's own
+        with its first drops (otelwater.export.series)."""
         owner = self.services.owner(s.pid)
         svc = self.services.get(owner)
         ranking, _ = self.ranking()
-        sid, attrs = drops_series(s, s.sock_key in ranking.top_keys)
+        own = s.sock_key in ranking.top_keys
+        sid, attrs = drops_series(s, own)
         key = (owner, sid)
         if key not in self.drop_started:
+            if own and not more:    # a socket's own series comes with its first drops
+                return
             svc.drops.add(0, attrs)
             self.drop_started[key] = None
             if len(self.drop_started) > MAX_SOCKETS:
