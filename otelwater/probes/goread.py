@@ -1072,6 +1072,11 @@ class GoReadSampler:
         """The verdict rows of processes no longer traced, once their last counts went out
         above: the kernel's table (4,096 rows) stays room for the living through restarts."""
         gone, self._gone = self._gone, set()
+        # a pid used again (pid wrap) and traced since, from a scan or by the exec hook: its
+        # rows are the new process's now (deleting them would restart its counts from 0)
+        gone = {pid for pid in gone if not self._traced_now(pid)}
+        if not gone:
+            return
         for b in self._bpfs:
             try:
                 table = b["verdicts"]
@@ -1084,6 +1089,20 @@ class GoReadSampler:
                     except KeyError:
                         pass
         self._counts_sent = {k: n for k, n in self._counts_sent.items() if k[0] not in gone}
+
+    def _traced_now(self, pid: int) -> bool:
+        """The pid is traced (again) now: ours by a scan, or entered by the exec hook."""
+        if pid in self._slots or pid in self._up_pids:
+            return True
+        for table in (getattr(self, "_procs", None), getattr(self, "_up_procs", None)):
+            if table is None:
+                continue
+            try:
+                table[ctypes.c_uint32(pid)]
+                return True
+            except (KeyError, TypeError):
+                pass
+        return False
 
     # -- lifecycle -------------------------------------------------------------------------
     def _detach(self) -> None:

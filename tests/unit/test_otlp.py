@@ -445,3 +445,15 @@ def test_export_off_by_default_for_offline():
         assert offline_sink(object()) is None
     finally:
         os.environ.update(saved)
+
+
+def test_a_process_gone_before_it_was_read_is_named_by_its_records_program():
+    # Given a traced process that exited before its identity could be read from /proc
+    h = Harness(identities={})
+    h.sink.registry.identity = lambda pid: Identity(pid)    # nothing readable any more
+    r = read(0, 2 * MS, key=5)
+    # When its read and verdict come
+    h.sink.write([r, Verdict(r, "peer-starved", "", 2 * MS, 0, None)])
+    # Then its service is named by the records' process name, not pid-NNNN
+    res = dict(h.spans.get_finished_spans()[0].resource.attributes)
+    assert res["service.name"] == "svc" and res["process.executable.name"] == "svc"

@@ -276,13 +276,18 @@ class Services:
                              N.WINDOW_MS: float(c.window_ms),
                              N.INCLUDE_IDLE: bool(c.include_idle)})
 
-    def identity_of(self, pid: int):
+    def identity_of(self, pid: int, comm: str = ""):
+        """The process's identity, read once; `comm` (a record's) names a process that is
+        gone before it could be read (a short-lived one) by its program, not as pid-NNNN."""
         if pid in self.identities:
             return self.identities[pid]
         try:
             ident = self.identity(pid)
         except Exception:  # noqa: BLE001 - an unreadable process is named by its pid
             ident = None
+        if comm and not (getattr(ident, "exe", None) or getattr(ident, "comm", None)
+                         or getattr(ident, "service_name", None)):
+            ident = Identity(pid, comm=comm)
         self.identities[pid] = ident
         return ident
 
@@ -294,11 +299,12 @@ class Services:
     def owner(self, pid: int) -> int:
         return pid if pid in self.traced else OWN
 
-    def trace(self, pid: int) -> None:
+    def trace(self, pid: int, comm: str = "") -> None:
         """A pid with Go reads is a traced service: its resource now (its counters at 0 before
-        its first verdict)."""
+        its first verdict). `comm`: its records' process name (identity_of)."""
         if pid not in self.traced:
             self.traced.add(pid)
+            self.identity_of(pid, comm)
             self.get(pid)
 
     def forget(self, pid: int) -> None:

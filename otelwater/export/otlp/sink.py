@@ -275,7 +275,7 @@ class OtlpSink(Sink):
                 self.closed_ends.popitem(last=False)
 
     def on_read(self, r) -> None:
-        self.registry.trace(r.pid)
+        self.registry.trace(r.pid, r.comm)
         self.metrics.read(r)
 
     def on_counts(self, c) -> None:
@@ -296,7 +296,7 @@ class OtlpSink(Sink):
 
     def on_verdict(self, v) -> None:
         r = v.read
-        self.registry.trace(r.pid)
+        self.registry.trace(r.pid, r.comm)
         svc = self.registry.get(r.pid)
         self.metrics.read(r)
         if self.budget is not None and not self.budget.take():
