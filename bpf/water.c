@@ -100,7 +100,7 @@ BPF_HASH(watch_pids, u32, u8, 4096);
 BPF_HASH(watch_inodes, u64, u8, 65536);
 #endif
 #if OTW_FILTER_CGROUPS
-BPF_HASH(watch_cgroups, u64, u8, 256);
+BPF_HASH(watch_cgroups, u64, u8, 4096);   /* the --cgroup directories and every cgroup below */
 #endif
 
 static __always_inline u64 otw_sock_ino(const void *sk)

@@ -219,7 +219,8 @@ def _check_go_targets(go_binary, go_pids, probes) -> list[str]:
 @click.option("-P", "--port", "ports", type=click.IntRange(1, 65535), multiple=True,
               help="Watch sockets whose local or remote port is this (repeatable).")
 @click.option("--cgroup", "cgroups", multiple=True, metavar="DIR",
-              help="Watch sockets read by processes of this cgroup v2 directory (repeatable).")
+              help="Watch sockets read by processes of this cgroup v2 directory and the "
+              "cgroups below it (repeatable).")
 @click.option("-d", "--duration", default=None, metavar="SECONDS",
               type=FiniteFloat(min=0, min_open=True, fix="give seconds > 0, e.g. -d 30, or "
                                "leave -d out to run until Ctrl-C"),

@@ -251,12 +251,27 @@ def dump_request(family: int, seq: int) -> bytes:
 
 
 def cgroup_pids(path: str) -> set[int]:
+    """The processes of a cgroup v2 directory and of every cgroup below it (a slice's services,
+    a pod's containers). The directory itself must be readable (a usage error otherwise); a
+    sub-cgroup that went away meanwhile is skipped."""
     try:
         with open(os.path.join(path, "cgroup.procs")) as f:
-            return {int(line) for line in f if line.strip()}
+            out = {int(line) for line in f if line.strip()}
     except OSError as e:
         raise UsageError(f"cgroup {path!r} has no readable cgroup.procs ({e.strerror})",
                          "give a cgroup v2 directory, e.g. /sys/fs/cgroup/my.slice") from None
+    for sub in cgroup_tree(path)[1:]:
+        try:
+            with open(os.path.join(sub, "cgroup.procs")) as f:
+                out.update(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def cgroup_tree(path: str) -> list[str]:
+    """A cgroup v2 directory and every cgroup directory below it (itself first)."""
+    return [root for root, _dirs, files in os.walk(path) if "cgroup.procs" in files] or [path]
 
 
 class StandingWater:

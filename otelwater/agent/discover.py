@@ -114,16 +114,14 @@ def start_age_s(pid: int, now_s: float | None = None) -> float | None:
 
 
 def cgroup_pids(path: str) -> set[int]:
-    """The processes of a cgroup v2 directory and of its descendants."""
-    out: set[int] = set()
-    for root, _dirs, files in os.walk(path):
-        if "cgroup.procs" in files:
-            try:
-                with open(os.path.join(root, "cgroup.procs")) as f:
-                    out.update(int(x) for x in f.read().split())
-            except (OSError, ValueError):
-                continue
-    return out
+    """The processes of a cgroup v2 directory and of its descendants (none when it is gone)."""
+    from otelwater.errors import UsageError
+    from otelwater.sockdiag import cgroup_pids as pids_below
+
+    try:
+        return pids_below(path)
+    except UsageError:
+        return set()
 
 
 def port_holder(pid: int, ports: frozenset[int]) -> bool:

@@ -29,7 +29,8 @@ from otelwater.agent.state import AgentState
 from otelwater.export.sink import RunInfo, Sink
 from otelwater.pipeline import Analysis, Pipeline, Stopper, WatchLoop
 
-TRIM_EVERY_S = 30.0     # the C heap's free pages go back to the system this often
+CGROUPS_EVERY_S = 2.0   # --cgroup: the cgroups below looked up again this often (new containers)
+TRIM_EVERY_S = 10.0     # the C heap's free pages go back to the system this often
 FORGET_AFTER_S = 30.0   # an exited process's export identity is kept this long (late verdicts)
 
 
@@ -90,6 +91,7 @@ class Agent:
         self.exited: dict[int, float] = {}      # pid -> when it was forgotten (export)
         self._next_scan = 0.0
         self._next_trim = time.monotonic() + TRIM_EVERY_S
+        self._next_cgroups = time.monotonic() + CGROUPS_EVERY_S
         self._said_denied = False
 
     def chores(self) -> list:
@@ -100,6 +102,10 @@ class Agent:
         self._next_scan = now + self.rescan_s
         self.scan()
         self._counts()
+        if self.selection.cgroups and now >= self._next_cgroups:
+            # containers started since: their cgroups into the kernel's filter
+            self._next_cgroups = now + CGROUPS_EVERY_S
+            self.water.refresh_cgroups()
         if now >= self._next_trim:
             from otelwater.probes.loader import trim_heap
 

@@ -774,6 +774,8 @@ class GoReadSampler:
         self._gone.add(pid)
         self._pid_binary.pop(pid, None)
         self._bias.pop(pid, None)
+        # what was said of it (a pid used again is another process, told of anew)
+        self._said = {k for k in self._said if k[1] != pid}
 
     def _drop_exited(self) -> None:
         """Rows the kernel gave at exec to processes that have exited since (before a scan

@@ -41,6 +41,7 @@ from otelwater.probes import host
 from otelwater.probes.loader import (POLL_BUDGET, POLL_TIME_S, STOP_DRAIN_S, STOP_SETTLE_S,
                                      RingBuffer, detach_all, kernel_cflags, load_bpf,
                                      merge_cflags, running_kernel_btf)
+from otelwater.sockdiag import cgroup_tree
 from otelwater.sockkey import addr_text
 
 WATER_H = header("water.h")
@@ -53,6 +54,7 @@ SPAN_FIELDS = ("OFF_SK_RCVQ_QLEN", "OFF_SK_RMEM_ALLOC", "OFF_SK_BACKLOG_LEN", "O
                "OFF_SK_DROPS")
 MAX_SPAN = 192
 MAX_SEQ_SPAN = 256   # bytes one probe read may cover for the two sequence numbers (stack)
+MAX_CGROUPS = 4096   # cgroup ids the kernel's --cgroup filter holds (bpf/water.c)
 BATCH = 1024         # socket table entries one batch lookup reads (416 KiB of buffer)
 
 
@@ -387,8 +389,8 @@ class Sweeper:
         self.still_ns = still_ns
         self.still_skipped = 0        # snapshots not made, in total
         self._facts = operator.itemgetter(*(_I[n] for n in FACT_FIELDS))
-        # map key -> (changes, report): report = (facts, last_emit_ns, zero reports in a row,
-        # time of the first of them) of the socket's last periodic snapshot, or None
+        # map key -> (changes, report): report = (hash of the facts, last_emit_ns, zero reports
+        # in a row, time of the first of them) of the socket's last periodic snapshot, or None
         self._seen: dict[int, tuple] = {}
 
     def sweep(self, entries, now: int, all_sockets: bool = False) -> tuple[list, set]:
@@ -417,7 +419,7 @@ class Sweeper:
             if level or volume or backlog or (n and not (n == 1 and fin)):
                 rep = (None, emit, 0, 0)               # water: reported
             elif pid and still:
-                facts = facts_of(v)
+                facts = hash(facts_of(v))   # its hash, not the 16 fields: ~0.5 KiB a socket
                 if rep is not None and rep[2] and rep[0] == facts and rep[1] == emit:
                     if rep[2] >= still and now - rep[3] >= still_ns and not all_sockets:
                         seen[mk] = (changes, rep)      # still: nothing new to say
@@ -492,6 +494,8 @@ class WaterProbe:
         self._inodes: set[int] = set()
         self._generation = 0
         self._netns_seen: set[int] = set()   # namespaces whose listeners the kernel was told
+        self._cgroup_ids: set[int] = set()   # in the kernel's cgroup filter
+        self._cgroups_full = False
         self._standing = None
         self._seeded = False
         from otelwater.probes.btf import drop_reasons, kernel_offsets
@@ -559,9 +563,7 @@ class WaterProbe:
                 t[ctypes.c_uint32(p)] = ctypes.c_uint8(1)
             self.refresh_filters()
         if self.opts.cgroups:
-            t = b["watch_cgroups"]
-            for path in self.opts.cgroups:
-                t[ctypes.c_uint64(cgroup_id(path))] = ctypes.c_uint8(1)
+            self.refresh_cgroups()
         # the programs ran while the filters were being written: sockets they decided under
         # generation 0 are decided again on their next event
         self._bump_generation()
@@ -624,6 +626,39 @@ class WaterProbe:
         self.close()
 
     # -- filters ---------------------------------------------------------------------------
+    def refresh_cgroups(self) -> int:
+        """Put the ids of the cgroups below the --cgroup directories in the kernel's filter
+        (the kernel matches a reader's own cgroup, exactly: a pod's processes are in its
+        containers' cgroups, a slice's in its services'), those made since the last call too:
+        the agent calls this at each scan. Returns how many were added; a full table (MAX_CGROUPS)
+        leaves the rest out, said once."""
+        t = self._bpf["watch_cgroups"]
+        added = 0
+        for path in sorted(self.opts.cgroups):
+            for sub in cgroup_tree(path):
+                try:
+                    cg = cgroup_id(sub)
+                except UsageError:          # gone meanwhile
+                    continue
+                if cg in self._cgroup_ids:
+                    continue
+                try:
+                    t[ctypes.c_uint64(cg)] = ctypes.c_uint8(1)
+                except Exception:  # noqa: BLE001 - BCC: the table is full
+                    if not self._cgroups_full:
+                        self._cgroups_full = True
+                        import logging
+
+                        logging.getLogger(__name__).warning(
+                            "more than %d cgroups below %s: the sockets of the others are not "
+                            "watched", MAX_CGROUPS, ", ".join(sorted(self.opts.cgroups)))
+                    return added
+                self._cgroup_ids.add(cg)
+                added += 1
+        if added and self._cgroup_ids:
+            self._bump_generation()
+        return added
+
     def refresh_filters(self) -> None:
         """Keep the kernel's view of the watched pids' socket inodes current; bump the
         generation when it changed so filtered-out sockets are decided again."""

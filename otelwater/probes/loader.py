@@ -343,6 +343,10 @@ def direct_read_cflags(cflags: list[str]) -> list[str]:
     return _direct_read[key]
 
 
+def _direct_on(flags: list[str]) -> bool:
+    return any(f.startswith("-DOTW_KF_RDONLY_CAST=") and not f.endswith("=0") for f in flags)
+
+
 def load_bpf(src: str, cflags: list[str], what: str, embed: tuple[str, ...] = ()):
     """Compile and load bpf/<src> (with the files of `embed` inlined: main_source) with BCC;
     any failure is one ProbeLoadError line whose details (printed by --verbose) are BCC's
@@ -350,12 +354,26 @@ def load_bpf(src: str, cflags: list[str], what: str, embed: tuple[str, ...] = ()
     from bcc import BPF  # host.require_can_trace() has checked that it imports
 
     path = BPF_DIR / src
-    cflags = list(cflags) + direct_read_cflags(cflags)
+    direct = direct_read_cflags(cflags)
+    cflags = list(cflags) + direct
     try:
         with captured_stderr_fd() as log:
-            if embed:
-                return BPF(text=main_source(src, embed), cflags=cflags)
-            return BPF(src_file=str(path), cflags=cflags)
+            try:
+                if embed:
+                    return BPF(text=main_source(src, embed), cflags=cflags)
+                return BPF(src_file=str(path), cflags=cflags)
+            except Exception as e:  # noqa: BLE001
+                if not (_direct_on(direct) and "Failed to load BPF program" in str(e)):
+                    raise
+                # The direct reads' kfunc call is inline asm whose scratch registers (r0-r5)
+                # BCC's front end cannot name as clobbered: the compiler may keep a value in
+                # one across the call, and the verifier then refuses the program (R3 !read_ok
+                # with --cgroup here). It refuses, so nothing wrong ever runs: the same
+                # program with probe reads instead.
+                cflags = list(cflags[:len(cflags) - len(direct)]) + ["-DOTW_KF_RDONLY_CAST=0"]
+                if embed:
+                    return BPF(text=main_source(src, embed), cflags=cflags)
+                return BPF(src_file=str(path), cflags=cflags)
     except Exception as e:  # BCC raises bare Exception for compile and load failures
         reason = one_line(e)
         if reason.startswith("Failed to compile"):  # BCC compiles bpf/<src> as /virtual/main.c
