@@ -179,9 +179,14 @@ static __always_inline int otw_decide(const struct water_state *st, int process_
  * (otelwater/probes/loader.py, direct_read_cflags) passes the ids (OTW_KF_RDONLY_CAST,
  * OTW_BTF_SOCK, OTW_BTF_TCP_SOCK) once a test program making the same loads has passed the
  * verifier; else OTW_KF_RDONLY_CAST=0 and probe reads. */
+/* The call scratches r0-r5, but BCC compiles with the host's front end, which knows no such
+ * register names, and defines no macro that tells its BPF pass apart (__bpf__ is never
+ * defined under BCC 0.26): the clobbers below are never in effect. The compiler may then
+ * keep a value in r1-r5 across the call; the verifier refuses such a program (Rn !read_ok)
+ * and the loader loads it again with probe reads (otelwater/probes/loader.py, load_bpf). */
 #ifdef __bpf__
 #define OTW_KF_CLOBBERS : "r0", "r1", "r2", "r3", "r4", "r5"
-#else   /* BCC parses the file for the host first, which has no such registers */
+#else
 #define OTW_KF_CLOBBERS
 #endif
 #define OTW_STR_(x) #x
