@@ -74,8 +74,9 @@ class Agent:
     """The agent's own work each round of the watch loop (WatchLoop.chores)."""
 
     def __init__(self, *, selection: Selection, config, state: AgentState, log, sampler,
-                 water, exporter=None, library_logs=None):
+                 water, exporter=None, library_logs=None, forget_process=None):
         a = config.agent
+        self.forget_process = forget_process    # pid -> None: the analysis forgets it
         self.selection = selection
         self.state = state
         self.log = log
@@ -200,8 +201,12 @@ class Agent:
         forget = getattr(self.exporter, "forget", None)
         for pid in [p for p, t in self.exited.items() if t < cutoff]:
             del self.exited[pid]
-            if forget is not None and pid not in self.traced:
+            if pid in self.traced:
+                continue
+            if forget is not None:
                 forget(pid)
+            if self.forget_process is not None:      # its alert state (read_skew by process)
+                self.forget_process(pid)
 
     def _counts(self) -> None:
         st = self.state
@@ -289,7 +294,9 @@ def run_agent(*, selection: Selection, config, log, state: AgentState | None = N
         pipeline.start(RunInfo(start_ns, config, pids=tuple(selection.pids), what=what))
         agent = Agent(selection=selection, config=config, state=state, log=log,
                       sampler=sampler, water=water, exporter=exporter,
-                      library_logs=library_logs)
+                      library_logs=library_logs,
+                      forget_process=lambda pid: pipeline.emit(
+                          pipeline.analysis.alerts.forget_process(pid, time.monotonic_ns())))
         log.info("agent.started", f"tracing {what} by {a.probes}s, TCP receive queues of "
                  + (f"the selected sockets" if selection.pids or selection.ports
                     or selection.cgroups else "every socket"),

@@ -28,7 +28,7 @@ window's reads and tail, the baseline, the limit, and the slowest reads of the w
 Memory is bounded: a close snapshot clears its socket's alerts (reason "close") and forgets it;
 a socket or process with no record for `idle_s` (600 s; checked every idle_s/16, at most 1 s)
 is forgotten, its alerts cleared with reason "idle"; beyond `max_sockets` the least recently
-seen is forgotten (reason "evicted").
+seen is forgotten (reason "evicted"); the agent forgets an exited process's (reason "exited").
 A snapshot older than the last one of its socket (a late record) is counted in `late` and not
 evaluated: the surge variance needs consecutive samples in order.
 """
@@ -125,6 +125,12 @@ class AlertStage:
                 del table[key]
                 out += self._clear_all(w, key, is_proc, self.now_ns, "idle")
         return out
+
+    def forget_process(self, pid: int, ts: int) -> list[AlertTransition]:
+        """The process exited (the agent knows; the stage cannot): its process-scope state
+        goes now, not idle_s after its last read, its alerts cleared with reason "exited"."""
+        w = self._procs.pop(pid, None)
+        return self._clear_all(w, pid, True, ts, "exited") if w is not None else []
 
     # ---- what sinks ask ----
 

@@ -17,7 +17,7 @@ class AlertTransition:
     state "fired": the rule is firing now at `severity` (newly, or moved between bands: then
     `previous` names the band it left). state "cleared": it stopped; `severity` is the band it
     left. `threshold` is that band's firing threshold (it clears at clear_fraction times it).
-    `reason` is "" when the value crossed, else "close", "idle" or "evicted".
+    `reason` is "" when the value crossed, else "close", "idle", "evicted" or "exited".
     """
 
     ts_ns: int

@@ -208,3 +208,15 @@ def test_reads_of_no_socket_or_that_failed_are_not_watched():
     assert len(stage) == 0 and stage.unmeasured == 0
     stage.feed([read(3 * MS, MS)])
     assert stage.tail_watch(42) is not None and stage.active_process(42) == {}
+
+
+def test_an_exited_process_is_forgotten_at_once_not_idle_s_later():
+    # Given process-scope state (read_skew by process) for two processes
+    stage = AlertStage()
+    stage.feed([read(10 * MS, MS, pid=42), read(11 * MS, MS, pid=43, key=2)])
+    procs_before = len(stage._procs)
+    # When the agent tells it that 42 exited
+    stage.forget_process(42, 12 * MS)
+    # Then 42's state is gone and 43's kept; an unknown pid is nothing to forget
+    assert procs_before == 2 and set(stage._procs) == {43}
+    assert stage.forget_process(99, 13 * MS) == []
