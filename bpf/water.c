@@ -67,8 +67,11 @@ BPF_PERCPU_ARRAY(lost, struct water_lost, 1);
 BPF_RINGBUF_OUTPUT(events, OTW_RINGBUF_PAGES);
 /* (network namespace inode << 16 | port) of listening sockets: a socket whose local port is a
  * listener's was accepted, else dialed. Python writes the listeners it finds at start; the
- * kernel adds the port of every connection accepted since (SYN_RECV -> ESTABLISHED). */
-BPF_HASH(listen_ports, u64, u8, 16384);
+ * kernel adds the port of every connection accepted since (SYN_RECV -> ESTABLISHED). An LRU
+ * table: listeners come and go for weeks (restarts, pods); the least recently used one goes
+ * when it is full, and every connection accepted through it puts its port back before the
+ * connection's first event asks (a lookup a socket, not an event). */
+BPF_TABLE("lru_hash", u64, u8, listen_ports, 16384);
 
 #ifndef OTW_QSLOW_PER_S
 #define OTW_QSLOW_PER_S 200 /* queue-delay slow reads recorded per socket per second (on
