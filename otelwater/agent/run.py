@@ -30,7 +30,7 @@ from otelwater.export.sink import RunInfo, Sink
 from otelwater.pipeline import Analysis, Pipeline, Stopper, WatchLoop
 
 CGROUPS_EVERY_S = 2.0   # --cgroup: the cgroups below looked up again this often (new containers)
-TRIM_EVERY_S = 10.0     # the C heap's free pages go back to the system this often
+TRIM_EVERY_S = 2.0      # the C heap's free pages go back to the system this often
 FORGET_AFTER_S = 30.0   # an exited process's export identity is kept this long (late verdicts)
 
 
