@@ -83,23 +83,13 @@ sys.path.insert(0, str(HERE))
 from agent_soak import (Agent, Receiver, bpf_state, foreign_otelwaters, free_port,  # noqa: E402
                         loadavg, otelwater_exe, private_copy, proc_cpu_split, proc_status,
                         raise_nofile, scrape)
+from self_cost import proc_syscr  # noqa: E402
 
 MIB = 1024.0
 PER_CONN_S = 0.0007             # a round trip + Go's timer overshoot (bench/self_cost.py)
 LAG_PER_CONN = 40               # -delay 25ms: a slow read per connection every 25 ms
 GOAL_CPU_PCT = 10.0             # (a): at most 10% of one core at 5,000 slow reads/s
 GOAL_RSS_MB = 150.0             # (b): under 150 MB with 10,000 watched sockets
-
-
-def proc_syscr(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                if line.startswith("syscr:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def cpu_s(pid: int) -> float:

@@ -80,6 +80,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from self_cost import proc_cpu as proc_cpu_split, proc_status  # noqa: E402,F401 (agent_cost too)
+
 TICK = os.sysconf("SC_CLK_TCK")
 MIB = 1024.0                    # kB in a MiB (VmRSS is in kB)
 
@@ -87,26 +89,7 @@ MIB = 1024.0                    # kB in a MiB (VmRSS is in kB)
 # -- /proc ---------------------------------------------------------------------------------------
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of the whole process, seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def proc_cpu_split(pid: int) -> tuple[float, float]:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM (kB), Threads."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM", "Threads", "RssAnon", "RssFile"):
-                out[k] = int(v.split()[0])
-    return out
+    return sum(proc_cpu_split(pid))
 
 
 def loadavg() -> str:
@@ -317,29 +300,13 @@ def census_main(argv: list[str]) -> int:
         tables = Counter()
         types = Counter()
         kinds = (dict, set, list, deque, frozenset)
-        for o in gc.get_objects():
-            t = type(o)
-            types[t.__name__] += 1
-            mod = t.__dict__.get("__module__", "")
-            if not isinstance(mod, str) or not mod.startswith(("otelwater", "opentelemetry")):
-                continue
-            attrs = getattr(o, "__dict__", None)
-            items = list(attrs.items()) if isinstance(attrs, dict) else []
-            for slot in getattr(t, "__slots__", ()) or ():
-                try:
-                    items.append((slot, getattr(o, slot)))
-                except AttributeError:
-                    pass
-            for k, v in items:
-                if isinstance(v, kinds) and len(v) > 64:
-                    tables[f"{mod}.{t.__qualname__}.{k}"] += len(v)
-        sizes = {}
-        for name, n in tables.most_common(12):
-            if n >= 1000:
-                sizes[name] = None
-        if sizes:       # an estimate of the biggest tables' memory (items sampled, deep)
+        def big_tables(count_types: bool = False):
+            """(name, container) of every attribute or slot of otelwater's and
+            opentelemetry's objects holding a container of more than 64 items."""
             for o in gc.get_objects():
                 t = type(o)
+                if count_types:
+                    types[t.__name__] += 1
                 mod = t.__dict__.get("__module__", "")
                 if not isinstance(mod, str) or not mod.startswith(("otelwater",
                                                                    "opentelemetry")):
@@ -352,9 +319,19 @@ def census_main(argv: list[str]) -> int:
                     except AttributeError:
                         pass
                 for k, v in items:
-                    name = f"{mod}.{t.__qualname__}.{k}"
-                    if name in sizes and isinstance(v, kinds) and len(v) > 64:
-                        sizes[name] = (sizes[name] or 0) + table_bytes(v)
+                    if isinstance(v, kinds) and len(v) > 64:
+                        yield f"{mod}.{t.__qualname__}.{k}", v
+
+        for name, v in big_tables(count_types=True):
+            tables[name] += len(v)
+        sizes = {}
+        for name, n in tables.most_common(12):
+            if n >= 1000:
+                sizes[name] = None
+        if sizes:       # an estimate of the biggest tables' memory (items sampled, deep)
+            for name, v in big_tables():
+                if name in sizes:
+                    sizes[name] = (sizes[name] or 0) + table_bytes(v)
         return {"label": label, "t": time.monotonic(), "garbage": garbage,
                 "python_blocks": sys.getallocatedblocks(), "malloc": mallinfo(),
                 "tables": dict(tables.most_common(60)),

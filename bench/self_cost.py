@@ -139,12 +139,13 @@ def proc_cpu(pid: int) -> tuple[float, float]:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, Threads (kB for the Vm* ones)."""
+    """VmRSS, VmHWM, RssAnon, RssFile (kB), Threads (bench/agent_soak.py and agent_cost.py
+    use it too)."""
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM", "Threads"):
+            if k in ("VmRSS", "VmHWM", "Threads", "RssAnon", "RssFile"):
                 out[k] = int(v.split()[0])
     return out
 
