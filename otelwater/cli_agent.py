@@ -115,10 +115,9 @@ def agent_command(pids, ports, cgroups, go_binaries, min_age, probes, listen, lo
     up as they start and exit, and exports OTLP and Prometheus; health endpoints, self-metrics
     and JSON logs for operating it.
     """
-    from otelwater.agent.run import bound_malloc_arenas
     from otelwater.cli_checks import _check_cgroups, _check_pids
     from otelwater.config import load_config
-    from otelwater.probes.loader import check_ringbuf_pages
+    from otelwater.probes.loader import bound_malloc_arenas, check_ringbuf_pages
 
     bound_malloc_arenas()      # before any thread of ours starts
     config = load_config(config_file, flags={

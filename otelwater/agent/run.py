@@ -223,24 +223,6 @@ class Agent:
                                   + health.points_dropped)
 
 
-def bound_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives threads malloc arenas of their own (up to 8 per CPU), and what a thread
-    freed stays in its arena for the next one. The agent's threads (export, metric readers,
-    the endpoint, one per service's last export) would each keep an arena's worth: with
-    10,000 watched sockets the agent settled at 171 MiB with glibc's default and 144 MiB with
-    two arenas, and the soak (bench/agent_soak.py) grew ~14 MiB per 100 restarts of the
-    traced service with the default and stayed flat with two. The same as MALLOC_ARENA_MAX=2,
-    which takes precedence when set. A libc other than glibc: nothing to do."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).mallopt(-8, arenas)       # M_ARENA_MAX (malloc.h)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_agent(*, selection: Selection, config, log, state: AgentState | None = None,
               otlp=None, endpoint=None, duration: float | None = None, interval: float = 1.0,
               ringbuf_pages: int = 64, library_logs=None) -> AgentState:

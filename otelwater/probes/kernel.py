@@ -630,8 +630,8 @@ class WaterProbe:
         """Put the ids of the cgroups below the --cgroup directories in the kernel's filter
         (the kernel matches a reader's own cgroup, exactly: a pod's processes are in its
         containers' cgroups, a slice's in its services'), those made since the last call too:
-        the agent calls this at each scan. Returns how many were added; a full table (MAX_CGROUPS)
-        leaves the rest out, said once."""
+        the agent calls this every few seconds. Returns how many were added; a full table
+        (MAX_CGROUPS) leaves the rest out, said once."""
         t = self._bpf["watch_cgroups"]
         added = 0
         for path in sorted(self.opts.cgroups):
@@ -652,10 +652,13 @@ class WaterProbe:
                         logging.getLogger(__name__).warning(
                             "more than %d cgroups below %s: the sockets of the others are not "
                             "watched", MAX_CGROUPS, ", ".join(sorted(self.opts.cgroups)))
-                    return added
+                    break
                 self._cgroup_ids.add(cg)
                 added += 1
-        if added and self._cgroup_ids:
+            else:
+                continue
+            break                           # the table is full
+        if added:       # sockets decided before are decided again against the new ids
             self._bump_generation()
         return added
 

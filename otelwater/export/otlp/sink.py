@@ -330,8 +330,7 @@ class OtlpSink(Sink):
         each read the whole table before (the agent's main cost with many sockets). A socket
         the table misses was opened after it was read (or is gone): read again, at most every
         REREAD_S a process; a miss within that is not kept, so the next span asks again."""
-        if (self.endpoints is None or not r.sock_key or r.sock_key in self.ends
-                or r.sock_key in self.metrics.sockets):
+        if self.endpoints is None or not r.sock_key:   # (_ends_of asked the rest)
             return
         now = time.monotonic()
         for pid in [p for p, (t, _) in self._tables.items() if now - t >= TABLE_S]:
