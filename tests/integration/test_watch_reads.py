@@ -84,13 +84,18 @@ def run_pingpong(tmp_path, water_opts) -> tuple[list[ReadRecord], dict[int, int]
 
 
 def _check_slow_reads(records, keys) -> list[ReadRecord]:
-    slow = [r for r in records if r.returned > 0]
-    assert len(slow) >= COUNT * 0.8, f"{len(slow)} slow reads of {COUNT} paused messages"
+    """The parked reads with data, checked; every read with data has its socket's key.
+
+    A Read that finds its message already queued (the server was descheduled longer than the
+    client's pause, as on a loaded CI machine) returns without a park: it has the right key
+    too. The parked ones waited for the client's pause."""
+    got = [r for r in records if r.returned > 0]
     assert keys, "the server's socket was never seen in /proc"
-    for r in slow:
+    for r in got:
         assert r.fd in keys, (r.fd, keys)
         assert r.sock_key == keys[r.fd], f"fd {r.fd}: key {r.sock_key:#x} != {keys[r.fd]:#x}"
-        assert r.parked
+    slow = [r for r in got if r.parked]
+    assert len(slow) >= COUNT * 0.8, f"{len(slow)} slow reads of {COUNT} paused messages"
     durations = sorted(r.ts_end_ns - r.ts_start_ns for r in slow)
     median = durations[len(durations) // 2]
     # each Read waits for the next message: the client's pause, plus loopback and wake-up
