@@ -32,6 +32,7 @@
 #include <linux/sched.h>
 #define OTW_GOREAD_PROG 1
 #include "sockkey.h"
+#include "pidns.h"
 #include "goread.h"
 
 #ifndef OTW_MAX_PROCS
@@ -94,7 +95,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
     struct goread_proc *want = exec_targets.lookup(&x);
     if (!want)
         return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid = otw_pid_tgid() >> 32;
+    if (!tgid)      /* a process of another pid namespace than the agent's (bpf/pidns.h) */
+        return 0;
     struct goread_proc p = *want;
     procs.update(&tgid, &p);
     u32 zero = 0;
@@ -119,7 +122,7 @@ static __always_inline struct goread_task *otw_go_task(struct task_struct *task)
     struct goread_task *ts = tasks.task_storage_get(task, 0, 0);
     if (ts)
         return ts;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid = otw_pid_tgid() >> 32;
     struct goread_proc *p = procs.lookup(&tgid);
     if (!p)
         return 0;
@@ -247,7 +250,7 @@ static __always_inline void otw_read_end(void *ctx, struct task_struct *task,
         return;
     c->n[OTW_CNT_ENTER] += 1;   /* reads whose start is known: alone, those entered since */
     c->n[OTW_CNT_EXIT] += 1;    /* attach; in the watch, every socket read */
-    u64 id = bpf_get_current_pid_tgid();
+    u64 id = otw_pid_tgid();
     u32 tgid = id >> 32;
     /* the user registers at the syscall: rdi = fd, rdx = count (still there at its end) */
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
@@ -321,7 +324,7 @@ static __always_inline void otw_watch_read_end(void *ctx, const struct goread_pr
     c->n[OTW_CNT_EXIT] += 1;
     u8 parked = park_start != 0;
     u64 start = parked ? park_start : now;
-    u64 id = bpf_get_current_pid_tgid();
+    u64 id = otw_pid_tgid();
     u64 arrival = otw_woken_at(parked, start, ev);
     u8 v = otw_read_slow(c, id >> 32, start, now, parked, arrival, ev);
     if (!v)

@@ -30,6 +30,7 @@
 #include <linux/sched.h>
 #define OTW_GOREAD_PROG 1
 #include "sockkey.h"
+#include "pidns.h"
 #include "goread.h"
 #ifndef OTW_WATER_EMBED
 #define OTW_WATER_EMBED 0   /* 1 when bpf/water.c compiles this file in (socks is its map) */
@@ -91,7 +92,7 @@ int otw_up_read_entry(struct pt_regs *ctx)
     u64 now = bpf_ktime_get_ns();
     struct goread_key k = {};
     k.g = ctx->r14;
-    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.tgid = otw_pid_tgid() >> 32;
     u32 zero = 0;
     struct goread_counts *c = counts.lookup(&zero);
     struct goread_inflight *f = inflight.lookup(&k);
@@ -121,7 +122,7 @@ int otw_up_read_entry(struct pt_regs *ctx)
 int otw_up_read_return(struct pt_regs *ctx)
 {
     u64 now = bpf_ktime_get_ns();
-    u64 id = bpf_get_current_pid_tgid();
+    u64 id = otw_pid_tgid();
     struct goread_key k = {};
     k.g = ctx->r14;
     k.tgid = id >> 32;

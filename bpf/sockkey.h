@@ -51,6 +51,17 @@ static __always_inline u64 otw_sock_key(const struct otw_tuple *t)
     return h;
 }
 
+/* The inode of the socket's network namespace (sk->sk_net->ns.inum), 0 if unreadable. */
+static __always_inline u32 otw_sock_netns(const void *sk)
+{
+    void *net = 0;
+    bpf_probe_read_kernel(&net, sizeof(net), (const char *)sk + OFF_SKC_NET);
+    u32 inum = 0;
+    if (net)
+        bpf_probe_read_kernel(&inum, sizeof(inum), (const char *)net + OFF_NET_NS_INUM);
+    return inum;
+}
+
 /* Fill *t from a kernel struct sock pointer. Returns 0, or -1 for a family we do not key. */
 static __always_inline int otw_sock_tuple(const void *sk, struct otw_tuple *t)
 {
@@ -77,12 +88,7 @@ static __always_inline int otw_sock_tuple(const void *sk, struct otw_tuple *t)
     } else {
         return -1;
     }
-    void *net = 0;
-    bpf_probe_read_kernel(&net, sizeof(net), (const char *)sk + OFF_SKC_NET);
-    u32 inum = 0;
-    if (net)
-        bpf_probe_read_kernel(&inum, sizeof(inum), (const char *)net + OFF_NET_NS_INUM);
-    t->netns = inum;
+    t->netns = otw_sock_netns(sk);
     return 0;
 }
 

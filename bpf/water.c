@@ -25,10 +25,12 @@
  * the CPU delivers carries how many were lost before it, the first and the last loss time.
  * Filtering: the first event on a socket decides whether it is watched (ports, then pids or
  * their socket inodes, then cgroup); the verdict is cached in the same map entry, so a
- * filtered-out socket costs one lookup afterwards.
+ * filtered-out socket costs one lookup afterwards. Compiled for a pod (OTW_NETNS_ONLY), the
+ * sockets of other network namespaces are not taken in at all.
  */
 #include "water.h"
 #include "sockkey.h"
+#include "pidns.h"
 #if OTW_GO_TP || OTW_GO_UPROBE
 #define OTW_GOREAD_PROG 1  /* goread.h's sampler part (its maps) too */
 #endif
@@ -144,7 +146,7 @@ static __always_inline int otw_decide(const struct water_state *st, int process_
     {
         int ok = 0;
         if (process_ctx) {
-            u32 tgid = bpf_get_current_pid_tgid() >> 32;
+            u32 tgid = otw_pid_tgid() >> 32;
             if (watch_pids.lookup(&tgid))
                 ok = 1;
         }
@@ -327,7 +329,7 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
         u32 tgid = 0;
         if ((OTW_FILTER_PIDS || OTW_FILTER_CGROUPS) && process_ctx) {
             /* a reader other than the one already turned away */
-            tgid = bpf_get_current_pid_tgid() >> 32;
+            tgid = otw_pid_tgid() >> 32;
             again = tgid != st->pid;
         }
         if (c->generation == st->generation && !again)
@@ -351,6 +353,13 @@ static __always_inline struct water_state *otw_state(const void *sk, int process
     bpf_probe_read_kernel(&proto, SIZE_SK_PROTOCOL, (const char *)sk + OFF_SK_PROTOCOL);
     if (proto != OTW_IPPROTO_TCP)
         return 0;
+#ifdef OTW_NETNS_ONLY
+    /* an agent in a pod (bpf/pidns.h) watches its pod's network namespace only: another
+     * one's socket is never taken in (on a busy node it would crowd the table out); each of
+     * its events costs this lookup miss and three reads */
+    if (otw_sock_netns(sk) != OTW_NETNS_ONLY)
+        return 0;
+#endif
     u8 state = 0;
     bpf_probe_read_kernel(&state, 1, (const char *)sk + OFF_SKC_STATE);
     /* a listener holds no data; a closed socket has been reported at its close (an event
@@ -412,7 +421,7 @@ static __always_inline void otw_emit(struct water_state *st, u8 trigger, u64 now
     }
     __builtin_memcpy(&e->s, st, sizeof(struct water_state));
     e->ts_ns = now;
-    e->tid = (u32)bpf_get_current_pid_tgid();
+    e->tid = (u32)otw_pid_tgid();
     e->trigger = trigger;
     if (l) {
         otw_lost_take(&l->pending, &l->since_ns, &l->until_ns, &e->lost_before,
@@ -638,7 +647,7 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
 #endif
         return 0;
     }
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 tgid = otw_pid_tgid() >> 32;
     if (st->pid != tgid || !st->comm[0]) {
         st->pid = tgid;
         bpf_get_current_comm(st->comm, sizeof(st->comm));

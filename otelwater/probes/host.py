@@ -205,6 +205,52 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
         return (0, 0)
 
 
+# The inode of the host's (the initial) pid namespace: a constant of the kernel's
+# (PROC_PID_INIT_INO); every other pid namespace gets a dynamic one.
+INIT_PID_NS_INO = 0xEFFFFFFC
+
+
+@dataclass(frozen=True)
+class PidNamespace:
+    """The pid namespace this process's /proc numbers processes in, when it is not the
+    host's (an agent in a pod sharing its pid namespace): the BPF programs then read ids in
+    it (bpf/pidns.h), so what they report is what /proc/PID says. net_ino: the network
+    namespace of this process, whose sockets alone such an agent watches."""
+    dev: int
+    ino: int
+    net_ino: int
+
+    def cflags(self) -> list[str]:
+        return [f"-DOTW_PIDNS_DEV={self.dev}", f"-DOTW_PIDNS_INO={self.ino}",
+                f"-DOTW_NETNS_ONLY={self.net_ino}"]
+
+
+def _nspid_depth(status: str) -> int:
+    """How many pid namespaces, from /proc's down to this process's own, number it (the
+    NSpid line of /proc/self/status); 1 when the line is missing (kernels before 4.1)."""
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            return max(1, len(line.split()) - 1)
+    return 1
+
+
+def pid_namespace(proc: str = "/proc") -> PidNamespace | None:
+    """None when /proc numbers processes as the host does (the common case, and a DaemonSet
+    with hostPID); else that namespace. /proc's namespace is this process's own when it
+    numbers this process once (NSpid); otherwise it is an ancestor's, the one its pid 1
+    lives in."""
+    try:
+        with open(f"{proc}/self/status") as f:
+            own = _nspid_depth(f.read()) == 1
+        st = os.stat(f"{proc}/self/ns/pid" if own else f"{proc}/1/ns/pid")
+        net = os.stat(f"{proc}/self/ns/net").st_ino
+    except OSError:
+        return None      # no namespace files (a very old kernel): the host's numbering
+    if st.st_ino == INIT_PID_NS_INO:
+        return None
+    return PidNamespace(st.st_dev, st.st_ino, net)
+
+
 UPROBE_PMU_TYPE = "/sys/bus/event_source/devices/uprobe/type"
 PERF_ATTR_SIZE = 128           # PERF_ATTR_SIZE_VER7
 NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
@@ -368,6 +414,12 @@ def checks() -> list[Check]:
                          required=False))
     else:
         out.append(Check("uprobes", True, "uprobe PMU present", required=False))
+    ns = pid_namespace()
+    out.append(Check("pid namespace", True, "the host's: every process and socket of the host "
+                     "can be traced" if ns is None else
+                     f"not the host's (inode {ns.ino}: a pod's or a container's): processes "
+                     f"are traced as this /proc numbers them, and only the sockets of this "
+                     f"network namespace (inode {ns.net_ino}) are watched", required=False))
     kp = os.path.isdir("/sys/bus/event_source/devices/kprobe")
     out.append(Check("kprobes", kp, "present" if kp else "absent (not needed)", required=False))
     return out

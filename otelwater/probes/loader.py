@@ -53,13 +53,17 @@ def check_ringbuf_pages(pages: int) -> None:
 
 def kernel_cflags(offsets: dict[str, int], ringbuf_pages: int,
                   ring: str = "OTW_RINGBUF_PAGES") -> list[str]:
-    """The include path, every BTF offset as -D, and the ring buffer size as `ring` (each
+    """The include path, every BTF offset as -D, the ring buffer size as `ring` (each
     ring buffer has its own macro: the Go read sampler's is compiled into the water probe's
-    program beside the water probe's own)."""
+    program beside the water probe's own), and the pid namespace when /proc's is not the
+    host's (host.pid_namespace)."""
     check_ringbuf_pages(ringbuf_pages)
     flags = [f"-I{BPF_DIR}"]
     flags += [f"-D{k}={v}" for k, v in sorted(offsets.items())]
     flags.append(f"-D{ring}={ringbuf_pages}")
+    pidns = host.pid_namespace()
+    if pidns:       # in a pod: its ids and its sockets (bpf/pidns.h)
+        flags += pidns.cflags()
     return flags
 
 

@@ -71,12 +71,15 @@ def http_get(url: str, timeout_s: float = 5.0) -> tuple[int | None, str]:
 # -- the agent -------------------------------------------------------------------------------
 
 class Agent:
-    """`otelwater agent ARGS --listen 127.0.0.1:PORT` (a free port), its log lines collected.
-    `env` is added to this process's environment."""
+    """`otelwater agent ARGS --listen HOST:PORT` (a free port), its log lines collected.
+    `env` is added to this process's environment; `prefix` runs it through another command
+    (nsenter into a pod's namespaces), `host` is the address it serves on (127.0.0.1)."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, prefix: tuple[str, ...] = (),
+                 host: str = "127.0.0.1"):
         self.port = free_port()
-        self.proc = subprocess.Popen([*AGENT, *args, "--listen", f"127.0.0.1:{self.port}"],
+        self.host = host
+        self.proc = subprocess.Popen([*prefix, *AGENT, *args, "--listen", f"{host}:{self.port}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, cwd=ROOT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
@@ -93,7 +96,7 @@ class Agent:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def stderr(self) -> str:
         with self._lock:
