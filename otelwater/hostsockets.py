@@ -83,6 +83,16 @@ def namespaces(pids: Iterable[int | str] | None = None) -> dict[int, int | str]:
     return out
 
 
+def exe_key(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a file (an executable: /proc/PID/exe follows to it); None when it
+    cannot be read. Two processes with the same key run the same binary."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def process_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:

@@ -24,7 +24,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from otelwater.hostsockets import socket_inodes
+from otelwater.hostsockets import exe_key, socket_inodes
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -57,14 +57,6 @@ class Selection:
         if self.ports:
             parts.append("port " + ",".join(map(str, sorted(self.ports))))
         return " or ".join(parts) if parts else "every Go process"
-
-
-def exe_key(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def is_go_executable(path: str) -> bool:

@@ -56,6 +56,7 @@ from otelwater.events.layout import header
 from otelwater.events.model import ROLES, LostEvents, Notice, ReadRecord, VerdictCounts
 from otelwater.events.verdict import (CONSUMER_LAGGING, IDLE, PEER_STARVED, RUNTIME_STARVED,
                                       UNKNOWN)
+from otelwater.hostsockets import exe_key
 from otelwater.sockkey import addr_text
 from otelwater.probes import host
 from otelwater.probes.kernel import (CACHE_MAX, LossLedger, cstr, drain_at_stop,
@@ -150,14 +151,6 @@ class GoReadStats:
         return self.latency_sum_ns / self.reads if self.reads else 0.0
 
 
-def _exe_key(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def pid_exe(pid: int) -> str:
     """A path to the executable of a live process (its real path, or /proc/PID/exe)."""
     if not os.path.isdir(f"/proc/{pid}"):
@@ -175,7 +168,7 @@ def pid_exe(pid: int) -> str:
                             fix) from None
     if os.path.exists(real):
         return real
-    if _exe_key(f"/proc/{pid}/exe") is None:
+    if exe_key(f"/proc/{pid}/exe") is None:
         raise NoSuchProcess(f"process {pid} has no readable executable (gone, or a kernel thread)",
                             "give the pid of a running user process")
     return f"/proc/{pid}/exe"
@@ -199,7 +192,7 @@ def _load_bias(pid: int, path: str) -> int:
         with open(path, "rb") as f:
             loads = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
             first = min(loads, key=lambda s: s["p_offset"]) if loads else None
-        key = _exe_key(path)
+        key = exe_key(path)
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.split()
@@ -261,12 +254,12 @@ def kernel_exe(path: str) -> tuple[int, int] | None:
 
 
 def _pids_running(key: tuple[int, int] | None) -> set[int]:
-    """The live processes whose executable has this (st_dev, st_ino) (_exe_key)."""
+    """The live processes whose executable has this (st_dev, st_ino) (exe_key)."""
     out = set()
     if key is None:
         return out
     for name in os.listdir("/proc"):
-        if name.isdigit() and _exe_key(f"/proc/{name}/exe") == key:
+        if name.isdigit() and exe_key(f"/proc/{name}/exe") == key:
             out.add(int(name))
     return out
 
@@ -450,7 +443,7 @@ class GoReadSampler:
             raise UsageError(f"the blocked-read threshold must be >= 0, got {o.threshold_ns} ns")
 
     def _binary(self, path: str, need_go: bool) -> _Binary:
-        key = _exe_key(path)
+        key = exe_key(path)
         if key is None:
             raise BinaryError(f"cannot read {path}: no such file",
                               "give the path of a readable Go executable")
@@ -611,7 +604,7 @@ class GoReadSampler:
     def _up_rescan(self) -> None:
         """With a binary path: enter every process running it by pid (one lookup a blocked
         read, where the executable's entry costs the walk to its inode), forget the ones gone."""
-        alive = _pids_running(_exe_key(self._main_binary.path))
+        alive = _pids_running(exe_key(self._main_binary.path))
         for pid in alive - self._up_pids.keys():
             self._up_enter(pid, self._main_binary)
         for pid in self._up_pids.keys() - alive:
@@ -692,13 +685,13 @@ class GoReadSampler:
 
     def _rescan(self) -> None:
         """With a binary path: watch every process running it, forget the ones gone."""
-        key = _exe_key(self._main_binary.path)
+        key = exe_key(self._main_binary.path)
         alive = set()
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
             pid = int(name)
-            if _exe_key(f"/proc/{pid}/exe") == key:
+            if exe_key(f"/proc/{pid}/exe") == key:
                 alive.add(pid)
                 self._watch(pid, self._main_binary)
         for pid in list(self._slots):
