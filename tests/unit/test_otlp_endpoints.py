@@ -98,6 +98,30 @@ def test_bad_compressions_are_usage_errors_naming_the_variable(var, protocol, va
                     f"set it to {accepted}, or unset it")
 
 
+@pytest.mark.parametrize("var", ["OTEL_EXPORTER_OTLP_HEADERS",
+                                 "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                                 "OTEL_EXPORTER_OTLP_METRICS_HEADERS"])
+@pytest.mark.parametrize("value,bad", [("s3cret", 1), ("a=1,s3cret", 2), ("=s3cret", 1),
+                                       ("a=1, bearer s3cret=x", 2)])
+def test_bad_headers_are_usage_errors_that_never_show_the_value(var, value, bad):
+    line = usage_error("http://localhost:4317", GRPC, {var: value})
+    n = len([e for e in value.split(",") if e.strip()])
+    assert line.startswith(f"{var}: entry {bad} of {n} is not a name=value header"), line
+    assert "s3cret" not in line
+
+
+@pytest.mark.parametrize("value", ["authorization=Bearer%20x", "a=1,b=2", " a = 1 , b=x=y ",
+                                   "a=", ",a=1,", "tenant=team one"])
+def test_headers_the_sdk_keeps_whole_are_accepted(value):
+    from opentelemetry.util.re import parse_env_headers
+
+    assert resolve_options("http://localhost:4317", GRPC,
+                           {"OTEL_EXPORTER_OTLP_HEADERS": value}) is not None
+    # the SDK's exporters (liberal parsing) keep every entry: nothing is dropped silently
+    entries = [e for e in value.split(",") if e.strip()]
+    assert len(parse_env_headers(value, liberal=True)) == len(entries)
+
+
 def test_a_bad_metric_interval_is_a_usage_error_for_the_live_export():
     env = {**UP, "OTEL_METRIC_EXPORT_INTERVAL": "abc"}
     assert "OTEL_METRIC_EXPORT_INTERVAL='abc'" in usage_error(None, None, env, live=True)

@@ -6,10 +6,10 @@ standard variables (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / _METRICS_ENDPOINT, then
 OTEL_EXPORTER_OTLP_ENDPOINT; OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]PROTOCOL); then the
 defaults: grpc to http://localhost:4317, http/protobuf to http://localhost:4318. Export is off
 unless a flag or one of those endpoint variables is set. Headers and certificates come from the
-OTEL_EXPORTER_OTLP_* variables, read by the SDK's exporters themselves; compression and timeout
-(OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]COMPRESSION / _TIMEOUT) are checked here, before anything
-attaches (a bad value is a usage error naming the variable: the SDK's gRPC exporter would raise
-at its first use), and compression is handed to the exporters explicitly, so `none` works with
+OTEL_EXPORTER_OTLP_* variables, read by the SDK's exporters themselves; headers, compression
+and timeout (OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]HEADERS / _COMPRESSION / _TIMEOUT) are
+checked here, before anything attaches (a bad value is a usage error naming the variable: the
+SDK's gRPC exporter would raise at its first use, and drop a bad header), and compression is handed to the exporters explicitly, so `none` works with
 gRPC too. An empty variable counts as unset, as the OpenTelemetry specification says.
 """
 
@@ -136,6 +136,8 @@ def check_environment(protocol: str, environ=os.environ) -> None:
         if value and value.lower() not in accepted:
             raise UsageError(f"{var}={value!r} is not a compression {protocol} export takes",
                              f"set it to {' or '.join(accepted)}, or unset it")
+    for var in _vars("HEADERS"):
+        check_headers(var, environ.get(var) or "")
     for var in _vars("TIMEOUT"):
         value = (environ.get(var) or "").strip()
         if not value:
@@ -148,6 +150,21 @@ def check_environment(protocol: str, environ=os.environ) -> None:
             raise UsageError(f"{var}={value!r} is not a timeout in seconds",
                              f"set it to seconds > 0 (opentelemetry-python reads seconds), "
                              f"e.g. {var}=10, or unset it")
+
+
+def check_headers(var: str, value: str) -> None:
+    """OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]HEADERS: comma-separated name=value pairs. The
+    SDK's exporters drop an entry that is not one with a log warning and send without it (an
+    agent then fails its Collector's authentication with nothing to say why), so it is refused
+    here. The error never shows the value: headers carry credentials."""
+    entries = [e for e in value.split(",") if e.strip()]
+    for i, entry in enumerate(entries, 1):
+        name, sep, _ = entry.partition("=")
+        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+            raise UsageError(f"{var}: entry {i} of {len(entries)} is not a name=value header "
+                             "(its text is not shown: headers carry credentials)",
+                             f"write name=value pairs separated by commas, values "
+                             f"URL-encoded, e.g. {var}=authorization=Bearer%20TOKEN")
 
 
 def metric_interval_s(default: float, environ=os.environ) -> float:
