@@ -148,7 +148,6 @@ class Scanner:
         self._go: OrderedDict[tuple[int, int], bool] = OrderedDict()   # exe -> is Go
         self._trusted: set[tuple[int, int]] = set()    # Go binaries traced before
         self._own = os.getpid()
-        self._binaries = {k for k in (exe_key(p) for p in selection.go_binaries) if k}
 
     def _is_go(self, key: tuple[int, int], path: str) -> bool:
         known = self._go.get(key)
@@ -168,6 +167,9 @@ class Scanner:
     def scan(self) -> Scan:
         sel = self.selection
         out = Scan()
+        # each scan, not once: a deploy writes a new file at a --go-binary path (another
+        # inode), and the processes it starts are that binary's as much as the old ones were
+        binaries = {k for k in (exe_key(p) for p in sel.go_binaries) if k}
         in_cgroups: set[int] | None = None
         if sel.cgroups:
             in_cgroups = set()
@@ -191,7 +193,7 @@ class Scanner:
                 continue
             named = pid in sel.pids
             if not named:
-                if sel.go_binaries and key in self._binaries:
+                if sel.go_binaries and key in binaries:
                     pass
                 elif sel.everything or (in_cgroups is not None and pid in in_cgroups):
                     if not self._is_go(key, exe):

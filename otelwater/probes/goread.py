@@ -390,10 +390,12 @@ class GoReadSampler:
         # tracepoints: the kernel enters the processes of these executables at their exec
         self._exec_watch = opts.mechanism == "tracepoint" and bool(
             opts.binary or (opts.dynamic and opts.by_exe))
-        self._exec_keys: set[tuple[int, int]] = set()
+        self._exec_keys: dict[tuple[int, int], _Binary] = {}   # exe -> binary, in exec_targets
         self._gone: set[int] = set()                   # untraced since the last counts sweep
         self._up_bpf = None                            # uprobe: the program (attach later)
         self._up_attached: dict[tuple[int, int], _Binary] = {}   # exe -> binary with uprobes
+        self._up_fds: dict[tuple[int, int] | None, list[int]] = {}   # exe -> its uprobes' fds
+        self.retired = 0     # executables replaced on disk whose uprobes/rows were dropped
         self._validate()
         btf = running_kernel_btf()   # not kept: its parse holds ~17 MiB for the run's length
         self._exec_offsets = exec_offsets(btf) if self._exec_watch else {}
@@ -591,7 +593,8 @@ class GoReadSampler:
         if self.opts.binary:
             self._up_rescan()
         for binary, pids in groups.values():
-            self._attach_uprobes(b, binary, pids)
+            self._up_fds.setdefault(binary.kexe, []).extend(
+                self._attach_uprobes(b, binary, pids))
 
     def _up_enter(self, pid: int, binary: _Binary) -> None:
         self._pid_binary[pid] = binary
@@ -614,12 +617,19 @@ class GoReadSampler:
             except KeyError:
                 pass
 
-    def _attach_uprobes(self, b, binary: _Binary, pids: list[int]) -> None:
+    def _attach_uprobes(self, b, binary: _Binary, pids: list[int]) -> list[int]:
+        """Uprobes at the entry and the returns of the binary's Read; their perf fds, taken
+        out of BCC's table: this sampler closes them (_detach_uprobes), at a retirement or at
+        the end. BCC names a uprobe by path and address, so a new build at the same path with
+        Read at the same address would overwrite the old one's entry there: the old uprobe
+        would stay attached with nothing left to detach it."""
         fn = binary.info.functions[READ_FUNCTION]
+        fds: list[int] = []
         for pid in pids:
             sites = [(fn.address, "otw_up_read_entry")]
             sites += [(fn.address + r, "otw_up_read_return") for r in fn.return_offsets]
             for addr, fname in sites:
+                before = dict(b.uprobe_fds)
                 try:
                     b.attach_uprobe(name=binary.path, addr=addr, fn_name=fname, pid=pid)
                 except Exception as e:
@@ -627,6 +637,25 @@ class GoReadSampler:
                     raise ProbeLoadError(
                         f"cannot attach a uprobe at {addr:#x} in {binary.path} "
                         f"({who}): {one_line(e)}", "run 'otelwater doctor'") from e
+                for name, fd in list(b.uprobe_fds.items()):
+                    if before.get(name) != fd:
+                        b._del_uprobe_fd(name)   # (BCC's own bookkeeping: its probe count)
+                        fds.append(fd)
+        return fds
+
+    def detach_uprobes(self) -> None:
+        """Detach every uprobe this sampler attached: their fds are its own, not BCC's
+        (_attach_uprobes), embedded or not; the water probe's stop() calls this first."""
+        fds, self._up_fds = self._up_fds, {}
+        for group in fds.values():
+            self._detach_uprobes(group)
+
+    @staticmethod
+    def _detach_uprobes(fds: list[int]) -> None:
+        from bcc.libbcc import lib
+
+        for fd in fds:
+            lib.bpf_close_perf_event_fd(fd)   # disable, then close: the uprobe is gone
 
     # -- tracepoint process set ------------------------------------------------------------
     def _watch(self, pid: int, binary: _Binary) -> None:
@@ -664,7 +693,7 @@ class GoReadSampler:
                 NO_SLOT, 0, binary.goid_off, binary.links if self.opts.links else 0)
         except Exception:  # BCC: full (OTW_MAX_EXES): its processes wait for the next scan
             return
-        self._exec_keys.add(key)
+        self._exec_keys[key] = binary
 
     def _procs_changed(self) -> None:
         """Bump the table's generation: the water probe keeps, per socket, whether its
@@ -738,6 +767,7 @@ class GoReadSampler:
                 failed[pid] = f"{type(e).__name__}: {one_line(e)}"
         if not uprobe:
             self._drop_exited()
+        self._retire_replaced()
         if len(self._binaries) > CACHE_MAX:   # executables no traced process runs any more
             used = {id(b) for b in self._pid_binary.values()}
             self._binaries = {k: b for k, b in self._binaries.items() if id(b) in used}
@@ -753,8 +783,32 @@ class GoReadSampler:
             return
         if self.opts.by_exe:
             self._up_exes[GoExe(*key)] = binary.gofacts(bool(self.opts.links))
-        self._attach_uprobes(self._up_bpf, binary, [-1])
+        self._up_fds[key] = self._attach_uprobes(self._up_bpf, binary, [-1])
         self._up_attached[key] = binary
+
+    def _retire_replaced(self) -> None:
+        """Executables that no traced process runs and that can start no process again: the
+        file at their path is another one now (a deploy wrote a new build there) or none.
+        Their uprobes are detached and their rows (exec_targets, up_exes) deleted, so a run
+        that sees a deploy a day for weeks holds the uprobes and rows of the builds in use,
+        not of every build it ever saw (the kernel's uprobes also keep the old file's inode,
+        and its disk space, alive). A restart of an unchanged binary keeps them: its next
+        process is traced from its first read."""
+        in_use = {b.kexe for b in self._pid_binary.values()}
+        for table, keys in ((getattr(self, "_exec_targets", None), self._exec_keys),
+                            (getattr(self, "_up_exes", None) if self.opts.by_exe else None,
+                             self._up_attached)):
+            for key, binary in list(keys.items()):
+                if key in in_use or kernel_exe(binary.path) == key:
+                    continue
+                del keys[key]
+                self._detach_uprobes(self._up_fds.pop(key, []))
+                if table is not None:
+                    try:
+                        del table[GoExe(*key)]
+                    except KeyError:
+                        pass
+                self.retired += 1
 
     def _forget(self, pid: int) -> None:
         if pid in self._slots:
@@ -1106,6 +1160,7 @@ class GoReadSampler:
         if self._stopped:
             return
         self._stopped = True
+        self.detach_uprobes()
         if self._owned and self._bpfs:
             for b in self._bpfs:
                 detach_all(b)
@@ -1125,6 +1180,7 @@ class GoReadSampler:
         rings, self._rings = self._rings, []
         for r in rings:
             r.close()
+        self.detach_uprobes()
         bpfs, self._bpfs = self._bpfs, []
         if not self._owned:
             return  # embedded: the water probe detaches its program

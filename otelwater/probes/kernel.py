@@ -813,6 +813,8 @@ class WaterProbe:
         close() detaches nothing more."""
         if self._bpf is None or self._stopped:
             return []
+        if self.readers is not None:
+            self.readers.detach_uprobes()   # its own (goread: _attach_uprobes)
         detach_all(self._bpf)
         self._stopped = True
         time.sleep(STOP_SETTLE_S)   # a program that was running as we detached ends
