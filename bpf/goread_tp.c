@@ -311,10 +311,10 @@ static __always_inline void otw_watch_park(void)
     c->n[OTW_CNT_PARKS] += 1;
 }
 
-/* A read returned at `now`; park_start: when its goroutine parked on the socket (0: it did
- * not park, and is counted at 0 ns) */
-static __always_inline void otw_watch_read_end(void *ctx, const struct goread_proc *p, u64 now,
-                                               long ret, const struct otw_read_ev *ev,
+/* A read of process `tgid` (the socket's reader, bpf/water.c) returned at `now`; park_start:
+ * when its goroutine parked on the socket (0: it did not park, and is counted at 0 ns) */
+static __always_inline void otw_watch_read_end(void *ctx, const struct goread_proc *p, u32 tgid,
+                                               u64 now, long ret, const struct otw_read_ev *ev,
                                                u64 park_start)
 {
     struct goread_counts *c = otw_counts();
@@ -324,11 +324,11 @@ static __always_inline void otw_watch_read_end(void *ctx, const struct goread_pr
     c->n[OTW_CNT_EXIT] += 1;
     u8 parked = park_start != 0;
     u64 start = parked ? park_start : now;
-    u64 id = otw_pid_tgid();
     u64 arrival = otw_woken_at(parked, start, ev);
-    u8 v = otw_read_slow(c, id >> 32, start, now, parked, arrival, ev);
+    u8 v = otw_read_slow(c, tgid, start, now, parked, arrival, ev);
     if (!v)
         return;
+    u64 id = otw_pid_tgid();   /* the thread too, for the record (a pod build: a helper) */
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
     otw_read_emit(ctx, c, regs, p, id, regs->di, ret, regs->dx, start, now, ev, parked,
                   arrival, v);

@@ -6,7 +6,8 @@
  * nothing in that pod can learn the host's number. There the loader passes the namespace
  * its /proc numbers processes in (the device and inode of its ns/pid file) as OTW_PIDNS_DEV
  * and OTW_PIDNS_INO, and every id the programs read, key maps by or report comes from
- * bpf_get_ns_current_pid_tgid in that namespace (one helper call). A task whose own
+ * bpf_get_ns_current_pid_tgid in that namespace (one helper call, ~106 ns here: the water
+ * probe's reads keep the answer per socket, water.c otw_reader_tgid). A task whose own
  * pid namespace is another one (another pod's, the host's, softirq work run on a foreign
  * task) reads 0: no process of the agent's. Without those macros (the host's namespace:
  * a DaemonSet with hostPID, a systemd unit) it is bpf_get_current_pid_tgid, nothing more.

@@ -260,6 +260,24 @@ static __always_inline struct water_arrivals *otw_arrivals(struct water_state *s
     return &((struct water_sock *)st)->a;
 }
 
+/* The reading process's tgid as user space numbers it (bpf/pidns.h). In a pod build the
+ * namespace's number costs a helper call (+106 ns a read here, bench/README.md); it is asked
+ * again only when the reader's host tgid (one cheap helper) changes, so a socket read by one
+ * process pays it once. Called on watched sockets only (the state's pid is then the reads'). */
+static __always_inline u32 otw_reader_tgid(struct water_state *st)
+{
+#ifdef OTW_PIDNS_INO
+    u32 host = bpf_get_current_pid_tgid() >> 32;
+    struct water_arrivals *a = otw_arrivals(st);
+    if (a->reader_host_tgid == host && st->pid)
+        return st->pid;
+    a->reader_host_tgid = host;
+    return otw_pid_tgid() >> 32;
+#else
+    return bpf_get_current_pid_tgid() >> 32;
+#endif
+}
+
 #if OTW_GO_TP
 /* Is the socket's reader a traced process (its goread_proc), or NULL? The `procs` hash is
  * asked once per socket and reader, and again when its generation moved; the answer stays in
@@ -647,7 +665,7 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
 #endif
         return 0;
     }
-    u32 tgid = otw_pid_tgid() >> 32;
+    u32 tgid = otw_reader_tgid(st);
     if (st->pid != tgid || !st->comm[0]) {
         st->pid = tgid;
         bpf_get_current_comm(st->comm, sizeof(st->comm));
@@ -694,7 +712,7 @@ RAW_TRACEPOINT_PROBE(sock_recv_length)
         park = 0;   /* another goroutine parked: this read did not wait */
     otw_note_read(st, ret, flags, now, &ev);
     if (gp)
-        otw_watch_read_end(ctx, gp, now, ret, &ev, park);
+        otw_watch_read_end(ctx, gp, tgid, now, ret, &ev, park);
 #else
     struct otw_read_ev note = {};
     otw_note_read(st, ret, flags, now, &note);

@@ -99,7 +99,9 @@ struct water_arrivals {
     u32 from[OTW_ARRIVALS];    /* rcv_nxt before it when the queue was empty then, else = seq:
                                 * a byte in [from, seq) arrived exactly then */
     u32 head;                  /* arrivals pushed so far; slot head % OTW_ARRIVALS is next */
-    u32 _pad0;
+    u32 reader_host_tgid;      /* a pod build (bpf/pidns.h): the last reader's tgid as the
+                                * host numbers it; its pod tgid (the state's pid) is asked again
+                                * only when this changes */
     u32 ev_flags;              /* OTW_EV_* (bpf/goread.h) of that last read */
     /* the watch's tracepoint read sampler: is this socket's reader a traced process? Asked of
      * its table once per socket and reader, again when the table changed (its generation) */

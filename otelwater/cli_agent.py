@@ -53,7 +53,9 @@ def parse_listen(text: str) -> tuple[str, int] | None:
     address = m.group(1) or m.group(3) or "0.0.0.0"
     port = int(m.group(2) or m.group(4))
     if not 0 <= port <= 65535:
-        raise UsageError(f"--listen port {port} is out of range", "give a port from 1 to 65535")
+        raise UsageError(f"--listen port {port} is out of range",
+                         "give a port from 1 to 65535, or 0 for any free one (the "
+                         "agent.started log line names it)")
     return address, port
 
 
