@@ -143,7 +143,8 @@ def samples_of(agent: Agent, prefix: str) -> list:
     return [s for s in agent.metrics() if s.name.startswith(prefix)]
 
 
-def test_sidecar_traces_its_pod_by_the_pods_pids_and_watches_its_pods_sockets(pod, tmp_path):
+@pytest.mark.parametrize("probes", ["tracepoint", "uprobe"])
+def test_sidecar_traces_its_pod_by_the_pods_pids_and_watches_its_pods_sockets(pod, probes):
     # Given a Go service in the pod, which knows itself as a pid of the pod's
     svc, svc_node_pid = pod.start(SLOWREADER, "-mode", "sink", "-delay", "20ms",
                                   "-listen", f"127.0.0.1:{SERVICE_PORT}")
@@ -159,7 +160,7 @@ def test_sidecar_traces_its_pod_by_the_pods_pids_and_watches_its_pods_sockets(po
         feeder, _ = pod.start(sys.executable, "-c", FEEDER, str(SERVICE_PORT), which=("-n",))
         feeder_port = int(feeder.stdout.readline())
         # When the agent runs in the pod (every Go process it can see: the service)
-        agent = Agent("--min-age", "0.5", "--probes", "tracepoint",
+        agent = Agent("--min-age", "0.5", "--probes", probes,
                       "--otlp-endpoint", "http://127.0.0.1:9", prefix=tuple(pod.enter()),
                       host=pod.address, env={"OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
         agent.wait_ready(timeout_s=120)
