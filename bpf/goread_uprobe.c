@@ -93,6 +93,9 @@ int otw_up_read_entry(struct pt_regs *ctx)
     struct goread_key k = {};
     k.g = ctx->r14;
     k.tgid = otw_pid_tgid() >> 32;
+    if (!k.tgid)    /* a process of another pid namespace (bpf/pidns.h): the same file in
+                     * another pod (an image layer's inode is shared); not ours */
+        return 0;
     u32 zero = 0;
     struct goread_counts *c = counts.lookup(&zero);
     struct goread_inflight *f = inflight.lookup(&k);
@@ -126,6 +129,8 @@ int otw_up_read_return(struct pt_regs *ctx)
     struct goread_key k = {};
     k.g = ctx->r14;
     k.tgid = id >> 32;
+    if (!k.tgid)    /* another pid namespace's process (as at entry) */
+        return 0;
     u32 zero = 0;
     struct goread_counts *c = counts.lookup(&zero);
     if (!c)

@@ -243,6 +243,34 @@ def uprobe_exe_offsets(btf) -> dict[str, int]:
                              "use --probes tracepoint") from None
 
 
+# An executable known only by /proc/PID/exe (a container's: another mount namespace) whose
+# processes are all gone: how long its uprobes and rows stay for its next process
+RETIRE_IDLE_S = 600.0
+
+
+def retire_due(key: tuple[int, int], path: str, in_use: bool,
+               idle_since: dict[tuple[int, int], float], now: float,
+               on_disk=None) -> bool:
+    """Should what is held for executable `key` (found at `path`) go now? Not while a traced
+    process runs it, nor while `path` still names it; at once when `path` names another file
+    (a deploy) or nothing; a path under /proc (/proc/PID/exe: that process is gone, or the
+    pid is another's) says nothing of the file, so then after RETIRE_IDLE_S without a traced
+    process. `idle_since`
+    holds those waits (updated here); `on_disk` stands in for kernel_exe (tests)."""
+    if in_use:
+        idle_since.pop(key, None)
+        return False
+    where = (on_disk or kernel_exe)(path)
+    if where == key:
+        idle_since.pop(key, None)
+        return False
+    if path.startswith("/proc/"):   # gone, or the pid is another process's now
+        if now - idle_since.setdefault(key, now) < RETIRE_IDLE_S:
+            return False
+    idle_since.pop(key, None)
+    return True
+
+
 def kernel_exe(path: str) -> tuple[int, int] | None:
     """(dev, inode) of an executable as the kernel keeps them (struct goread_exe: s_dev is
     MKDEV, major << 20 | minor), from stat; None when it cannot be read."""
@@ -396,6 +424,7 @@ class GoReadSampler:
         self._up_attached: dict[tuple[int, int], _Binary] = {}   # exe -> binary with uprobes
         self._up_fds: dict[tuple[int, int] | None, list[int]] = {}   # exe -> its uprobes' fds
         self.retired = 0     # executables replaced on disk whose uprobes/rows were dropped
+        self._idle_since: dict[tuple[int, int], float] = {}   # exe known by /proc/PID/exe only
         self._validate()
         btf = running_kernel_btf()   # not kept: its parse holds ~17 MiB for the run's length
         self._exec_offsets = exec_offsets(btf) if self._exec_watch else {}
@@ -453,6 +482,9 @@ class GoReadSampler:
         if b is None or (need_go and b.info is None):
             b = _Binary(path, need_go)
             self._binaries[key] = b
+        elif b.path != path and kernel_exe(b.path) != b.kexe:
+            b.path = path   # it was found by a path that is gone (/proc/PID/exe of a process
+            #                 that exited): this one names the same file
         return b
 
     def _resolve_targets(self) -> dict[int, _Binary]:
@@ -633,6 +665,7 @@ class GoReadSampler:
                 try:
                     b.attach_uprobe(name=binary.path, addr=addr, fn_name=fname, pid=pid)
                 except Exception as e:
+                    self._detach_uprobes(fds)   # no half-attached binary
                     who = "every process of it" if pid == -1 else f"pid {pid}"
                     raise ProbeLoadError(
                         f"cannot attach a uprobe at {addr:#x} in {binary.path} "
@@ -781,10 +814,10 @@ class GoReadSampler:
             raise BinaryError(f"cannot read {binary.path}", "it may have exited")
         if key in self._up_attached:
             return
-        if self.opts.by_exe:
-            self._up_exes[GoExe(*key)] = binary.gofacts(bool(self.opts.links))
         self._up_fds[key] = self._attach_uprobes(self._up_bpf, binary, [-1])
         self._up_attached[key] = binary
+        if self.opts.by_exe:
+            self._up_exes[GoExe(*key)] = binary.gofacts(bool(self.opts.links))
 
     def _retire_replaced(self) -> None:
         """Executables that no traced process runs and that can start no process again: the
@@ -793,13 +826,16 @@ class GoReadSampler:
         that sees a deploy a day for weeks holds the uprobes and rows of the builds in use,
         not of every build it ever saw (the kernel's uprobes also keep the old file's inode,
         and its disk space, alive). A restart of an unchanged binary keeps them: its next
-        process is traced from its first read."""
+        process is traced from its first read. A binary known only by /proc/PID/exe (a
+        process of another mount namespace: a container's) cannot be looked at once that
+        process is gone: it goes after RETIRE_IDLE_S without a traced process instead."""
         in_use = {b.kexe for b in self._pid_binary.values()}
+        now = time.monotonic()
         for table, keys in ((getattr(self, "_exec_targets", None), self._exec_keys),
                             (getattr(self, "_up_exes", None) if self.opts.by_exe else None,
                              self._up_attached)):
             for key, binary in list(keys.items()):
-                if key in in_use or kernel_exe(binary.path) == key:
+                if not retire_due(key, binary.path, key in in_use, self._idle_since, now):
                     continue
                 del keys[key]
                 self._detach_uprobes(self._up_fds.pop(key, []))

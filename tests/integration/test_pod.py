@@ -163,9 +163,9 @@ def test_sidecar_traces_its_pod_by_the_pods_pids_and_watches_its_pods_sockets(po
         agent = Agent("--min-age", "0.5", "--probes", probes,
                       "--otlp-endpoint", "http://127.0.0.1:9", prefix=tuple(pod.enter()),
                       host=pod.address, env={"OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
-        agent.wait_ready(timeout_s=120)
         agent.pid = wait_for("the agent in the pod", lambda: (children(agent.proc.pid) or
                                                              [None])[0])
+        agent.wait_ready(timeout_s=120)
         traced = agent.wait_event("process.traced", timeout_s=30)
         # ...and more water comes to the node's socket while it runs
         outside.fill(50_000)

@@ -74,3 +74,4 @@ def test_every_program_is_built_for_the_namespace(monkeypatch):
     monkeypatch.setattr(host, "pid_namespace", lambda: None)
     assert not [f for f in loader.kernel_cflags({"OFF_X": 8}, 64)
                 if "PIDNS" in f or "NETNS" in f]
+

@@ -153,18 +153,29 @@ def check_environment(protocol: str, environ=os.environ) -> None:
 
 
 def check_headers(var: str, value: str) -> None:
-    """OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]HEADERS: comma-separated name=value pairs. The
-    SDK's exporters drop an entry that is not one with a log warning and send without it (an
-    agent then fails its Collector's authentication with nothing to say why), so it is refused
-    here. The error never shows the value: headers carry credentials."""
+    """OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]HEADERS: comma-separated name=value pairs, as the
+    SDK's exporters parse them (opentelemetry.util.re.parse_env_headers, liberal). They drop
+    an entry they cannot parse, log it whole as a warning and send without it: an agent then
+    fails its Collector's authentication with its token in the log. Each entry is put to that
+    same parser here, its warning silenced, and one it drops is refused. The error never shows
+    the value: headers carry credentials."""
     entries = [e for e in value.split(",") if e.strip()]
-    for i, entry in enumerate(entries, 1):
-        name, sep, _ = entry.partition("=")
-        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
-            raise UsageError(f"{var}: entry {i} of {len(entries)} is not a name=value header "
-                             "(its text is not shown: headers carry credentials)",
-                             f"write name=value pairs separated by commas, values "
-                             f"URL-encoded, e.g. {var}=authorization=Bearer%20TOKEN")
+    if not entries:
+        return
+    from opentelemetry.util.re import parse_env_headers
+
+    sdk_log = logging.getLogger("opentelemetry.util.re")
+    was, sdk_log.disabled = sdk_log.disabled, True
+    try:
+        for i, entry in enumerate(entries, 1):
+            if not parse_env_headers(entry, liberal=True):
+                raise UsageError(f"{var}: entry {i} of {len(entries)} is not a name=value "
+                                 "header the OpenTelemetry SDK takes (its text is not "
+                                 "shown: headers carry credentials)",
+                                 f"write name=value pairs separated by commas, values "
+                                 f"URL-encoded, e.g. {var}=authorization=Bearer%20TOKEN")
+    finally:
+        sdk_log.disabled = was
 
 
 def metric_interval_s(default: float, environ=os.environ) -> float:
