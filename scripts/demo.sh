@@ -50,14 +50,14 @@ start_server() {
 start_server lagging -mode sink -delay 5ms -readsize 4096
 lag_addr=$addr lag_pid=$pid
 "$BIN/loadgen" -addr "$lag_addr" -conns 3 -size 16384 -mode stream -duration 600s >/dev/null 2>&1 &
-# peer-starved: a fast echo service whose two clients pause 20 ms between requests
-start_server starved -mode echo
-starve_addr=$addr starve_pid=$pid
-"$BIN/loadgen" -addr "$starve_addr" -conns 2 -size 64 -mode pingpong -pause 20ms \
-    -duration 600s >/dev/null 2>&1 &
+# peer-starved: a Go client (loadgen, two connections) whose server answers each request
+# 20 ms late (an echo service sleeping after every read): the client's reads wait on its peer
+start_server slow_server -mode echo -delay 20ms
+"$BIN/loadgen" -addr "$addr" -conns 2 -size 64 -mode pingpong -duration 600s >/dev/null 2>&1 &
+starve_pid=$!
 
 echo "demo: slowreader pid $lag_pid lags behind 3 streaming clients (water stands in its" \
-     "queues); slowreader pid $starve_pid waits on 2 slow clients (its reads block)" >&2
+     "queues); loadgen pid $starve_pid waits on a slow server (its reads block on the peer)" >&2
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(-d 30)
 # A job too, so that a SIGTERM to this script is handled at once (bash runs traps only between

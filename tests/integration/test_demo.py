@@ -1,11 +1,15 @@
-"""scripts/demo.sh stops everything it starts (two slowreader servers, their loadgen clients,
-the watch), however it ends: at the end of the watch, on SIGTERM, on Ctrl-C (SIGINT to the
-whole foreground process group). The demo runs in a session of its own, so every process it
-starts, even one orphaned to init, is found by its session id."""
+"""scripts/demo.sh shows what README.md says it shows: one Go service that lags behind its
+clients (consumer-lagging) and one Go client that waits on its slow server (peer-starved). It
+stops everything it starts (two slowreader servers, their loadgen clients, the watch), however
+it ends: at the end of the watch, on SIGTERM, on Ctrl-C (SIGINT to the whole foreground
+process group). The demo runs in a session of its own, so every process it starts, even one
+orphaned to init, is found by its session id."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -86,3 +90,28 @@ def test_demo_leaves_nothing_running(how):
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def test_demo_shows_a_lagging_service_and_a_client_waiting_on_its_peer():
+    if not (ROOT / "examples" / "bin" / "slowreader").is_file():
+        pytest.skip("the Go examples are not built: run scripts/setup.sh")
+    # When the demo runs for a few seconds with JSON output
+    r = subprocess.run([str(DEMO), "--json", "-d", "6"], capture_output=True, text=True,
+                       timeout=300, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    # Then the process it says lags has consumer-lagging verdicts, and the one it says waits on
+    # its server has peer-starved ones: the two cases README.md promises
+    said = re.search(r"slowreader pid (\d+) lags .* loadgen pid (\d+) waits on a slow server",
+                     r.stderr)
+    assert said, r.stderr
+    lagging, waiting = int(said[1]), int(said[2])
+    verdicts = {}
+    for line in r.stdout.splitlines():
+        d = json.loads(line)
+        if d.get("type") == "verdict":
+            verdicts.setdefault(d["pid"], []).append(d["verdict"])
+    assert verdicts.get(lagging, []).count("consumer-lagging") > 100, {
+        p: len(v) for p, v in verdicts.items()}
+    waits = verdicts.get(waiting, [])
+    assert waits.count("peer-starved") > 50 and waits.count("peer-starved") > len(waits) / 2, \
+        sorted(set(waits))
