@@ -260,6 +260,7 @@ def run_agent(*, selection: Selection, config, log, state: AgentState | None = N
     from otelwater.agent.selfmetrics import SelfMetrics
 
     t0 = time.monotonic()
+    t_traced = None     # when the probes were attached and the loop began
     bpfs: list = []     # the water probe's program (the sampler's is in it), once loaded
     with SelfMetrics(state, otlp=otlp, endpoint=endpoint,
                      bpf_objects=lambda: list(bpfs)) as self_metrics, \
@@ -285,6 +286,7 @@ def run_agent(*, selection: Selection, config, log, state: AgentState | None = N
                  selection=what, probes=a.probes, min_age_s=a.min_age_s,
                  otlp=getattr(otlp, "target", None),
                  listen=getattr(endpoint, "url", None), pid=os.getpid())
+        t_traced = time.monotonic()
         pipeline.run_live(WatchLoop(water, pipeline.feed, interval_s=interval,
                                     duration_s=duration, readers=sampler,
                                     chores=agent.chores), stopper)
@@ -293,7 +295,10 @@ def run_agent(*, selection: Selection, config, log, state: AgentState | None = N
         # the agent's own last export goes beside the services' (the pipeline's close): one
         # deadline for both, not one after the other (a Collector down cost 2 x 5 s)
         self_metrics.start_close()
-    log.info("agent.stopped", f"stopped after {time.monotonic() - t0:.0f} s: "
+    ended = time.monotonic()
+    tracing = f"{ended - t_traced:.0f} s of tracing ({ended - t0:.0f} s with start-up)" \
+        if t_traced is not None else f"{ended - t0:.0f} s, before tracing began"
+    log.info("agent.stopped", f"stopped after {tracing}: "
              f"{state.processes_started} processes traced, {state.records_seen} records, "
              f"{state.records_lost} lost", processes_started=state.processes_started,
              processes_failed=state.processes_failed, records_seen=state.records_seen,

@@ -106,6 +106,11 @@ def open_input(path: str):
                                  "resourceSpans, resourceMetrics or resourceLogs)", FIX_BAD)
             err.record = err.line = 1
             raise err
+        if head:    # something else altogether (a text file, another binary)
+            err = RecordingError(f"{path}: neither an otelwater recording (gzip) nor OTLP "
+                                 "JSON", FIX_BAD)
+            err.record = err.line = 1
+            raise err
     return Reader(path)
 
 

@@ -481,5 +481,10 @@ def test_the_format_is_detected(tmp_path):
     other.write_text('{"hello": 1}\n')
     with pytest.raises(RecordingError, match=r"o.json: record 1: neither an otelwater recording"):
         open_input(str(other))
+    text = tmp_path / "passwd"         # neither: a text file, no gzip, no JSON
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(RecordingError, match=r"passwd: neither an otelwater recording \(gzip\) "
+                                             r"nor OTLP JSON;"):
+        open_input(str(text))
     with pytest.raises(RecordingError, match="no such file"):
         open_input(str(tmp_path / "missing"))
