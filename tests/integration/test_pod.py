@@ -160,9 +160,8 @@ def test_sidecar_traces_its_pod_by_the_pods_pids_and_watches_its_pods_sockets(po
         feeder, _ = pod.start(sys.executable, "-c", FEEDER, str(SERVICE_PORT), which=("-n",))
         feeder_port = int(feeder.stdout.readline())
         # When the agent runs in the pod (every Go process it can see: the service)
-        agent = Agent("--min-age", "0.5", "--probes", probes,
-                      "--otlp-endpoint", "http://127.0.0.1:9", prefix=tuple(pod.enter()),
-                      host=pod.address, env={"OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+        agent = Agent("--min-age", "0.5", "--probes", probes, prefix=tuple(pod.enter()),
+                      host=pod.address)
         agent.pid = wait_for("the agent in the pod", lambda: (children(agent.proc.pid) or
                                                              [None])[0])
         agent.wait_ready(timeout_s=120)
