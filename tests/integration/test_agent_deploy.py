@@ -10,21 +10,28 @@ the new one started from PATH.
   deploy a day for weeks would otherwise pile up uprobes, rows (the table is bounded: a full
   one stops restarts from being traced at their exec) and the old files' inodes, which the
   kernel's uprobes keep alive.
-Ground truth: the kernel's own lists (bpftool) and stat of PATH, the service's log of its
-Reads."""
+- A container's binary (another mount namespace: the agent knows it by /proc/PID/exe only)
+  keeps its row between its processes: the next process of the same file is entered at exec.
+Ground truth: the kernel's own lists (bpftool) and stat of PATH (or of the file through the
+container's /proc/PID/root), the service's log of its Reads."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import time
 
 import pytest
 
 from tests.goexamples import built
 
-from .agent_harness import Agent, Service, bpftool, maps_of, perf_of, private_copy, wait_for
+from .agent_harness import (LOADGEN, Agent, Service, bpftool, maps_of, perf_of, private_copy,
+                            stop, wait_for)
 from .test_agent import AGENT_ENV, go_versions
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
@@ -107,3 +114,79 @@ def test_a_deploy_over_the_path_leaves_one_exec_row(tmp_path):
         want = [(kernel_dev(dev), ino)]
         wait_for("one exec_targets row, the new file's", lambda: exec_rows(agent) == want,
                  timeout_s=15)
+
+
+# -- a container's binary: known by /proc/PID/exe only ---------------------------------------
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_a_containers_binary_keeps_its_row_between_its_processes(tmp_path):
+    """A container's file system is another mount namespace: the agent reaches the service's
+    binary through /proc/PID/exe only, a path that dies with the process. What it holds for the
+    binary must outlive that process (RETIRE_IDLE_S), so the next process of the same file is
+    entered by the kernel at its exec, as on the host."""
+    old_v, _ = go_versions()
+    ctr = tmp_path / "ctr"
+    ctr.mkdir()
+    # Given a "container": a mount namespace of its own, held by a process, with the service's
+    # binary on a tmpfs there only (this namespace sees an empty directory)
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--fork",
+                               "--kill-child", "sleep", "infinity"])
+    agent = None
+    started: list[subprocess.Popen] = []
+    try:
+        ns = wait_for("the container's holder", lambda: (children(holder.pid) or [None])[0])
+        enter = ["nsenter", "-t", str(ns), "-m", "--"]
+        subprocess.run([*enter, "sh", "-c", f"mount -t tmpfs tmpfs {ctr} && "
+                        f"cp {built(old_v, 'slowreader')} {ctr}/svc"], check=True)
+        assert not (ctr / "svc").exists()
+        inside = os.stat(f"/proc/{ns}/root{ctr}/svc")
+        row = (kernel_dev(inside.st_dev), inside.st_ino)
+
+        def start(name: str) -> tuple[subprocess.Popen, int]:
+            p = subprocess.Popen([*enter, f"{ctr}/svc", "-readsize", "64", "-mode", "sink"],
+                                 stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OTEL_SERVICE_NAME": name})
+            started.append(p)
+            addr = json.loads(p.stdout.readline())["listening"]
+            return p, addr
+
+        agent = Agent("--probes", "tracepoint", "--min-age", "0.5", env=AGENT_ENV)
+        agent.wait_ready()
+        first, _ = start("ctr-first")
+        traced = agent.wait_event("process.traced", pid=first.pid, timeout_s=30)
+        assert traced["exe"] == f"/proc/{first.pid}/exe", traced
+        wait_for("the kernel's row for the container's binary", lambda: row in exec_rows(agent),
+                 timeout_s=15)
+        # When its process exits and a few scans go by
+        first.kill()
+        first.wait()
+        agent.wait_event("process.forgotten", pid=first.pid, timeout_s=30)
+        time.sleep(2.0)
+        # Then the row is still there (before: gone at the next scan, and the next process
+        # was traced only once a scan found it)
+        assert row in exec_rows(agent)
+        # ...and the next process of the same file is traced, its reads with verdicts
+        second, addr = start("ctr-second")
+        agent.wait_event("process.traced", pid=second.pid, timeout_s=30)
+        lg = subprocess.Popen([LOADGEN, "-addr", addr, "-size", "64", "-mode", "stream",
+                               "-pause", "5ms", "-duration", "2s"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(lg)
+        lg.wait(timeout=60)
+        wait_for("the second process's verdicts", lambda: agent.sample_sum(
+            "otelwater_read_verdicts_total", service_name="ctr-second") >= 50)
+        assert not agent.events("process.failed", pid=second.pid)
+        agent.check_running("at the end")
+    finally:
+        for p in started:
+            stop(p, signal.SIGKILL)
+        if agent is not None:
+            agent.close()
+        stop(holder, signal.SIGKILL)
