@@ -37,6 +37,16 @@ def wait_for(what: str, check, timeout_s: float = 30.0, every_s: float = 0.2):
         time.sleep(every_s)
 
 
+def children(pid: int) -> list[int]:
+    """The pids of process `pid`'s children (/proc/PID/task/PID/children); [] once it is gone.
+    nsenter and unshare --fork run their command as a child: this finds it."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 no one listens on now (the kernel's pick; a server started
     right after gets it unless something else grabs it in between)."""

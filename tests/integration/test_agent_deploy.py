@@ -32,6 +32,7 @@ from tests.goexamples import built
 
 from .agent_harness import (LOADGEN, Agent, Service, bpftool, maps_of, perf_of, private_copy,
                             stop, wait_for)
+from .services import children
 from .test_agent import AGENT_ENV, go_versions
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
@@ -117,14 +118,6 @@ def test_a_deploy_over_the_path_leaves_one_exec_row(tmp_path):
 
 
 # -- a container's binary: known by /proc/PID/exe only ---------------------------------------
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
 
 def test_a_containers_binary_keeps_its_row_between_its_processes(tmp_path):
     """A container's file system is another mount namespace: the agent reaches the service's

@@ -31,7 +31,7 @@ from otelwater.sockkey import format_key, sock_key
 
 from .agent_harness import Agent, stop
 from .loopback import Pair
-from .services import wait_for
+from .services import children, wait_for
 from .slowreader import SLOWREADER
 from .test_namespaces import sh
 
@@ -52,14 +52,6 @@ while True:
     except OSError:         # the service is gone: the test is over
         break
 """
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
 
 
 def nspids(pid: int) -> list[int]:
