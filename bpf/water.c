@@ -272,10 +272,8 @@ static __always_inline u32 otw_reader_tgid(struct water_state *st)
     if (a->reader_host_tgid == host && st->pid)
         return st->pid;
     a->reader_host_tgid = host;
-    return otw_pid_tgid() >> 32;
-#else
-    return bpf_get_current_pid_tgid() >> 32;
 #endif
+    return otw_pid_tgid() >> 32;
 }
 
 #if OTW_GO_TP

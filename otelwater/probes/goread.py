@@ -255,8 +255,8 @@ def retire_due(key: tuple[int, int], path: str, in_use: bool,
     process runs it, nor while `path` still names it; at once when `path` names another file
     (a deploy) or nothing; a path under /proc (/proc/PID/exe: that process is gone, or the
     pid is another's) says nothing of the file, so then after RETIRE_IDLE_S without a traced
-    process. `idle_since`
-    holds those waits (updated here); `on_disk` stands in for kernel_exe (tests)."""
+    process. `idle_since` holds those waits (updated here); `on_disk` stands in for
+    kernel_exe (tests)."""
     if in_use:
         idle_since.pop(key, None)
         return False
@@ -423,7 +423,6 @@ class GoReadSampler:
         self._up_bpf = None                            # uprobe: the program (attach later)
         self._up_attached: dict[tuple[int, int], _Binary] = {}   # exe -> binary with uprobes
         self._up_fds: dict[tuple[int, int] | None, list[int]] = {}   # exe -> its uprobes' fds
-        self.retired = 0     # executables replaced on disk whose uprobes/rows were dropped
         self._idle_since: dict[tuple[int, int], float] = {}   # exe known by /proc/PID/exe only
         self._validate()
         btf = running_kernel_btf()   # not kept: its parse holds ~17 MiB for the run's length
@@ -844,7 +843,6 @@ class GoReadSampler:
                         del table[GoExe(*key)]
                     except KeyError:
                         pass
-                self.retired += 1
 
     def _forget(self, pid: int) -> None:
         if pid in self._slots:

@@ -82,6 +82,32 @@ def sh(*cmd: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
+def veth_pair(target: str, ip_there: list[str]) -> tuple[str, str, str]:
+    """A veth pair from the root namespace into network namespace `target` (a name under
+    /run/netns or a pid of a process in it), a free 10.x.y.0/30 of its own; `ip_there` runs
+    `ip` in that namespace. (The root side's device, its address, the namespace side's.)"""
+    used = sh("ip", "-o", "-4", "addr") + sh("ip", "-4", "route")
+    for _ in range(50):
+        net = f"10.{secrets.randbelow(50) + 200}.{secrets.randbelow(256)}"
+        if f" {net}." not in used:
+            break
+    else:
+        pytest.fail("no free 10.x.y.0/30 for the veth pair")
+    outside, inside = f"{net}.1", f"{net}.2"
+    host, peer = f"otw{secrets.token_hex(4)}", f"otw{secrets.token_hex(4)}"
+    sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+    try:
+        sh("ip", "link", "set", peer, "netns", target)
+        sh("ip", "addr", "add", f"{outside}/30", "dev", host)
+        sh("ip", "link", "set", host, "up")
+        sh(*ip_there, "addr", "add", f"{inside}/30", "dev", peer)
+        sh(*ip_there, "link", "set", peer, "up")
+    except BaseException:
+        subprocess.run(["ip", "link", "del", host], capture_output=True)
+        raise
+    return host, outside, inside
+
+
 class Netns:
     """A network namespace of this test's own, lo up; deleted (with its veth ends) by close()."""
 
@@ -102,22 +128,8 @@ class Netns:
     def veth(self) -> tuple[str, str]:
         """A veth pair from the root namespace into this one, a /30 of its own: (the root
         side's address, the namespace side's)."""
-        used = sh("ip", "-o", "-4", "addr") + sh("ip", "-4", "route")
-        for _ in range(50):
-            net = f"10.{secrets.randbelow(50) + 200}.{secrets.randbelow(256)}"
-            if f" {net}." not in used:
-                break
-        else:
-            pytest.fail("no free 10.x.y.0/30 for the veth pair")
-        outside, inside = f"{net}.1", f"{net}.2"
-        host, peer = f"otw{secrets.token_hex(4)}", f"otw{secrets.token_hex(4)}"
-        sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+        host, outside, inside = veth_pair(self.name, ["ip", "-n", self.name])
         self.veths.append(host)
-        sh("ip", "link", "set", peer, "netns", self.name)
-        sh("ip", "addr", "add", f"{outside}/30", "dev", host)
-        sh("ip", "link", "set", host, "up")
-        sh("ip", "-n", self.name, "addr", "add", f"{inside}/30", "dev", peer)
-        sh("ip", "-n", self.name, "link", "set", peer, "up")
         return outside, inside
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ from .agent_harness import Agent, stop
 from .loopback import Pair
 from .services import children, wait_for
 from .slowreader import SLOWREADER
-from .test_namespaces import sh
+from .test_namespaces import sh, veth_pair
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("bpf_ready")]
 
@@ -73,7 +73,8 @@ class Pod:
                                                             [None])[0], timeout_s=10)
             sh(*self.enter("-n"), "ip", "link", "set", "lo", "up")
             self.netns = os.stat(f"/proc/{self.pid}/ns/net").st_ino
-            self.address = self._veth()
+            # a veth pair from here into the pod: the pod side's address
+            self.veth, _, self.address = veth_pair(str(self.pid), [*self.enter("-n"), "ip"])
         except BaseException:
             self.close()
             raise
@@ -81,25 +82,6 @@ class Pod:
     def enter(self, *which: str) -> list[str]:
         """nsenter's argv prefix into the pod's namespaces (`which`: all of them by default)."""
         return ["nsenter", "-t", str(self.pid), *(which or ("-p", "-m", "-n")), "--"]
-
-    def _veth(self) -> str:
-        """A veth pair from here into the pod: the pod side's address."""
-        used = sh("ip", "-o", "-4", "addr") + sh("ip", "-4", "route")
-        for third in range(256):
-            net = f"10.{201 + os.getpid() % 40}.{third}"
-            if f" {net}." not in used:
-                break
-        else:
-            pytest.fail("no free 10.x.y.0/30 for the veth pair")
-        self.veth = f"otwpod{os.getpid() % 100000}"
-        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)  # a killed run's
-        sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
-           "netns", str(self.pid))
-        sh("ip", "addr", "add", f"{net}.1/30", "dev", self.veth)
-        sh("ip", "link", "set", self.veth, "up")
-        sh(*self.enter("-n"), "ip", "addr", "add", f"{net}.2/30", "dev", "eth0")
-        sh(*self.enter("-n"), "ip", "link", "set", "eth0", "up")
-        return f"{net}.2"
 
     def start(self, *cmd: str, which: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
         """`cmd` run in the pod: the nsenter process, and the node pid of `cmd` (nsenter's

@@ -9,8 +9,9 @@ unless a flag or one of those endpoint variables is set. Headers and certificate
 OTEL_EXPORTER_OTLP_* variables, read by the SDK's exporters themselves; headers, compression
 and timeout (OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]HEADERS / _COMPRESSION / _TIMEOUT) are
 checked here, before anything attaches (a bad value is a usage error naming the variable: the
-SDK's gRPC exporter would raise at its first use, and drop a bad header), and compression is handed to the exporters explicitly, so `none` works with
-gRPC too. An empty variable counts as unset, as the OpenTelemetry specification says.
+SDK's gRPC exporter would raise at its first use, and drop a bad header), and compression is
+handed to the exporters explicitly, so `none` works with gRPC too. An empty variable counts
+as unset, as the OpenTelemetry specification says.
 """
 
 from __future__ import annotations
